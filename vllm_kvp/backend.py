@@ -1,0 +1,125 @@
+"""KVP attention backend for vLLM: each KV rank attends over its own shard, then ranks merge.
+
+One step, for every attention layer (all KV ranks run the same batch in lockstep):
+  1. write the step's new K/V only on the rank that owns their slots;
+  2. attend, non-causally, over this rank's shard of each request's past context -> (out, lse);
+  3. attend, causally, over the step's own new tokens, which every rank has -> (out, lse);
+  4. all-gather the past partials over the KVP group and merge them with the new-token partial.
+Everything in a shard is in the query's past, so no per-shard causal mask is needed.
+The KV cache layout (num_blocks, num_kv_heads, block_size, 2 * head_size) is vLLM's CPU one; this
+backend owns both the write and the read, so the interior is plain (K | V per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.config import VllmConfig
+from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, AttentionType
+from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+from vllm_kvp import comm
+from vllm_kvp.ops.attention import causal_attention, shard_attention, write_kv
+from vllm_kvp.ops.merge import merge_partials
+from vllm_kvp.shard_map import local_shards, local_slots
+
+
+class KVPAttentionBackend(CPUAttentionBackend):
+    @staticmethod
+    def get_impl_cls():
+        return KVPAttentionImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return KVPMetadataBuilder
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == AttentionType.DECODER
+
+
+@dataclass
+class KVPAttentionMetadata:
+    num_actual_tokens: int
+    query_start_loc: torch.Tensor  # (B+1,) int32, offsets of each request's new tokens
+    local_block_table: torch.Tensor  # (B, M) int32, this rank's blocks of each request first
+    shard_lens: torch.Tensor  # (B,) int32, past tokens of each request held by this rank
+    rank: int
+    blocks_per_rank: int
+    block_size: int
+
+
+class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
+    def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig,
+                 device: torch.device) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.block_size = kv_cache_spec.block_size
+
+    def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
+        cm = common_attn_metadata
+        n = cm.num_reqs
+        qsl = cm.query_start_loc[: n + 1]
+        num_past = cm.seq_lens[:n] - (qsl[1:] - qsl[:-1])
+        # Per-worker block count: the executor handed this worker its own rank's share.
+        blocks_per_rank = self.vllm_config.cache_config.num_gpu_blocks
+        rank = comm.kvp_rank()
+        table, shard_lens = local_shards(
+            cm.block_table_tensor[:n], num_past, self.block_size, rank, blocks_per_rank
+        )
+        return KVPAttentionMetadata(
+            num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl,
+            local_block_table=table, shard_lens=shard_lens, rank=rank,
+            blocks_per_rank=blocks_per_rank, block_size=self.block_size,
+        )
+
+
+class KVPAttentionImpl(AttentionImpl):
+    def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
+                 alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
+                 logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
+                 kv_sharing_target_layer_name=None, sinks=None, **_: object) -> None:
+        unsupported = {
+            "alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
+            "logits_soft_cap": logits_soft_cap or None, "sinks": sinks,
+            "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
+        }
+        given = [k for k, v in unsupported.items() if v is not None]
+        if given or attn_type != AttentionType.DECODER:
+            raise NotImplementedError(
+                f"vllm_kvp attention supports plain causal decoder attention; this model's layers "
+                f"use {given or attn_type}")
+        if kv_cache_dtype not in ("auto", None):
+            raise NotImplementedError(f"vllm_kvp does not support kv_cache_dtype={kv_cache_dtype!r} yet")
+        self.num_heads, self.head_size = num_heads, head_size
+        self.num_kv_heads, self.scale = num_kv_heads, float(scale)
+        self.kv_cache_dtype = kv_cache_dtype
+        self.attn_type = attn_type
+        self.kv_sharing_target_layer_name = None
+
+    def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
+                           kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+        """Store the step's K/V (T, Hkv, D) where this rank owns the logical slot."""
+        block_size = kv_cache.shape[2]
+        slots = local_slots(slot_mapping[: key.shape[0]], block_size, comm.kvp_rank(),
+                            kv_cache.shape[0])
+        write_kv(kv_cache, key, value, slots)
+
+    def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                kv_cache: torch.Tensor, attn_metadata: KVPAttentionMetadata | None,
+                output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
+        if attn_metadata is None:  # profiling / warm-up run
+            return output
+        md = attn_metadata
+        t = md.num_actual_tokens
+        q = query[:t].view(t, self.num_heads, self.head_size)
+        k = key[:t].view(t, self.num_kv_heads, self.head_size)
+        v = value[:t].view(t, self.num_kv_heads, self.head_size)
+        past_out, past_lse = shard_attention(q, kv_cache, md.local_block_table, md.shard_lens,
+                                             md.query_start_loc, self.scale)
+        new_out, new_lse = causal_attention(q, k, v, md.query_start_loc, self.scale)
+        outs, lses = comm.all_gather_partials(past_out, past_lse)  # (R, T, H, D), (R, T, H)
+        out, _ = merge_partials(torch.cat([outs, new_out.float().unsqueeze(0)]),
+                                torch.cat([lses, new_lse.unsqueeze(0)]))
+        output[:t].copy_(out.to(output.dtype).reshape(output[:t].shape))
+        return output

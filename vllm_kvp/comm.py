@@ -1,0 +1,66 @@
+"""The KVP process group and the exchange of partial attention results.
+
+All communication of vllm_kvp lives here. The group joins the workers that share a (pp, tp)
+position across KV ranks. The exchange is an all-gather, so every rank merges the same tensor in
+the same order and all replicas produce bit-identical activations (only one of them reports
+sampled tokens to the engine).
+"""
+
+from __future__ import annotations
+
+import torch
+
+_KVP_GROUP = None  # vllm GroupCoordinator, set once per worker process by init_kvp_group()
+
+
+def kvp_group_ranks(world_size: int, kvp_size: int) -> list[list[int]]:
+    """Global ranks of each KVP group. vLLM lays the world out as ExternalDP x PP x TP, and the
+    KV ranks are the ExternalDP replicas, so group g holds ranks g, g + R, g + 2R, ... (R = PP*TP)."""
+    per_replica = world_size // kvp_size
+    return torch.arange(world_size).reshape(kvp_size, per_replica).t().tolist()
+
+
+def init_kvp_group(kvp_size: int) -> None:
+    """Build the KVP group. Every worker calls it, in the same order, after vLLM's own groups."""
+    global _KVP_GROUP
+    from vllm.distributed.parallel_state import get_world_group, init_model_parallel_group
+    from vllm.platforms import current_platform
+
+    world = get_world_group()
+    backend = "gloo" if current_platform.is_cpu() else current_platform.dist_backend
+    _KVP_GROUP = init_model_parallel_group(
+        kvp_group_ranks(world.world_size, kvp_size), world.local_rank, backend,
+        group_name="kvp",
+    )
+
+
+def destroy_kvp_group() -> None:
+    global _KVP_GROUP
+    if _KVP_GROUP is not None:
+        _KVP_GROUP.destroy()
+        _KVP_GROUP = None
+
+
+def kvp_rank() -> int:
+    return 0 if _KVP_GROUP is None else _KVP_GROUP.rank_in_group
+
+
+def kvp_world_size() -> int:
+    return 1 if _KVP_GROUP is None else _KVP_GROUP.world_size
+
+
+def all_gather_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather every rank's partial attention.
+
+    out (T, H, D), lse (T, H) float32 -> outs (R, T, H, D) float32, lses (R, T, H) float32,
+    ordered by KV rank. One collective per call: out and lse travel packed in one buffer.
+    """
+    if kvp_world_size() == 1:
+        return out.float().unsqueeze(0), lse.unsqueeze(0)
+    t, h, d = out.shape
+    packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
+    gathered = _KVP_GROUP.all_gather(packed.contiguous(), dim=0)  # (R*T, H*D + H)
+    gathered = gathered.view(kvp_world_size(), t, h * d + h)
+    outs = gathered[..., : h * d].reshape(-1, t, h, d)
+    lses = gathered[..., h * d:].reshape(-1, t, h)
+    return outs, lses

@@ -1,0 +1,92 @@
+"""KVPConfig: the one validated configuration of KV parallelism.
+
+It is read from `additional_config={"kvp": {...}}` (offline `LLM(...)`) and from the `--kvp-*` flags
+of `vllm serve` / `vllm-kvp serve`; both end up in `KVPConfig.from_dict`, so they are equivalent and
+fail the same way, in the front-end process, before any worker starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+PLACEMENTS = ("onboard", "striped")
+CONFIG_KEY = "kvp"
+
+
+class KVPConfigError(ValueError):
+    """A `kvp` setting is invalid; the message names the field and the accepted values."""
+
+
+@dataclass(frozen=True)
+class KVPConfig:
+    """KV-parallel layout of one engine.
+
+    size: number of KV ranks. Each rank holds a full (TP/PP-sharded) replica of the weights and
+        the KV blocks it wrote; the world is `size x pp x tp` workers. 1 means plain vLLM.
+    placement: which rank a request's next KV block goes to.
+        "onboard": a request starts on the least-loaded rank and fills it up to
+        `max_tokens_per_rank`, then onboards the least-loaded rank it does not use yet.
+        "striped": block i of a request goes to rank i % size (balances decode attention work).
+    max_tokens_per_rank: onboarding threshold in tokens per request per rank. None: the rank's
+        whole KV capacity.
+    """
+
+    size: int = 1
+    placement: str = "onboard"
+    max_tokens_per_rank: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_int("size", self.size, minimum=1)
+        if self.placement not in PLACEMENTS:
+            raise KVPConfigError(
+                f"kvp.placement must be one of {', '.join(map(repr, PLACEMENTS))}, "
+                f"got {self.placement!r}"
+            )
+        if self.max_tokens_per_rank is not None:
+            _check_int("max_tokens_per_rank", self.max_tokens_per_rank, minimum=1)
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any] | None) -> "KVPConfig":
+        """Build from the `kvp` entry of `additional_config`, rejecting unknown keys."""
+        if raw is None:
+            return cls()
+        if isinstance(raw, KVPConfig):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise KVPConfigError(
+                f"additional_config['kvp'] must be a mapping such as {{'size': 2}}, "
+                f"got {type(raw).__name__}"
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise KVPConfigError(
+                f"unknown kvp setting(s) {unknown}; accepted keys are {sorted(known)}"
+            )
+        return cls(**dict(raw))
+
+    @classmethod
+    def from_additional_config(cls, additional_config: Any) -> "KVPConfig":
+        if not additional_config or not isinstance(additional_config, Mapping):
+            return cls()
+        return cls.from_dict(additional_config.get(CONFIG_KEY))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items()}
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    # bool is an int subclass; `size=True` is a typo, not a request for one rank.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise KVPConfigError(
+            f"kvp.{name} must be an integer >= {minimum}, got {value!r} "
+            f"({type(value).__name__})"
+        )
+    if value < minimum:
+        raise KVPConfigError(f"kvp.{name} must be an integer >= {minimum}, got {value}")

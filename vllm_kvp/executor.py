@@ -1,0 +1,77 @@
+"""KVPExecutor: runs KVP x PP x TP workers and sizes the KV cache as one pool over all KV ranks.
+
+vLLM sizes the world, the broadcast queue and the torch.distributed group from
+`parallel_config.world_size`, and lays ranks out as ExternalDP x PP x TP, so multiplying the world
+by the KVP size before the workers start gives each KV rank a correct TP/PP layout of its own.
+The KV-cache hooks make vLLM's start-up planning (memory check, max_model_len fit, block count)
+see the memory of all KV ranks, while each worker still allocates only its own share.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+from vllm_kvp.config import KVPConfig
+from vllm_kvp.layout import ensure_cpu_thread_binding
+
+logger = logging.getLogger("vllm_kvp")
+
+
+class KVPMixin:
+    """Shared by the executors: world-size override and pooled KV-cache sizing."""
+
+    def _setup_kvp(self) -> None:
+        self.kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
+        pc = self.vllm_config.parallel_config
+        self.replica_size = (
+            pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.prefill_context_parallel_size
+        )
+        pc.world_size = self.replica_size * self.kvp.size
+
+    def _pool_override(self) -> None:
+        # num_gpu_blocks_override keeps its per-worker meaning: each KV rank holds that many
+        # blocks, so the pooled count vLLM plans with is N times larger.
+        cache = self.vllm_config.cache_config
+        self.per_rank_override = cache.num_gpu_blocks_override
+        if self.per_rank_override is not None:
+            cache.num_gpu_blocks_override = self.per_rank_override * self.kvp.size
+
+    def determine_available_memory(self) -> list[int]:
+        per_worker = super().determine_available_memory()
+        pooled = min(per_worker) * self.kvp.size
+        return [pooled] * len(per_worker)
+
+    def initialize_from_config(self, kv_cache_configs) -> None:
+        for config in kv_cache_configs:
+            total = config.num_blocks
+            per_rank = total // self.kvp.size
+            for tensor in config.kv_cache_tensors:
+                tensor.size = tensor.size // total * per_rank
+            config.num_blocks = per_rank
+        blocks = kv_cache_configs[0].num_blocks
+        logger.info(
+            "vllm_kvp: %d KV ranks x %d blocks per rank (%d logical blocks); world of %d workers",
+            self.kvp.size, blocks, blocks * self.kvp.size, self.vllm_config.parallel_config.world_size,
+        )
+        super().initialize_from_config(kv_cache_configs)
+
+
+class KVPExecutor(KVPMixin, MultiprocExecutor):
+    """Local multiprocess executor (CPU with gloo, CUDA with NCCL)."""
+
+    def _init_executor(self) -> None:
+        self._setup_kvp()
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            ensure_cpu_thread_binding(self.vllm_config.parallel_config.world_size)
+        super()._init_executor()
+        self._pool_override()
+
+    def _get_parallel_sizes(self) -> tuple[int, int, int]:
+        tp, pp, pcp = super()._get_parallel_sizes()
+        # Reported so MultiprocExecutor's `world_size == tp * pp * pcp` check holds; the KV
+        # ranks are the outer (ExternalDP) dimension of the world.
+        return tp * self.kvp.size, pp, pcp

@@ -1,0 +1,74 @@
+"""How a `kvp` config maps onto vLLM's engine settings (front-end side, before workers start)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from vllm_kvp.config import KVPConfig, KVPConfigError
+
+EXECUTOR = "vllm_kvp.executor.KVPExecutor"
+WORKER = "vllm_kvp.worker.KVPWorker"
+SCHEDULER = "vllm_kvp.scheduler.KVPScheduler"
+
+
+def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
+    """Select vllm_kvp's executor, worker and scheduler; refuse what KVP cannot serve yet.
+
+    Runs in the process that builds the engine config, so every error here is raised before any
+    worker process exists.
+    """
+    _refuse_unsupported(engine_args)
+    engine_args.distributed_executor_backend = EXECUTOR
+    engine_args.worker_cls = WORKER
+    engine_args.scheduler_cls = SCHEDULER
+    # The KVP scheduler is the synchronous one: every rank must run exactly the batch it is given.
+    engine_args.async_scheduling = False
+    # Normalise so every process (engine core, workers) parses the same validated dict.
+    engine_args.additional_config = {**engine_args.additional_config, "kvp": kvp.to_dict()}
+
+
+def _refuse_unsupported(engine_args: Any) -> None:
+    backend = engine_args.distributed_executor_backend
+    if backend not in (None, "mp", EXECUTOR):
+        raise KVPConfigError(
+            f"kvp.size > 1 runs on vllm_kvp's own executor; distributed_executor_backend="
+            f"{backend!r} is not supported with it (use the default or 'mp')"
+        )
+    for field, ours, default in (("worker_cls", WORKER, "auto"), ("scheduler_cls", SCHEDULER, None)):
+        value = getattr(engine_args, field)
+        if value not in (default, ours):
+            raise KVPConfigError(
+                f"kvp.size > 1 needs vllm_kvp's {field}; {field}={value!r} cannot be combined with it"
+            )
+    if (engine_args.data_parallel_size or 1) > 1:
+        raise KVPConfigError("kvp.size > 1 cannot be combined with data_parallel_size > 1 yet")
+    if engine_args.speculative_config:
+        raise KVPConfigError("kvp.size > 1 cannot be combined with speculative decoding yet")
+    if (getattr(engine_args, "decode_context_parallel_size", 1) or 1) > 1:
+        raise KVPConfigError(
+            "kvp.size > 1 replaces decode context parallelism; set decode_context_parallel_size=1"
+        )
+
+
+def cpu_thread_binding(num_workers: int, allowed_cpus: list[int]) -> str:
+    """A `VLLM_CPU_OMP_THREADS_BIND` value giving each of `num_workers` CPU workers its cores.
+
+    vLLM's automatic binding needs one NUMA node per worker; KV ranks on one CPU host share a node,
+    so the node's cores are split evenly (round-robin when there are more workers than cores).
+    """
+    if num_workers <= len(allowed_cpus):
+        share = len(allowed_cpus) // num_workers
+        groups = [allowed_cpus[i * share:(i + 1) * share] for i in range(num_workers)]
+    else:
+        groups = [[allowed_cpus[i % len(allowed_cpus)]] for i in range(num_workers)]
+    return "|".join(",".join(map(str, g)) for g in groups)
+
+
+def ensure_cpu_thread_binding(num_workers: int) -> None:
+    current = os.environ.get("VLLM_CPU_OMP_THREADS_BIND", "auto")
+    if current not in ("", "auto"):
+        return  # the user's explicit binding wins
+    os.environ["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_binding(
+        num_workers, sorted(os.sched_getaffinity(0))
+    )

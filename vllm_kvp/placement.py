@@ -1,0 +1,192 @@
+"""Which KV rank each new KV-cache block of a request is taken from.
+
+The scheduler sees one pool of N*P logical blocks, but logical block b physically lives on rank
+b // P. This module only decides the *rank* for each new block; the caller then takes a free block
+from that rank's slice of the pool. It is kept free of torch/vLLM so it can be unit-tested (and
+reasoned about) on its own.
+
+Policies
+--------
+"onboard" (default): a request fills one rank at a time. It starts on the least-loaded rank and
+keeps adding blocks to its newest rank until that rank holds its quota for the request (or runs
+out of free blocks); then it "onboards" the least-loaded rank it does not use yet. Blocks never go
+back to an older rank, so each rank holds one contiguous token range of the request. That is what
+lets attention run per rank over a contiguous chunk and merge the partial results.
+
+"striped": block i of the request goes to rank i % N. The layout depends only on the block index,
+which is handy for debugging and for comparing against a fixed reference layout.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+POLICIES = ("onboard", "striped")
+
+
+class _ReqState:
+    """Per-request bookkeeping: ranks in onboarding order and block counts per rank."""
+
+    __slots__ = ("ranks", "used", "counts", "num_blocks")
+
+    def __init__(self) -> None:
+        self.ranks: list[int] = []
+        self.used: set[int] = set()  # O(1) membership; `ranks` keeps the order
+        self.counts: dict[int, int] = {}
+        self.num_blocks = 0
+
+
+class RankPlacement:
+    def __init__(
+        self,
+        num_ranks: int,
+        block_size: int,
+        policy: str = "onboard",
+        max_tokens_per_rank: Optional[int] = None,
+        blocks_per_rank: Optional[int] = None,
+    ) -> None:
+        if not isinstance(num_ranks, int) or num_ranks < 1:
+            raise ValueError(f"num_ranks must be an integer >= 1, got {num_ranks!r}")
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1, got {block_size!r}")
+        if policy not in POLICIES:
+            raise ValueError(f"unknown placement policy {policy!r}; expected one of {POLICIES}")
+        if max_tokens_per_rank is not None and (
+            not isinstance(max_tokens_per_rank, int) or max_tokens_per_rank < 1
+        ):
+            raise ValueError(
+                f"max_tokens_per_rank must be a positive integer or None, got {max_tokens_per_rank!r}"
+            )
+        if blocks_per_rank is not None and (
+            not isinstance(blocks_per_rank, int) or blocks_per_rank < 1
+        ):
+            raise ValueError(
+                f"blocks_per_rank must be a positive integer or None, got {blocks_per_rank!r}"
+            )
+        self.num_ranks = num_ranks
+        self.block_size = block_size
+        self.policy = policy
+        self.max_tokens_per_rank = max_tokens_per_rank
+        self.blocks_per_rank = blocks_per_rank
+        # The threshold is in tokens but we place whole blocks: a rank is full for a request once
+        # its blocks cover max_tokens_per_rank tokens, i.e. after ceil(max_tokens / block_size).
+        if max_tokens_per_rank is not None:
+            self.quota: Optional[int] = -(-max_tokens_per_rank // block_size)
+        else:
+            self.quota = blocks_per_rank  # None = unlimited; only running out of blocks onboards
+        self._reqs: dict[str, _ReqState] = {}
+        self.num_onboard_events = 0
+        # Called as on_onboard(req_id, rank, token_index) when a request starts using a rank;
+        # token_index is the first token position that lives on that rank.
+        self.on_onboard: Optional[Callable[[str, int, int], None]] = None
+
+    # ------------------------------------------------------------------ queries
+
+    def ranks_of(self, req_id: str) -> list[int]:
+        st = self._reqs.get(req_id)
+        return list(st.ranks) if st else []
+
+    def blocks_on(self, req_id: str) -> dict[int, int]:
+        st = self._reqs.get(req_id)
+        return dict(st.counts) if st else {}
+
+    def num_blocks(self, req_id: str) -> int:
+        st = self._reqs.get(req_id)
+        return st.num_blocks if st else 0
+
+    # ------------------------------------------------------------------ planning
+
+    def plan(
+        self, req_id: str, num_new_blocks: int, free_blocks: Sequence[int]
+    ) -> Optional[list[int]]:
+        """Rank for each of the request's next num_new_blocks blocks, given every rank's free
+        block count. None if they cannot all be placed (the caller then fails the allocation,
+        as vLLM does for an empty pool). Does not change any state."""
+        if num_new_blocks < 0:
+            raise ValueError(f"num_new_blocks must be >= 0, got {num_new_blocks}")
+        if len(free_blocks) != self.num_ranks:
+            raise ValueError(
+                f"free_blocks has {len(free_blocks)} entries but there are {self.num_ranks} ranks"
+            )
+        if num_new_blocks == 0:
+            return []
+        # Work on a copy: blocks taken earlier in this plan reduce what later ones can use.
+        free = list(free_blocks)
+        st = self._reqs.get(req_id)
+        if self.policy == "striped":
+            start = st.num_blocks if st else 0
+            out = []
+            for i in range(start, start + num_new_blocks):
+                r = i % self.num_ranks
+                if free[r] <= 0:
+                    return None  # keep the layout deterministic rather than fall back
+                free[r] -= 1
+                out.append(r)
+            return out
+        return self._plan_onboard(st, num_new_blocks, free)
+
+    def _plan_onboard(
+        self, st: Optional[_ReqState], n: int, free: list[int]
+    ) -> Optional[list[int]]:
+        # Local view of the request's state, so the plan can onboard mid-way without mutating.
+        used = set(st.used) if st else set()
+        newest = st.ranks[-1] if st and st.ranks else None
+        on_newest = st.counts.get(newest, 0) if newest is not None else 0
+        quota = self.quota
+        out: list[int] = []
+        for _ in range(n):
+            if newest is None or free[newest] <= 0 or (quota is not None and on_newest >= quota):
+                newest = self._pick_new_rank(used, free)
+                if newest is None:
+                    return None
+                used.add(newest)
+                on_newest = 0
+            free[newest] -= 1
+            on_newest += 1
+            out.append(newest)
+        return out
+
+    def _pick_new_rank(self, used: set[int], free: Sequence[int]) -> Optional[int]:
+        """Least-loaded (most free blocks) rank not used by the request; ties -> lowest id."""
+        best, best_free = None, 0
+        for r in range(self.num_ranks):
+            # Strict '>' keeps the lowest id on ties and skips ranks with no free block.
+            if r not in used and free[r] > best_free:
+                best, best_free = r, free[r]
+        return best
+
+    # ------------------------------------------------------------------ state updates
+
+    def commit(self, req_id: str, ranks: list[int]) -> None:
+        """Record that the request was given one block on each of `ranks`, in order."""
+        st = self._reqs.setdefault(req_id, _ReqState())
+        for r in ranks:
+            self._add_block(req_id, st, r)
+
+    def add_existing(self, req_id: str, rank: int) -> None:
+        """A block the request got without plan() (a prefix-cache hit) on `rank`. It counts
+        toward the request's usage of that rank, and a new rank becomes its newest rank."""
+        st = self._reqs.setdefault(req_id, _ReqState())
+        self._add_block(req_id, st, rank)
+
+    def _add_block(self, req_id: str, st: _ReqState, rank: int) -> None:
+        if not isinstance(rank, int) or not 0 <= rank < self.num_ranks:
+            raise ValueError(f"rank {rank!r} out of range for {self.num_ranks} ranks")
+        if rank not in st.used:
+            st.used.add(rank)
+            st.ranks.append(rank)
+            self.num_onboard_events += 1
+            if self.on_onboard is not None:
+                self.on_onboard(req_id, rank, st.num_blocks * self.block_size)
+        st.counts[rank] = st.counts.get(rank, 0) + 1
+        st.num_blocks += 1
+
+    def free(self, req_id: str) -> None:
+        """Request finished or was preempted: forget it (unknown ids are ignored)."""
+        self._reqs.pop(req_id, None)
+
+    def __contains__(self, req_id: str) -> bool:
+        return req_id in self._reqs
+
+    def __len__(self) -> int:
+        return len(self._reqs)

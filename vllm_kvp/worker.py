@@ -1,0 +1,43 @@
+"""KVPWorker: vLLM's worker plus the KVP process group and the KVP attention backend.
+
+Each worker allocates only its own KV rank's blocks (the executor hands it a per-rank
+KVCacheConfig); the scheduler's block ids are logical over all ranks and are mapped to local ones
+inside the attention backend, the one place that reads or writes the KV cache.
+"""
+
+from __future__ import annotations
+
+from vllm.platforms import current_platform
+
+from vllm_kvp import comm
+from vllm_kvp.config import KVPConfig
+
+
+def _base_worker():
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+def register_kvp_backend() -> None:
+    """Point the platform's attention backend at the KVP one, in this (worker) process."""
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
+
+    member = AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu() else AttentionBackendEnum.FLASH_ATTN
+    register_backend(member, "vllm_kvp.backend.KVPAttentionBackend")
+
+
+class KVPWorker(_base_worker()):
+    def init_device(self) -> None:
+        register_kvp_backend()
+        super().init_device()
+        kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
+        comm.init_kvp_group(kvp.size)
+
+    def shutdown(self) -> None:
+        comm.destroy_kvp_group()
+        super().shutdown()
