@@ -16,7 +16,26 @@ from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.layout import ensure_cpu_thread_binding
 
-logger = logging.getLogger("vllm_kvp")
+logger = logging.getLogger("vllm.vllm_kvp")
+
+
+def shrink_to_rank_share(config, per_rank: int) -> None:
+    """Turn the pooled KVCacheConfig (N x P blocks) into one worker's share (P blocks).
+
+    Byte sizes and strides that span all blocks of a layer scale with the block count; the
+    per-block page and a block-outermost stride do not.
+    """
+    if len(config.kv_cache_groups) != 1:
+        raise NotImplementedError(
+            "vllm_kvp supports models with one KV cache group (uniform full attention); this "
+            f"model has {len(config.kv_cache_groups)}")
+    total = config.num_blocks
+    for tensor in config.kv_cache_tensors:
+        if tensor.layer_stride >= tensor.block_stride * total:  # layer-outermost layout
+            tensor.layer_stride = tensor.layer_stride // total * per_rank
+        tensor.offset = tensor.offset // total * per_rank
+        tensor.size = tensor.size // total * per_rank
+    config.num_blocks = per_rank
 
 
 class KVPMixin:
@@ -45,11 +64,7 @@ class KVPMixin:
 
     def initialize_from_config(self, kv_cache_configs) -> None:
         for config in kv_cache_configs:
-            total = config.num_blocks
-            per_rank = total // self.kvp.size
-            for tensor in config.kv_cache_tensors:
-                tensor.size = tensor.size // total * per_rank
-            config.num_blocks = per_rank
+            shrink_to_rank_share(config, config.num_blocks // self.kvp.size)
         blocks = kv_cache_configs[0].num_blocks
         logger.info(
             "vllm_kvp: %d KV ranks x %d blocks per rank (%d logical blocks); world of %d workers",

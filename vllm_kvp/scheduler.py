@@ -19,7 +19,7 @@ from vllm_kvp.config import KVPConfig
 from vllm_kvp.placement import RankPlacement
 from vllm_kvp.rank_pool import RankedFreeQueue
 
-logger = logging.getLogger("vllm_kvp")
+logger = logging.getLogger("vllm.vllm_kvp")
 
 
 class KVPScheduler(Scheduler):

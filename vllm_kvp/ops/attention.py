@@ -104,7 +104,10 @@ def _flash_varlen_fn():
 
 
 def _use_flash(query: torch.Tensor) -> bool:
-    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _flash_varlen_fn() is not None
+    """Flash attention only takes fp16/bf16 with head_dim a multiple of 8 up to 256."""
+    d = query.shape[-1]
+    return (query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and d % 8 == 0 and d <= 256
+            and _flash_varlen_fn() is not None)
 
 
 def _flash(q, k, v, cu_q, cu_k, max_q: int, max_k: int, scale: float, causal: bool):
@@ -136,9 +139,9 @@ def _shard_attention_flash(query, kv_cache, block_table, shard_lens, query_start
     req = torch.repeat_interleave(torch.arange(lens.numel(), device=dev), lens, output_size=total_k)
     pos = torch.arange(total_k, device=dev) - cu_k[req]
     blk = block_table.to(dev)[req, pos // bs].long()
-    kv = kv_cache[blk, :, pos % bs]  # (total_k, Hkv, 2D)
+    kv = kv_cache[blk, :, pos % bs].to(query.dtype)  # (total_k, Hkv, 2D)
     q_lens = cu_q[1:] - cu_q[:-1]
-    res = _flash(query, kv[..., : d2 // 2].contiguous(), kv[..., d2 // 2 :].contiguous(), cu_q,
+    res = _flash(query.contiguous(), kv[..., : d2 // 2].contiguous(), kv[..., d2 // 2 :].contiguous(), cu_q,
                  cu_k.to(torch.int32), int(q_lens.max()), max_k, scale, causal=False)
     if res is None:
         return None
@@ -200,7 +203,8 @@ def causal_attention(query, key, value, query_start_loc, scale: float):
     if _use_flash(query):
         cu = query_start_loc.to(device=query.device, dtype=torch.int32)
         max_q = int((cu[1:] - cu[:-1]).max()) if cu.numel() > 1 else 0
-        res = _flash(query, key, value, cu, cu, max_q, max_q, scale, causal=True) if max_q > 0 else None
+        k, v = key.to(query.dtype).contiguous(), value.to(query.dtype).contiguous()
+        res = _flash(query.contiguous(), k, v, cu, cu, max_q, max_q, scale, causal=True) if max_q > 0 else None
         if res is not None:
             return res
     out = torch.zeros_like(query)

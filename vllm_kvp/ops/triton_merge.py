@@ -8,7 +8,10 @@ gathered tensor). The torch version fuses nothing and reads the partials R times
 partial once.
 
 Runs under ``TRITON_INTERPRET=1`` on CPU tensors (the environment variable must be set when this
-module is imported, because ``triton.jit`` picks interpreter or compiler at decoration time).
+module is imported, because ``triton.jit`` picks interpreter or compiler at decoration time). The
+kernel deliberately uses only builtins (``tl.full``, not ``tl.zeros``): Triton's standard-library
+helpers are themselves ``@triton.jit`` functions decorated when Triton was first imported, so they
+cannot be called from a kernel interpreted in a process that imported Triton without the variable.
 """
 
 from __future__ import annotations
@@ -55,8 +58,8 @@ def _merge_partials_kernel(
     # Pass 2: weighted sum in the fixed order r = 0..R-1.
     lse_ptrs = lses_ptr + rows
     out_ptrs = outs_ptr + rows[:, None] * D + cols[None, :]
-    denom = tl.zeros([BLOCK_N], tl.float32)
-    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    denom = tl.full([BLOCK_N], 0.0, tl.float32)
+    acc = tl.full([BLOCK_N, BLOCK_D], 0.0, tl.float32)
     for _ in range(R):
         w = tl.exp(tl.load(lse_ptrs, mask=rmask, other=float("-inf")) - m_safe)
         o = tl.load(out_ptrs, mask=tile_mask, other=0.0).to(tl.float32)
