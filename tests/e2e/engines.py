@@ -1,0 +1,76 @@
+"""Helpers that run real vLLM engines for the end-to-end tests."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import random
+from dataclasses import dataclass
+
+# kv_cache_memory_bytes: a fixed KV budget per worker, and no start-up check against free RAM
+# (several engines and workers share one CPU host in the tests).
+BASE_ENGINE = dict(dtype="float32", enforce_eager=True, seed=0, max_num_seqs=16,
+                   kv_cache_memory_bytes=1 << 30)
+
+
+LOGPROB_TOL = 5e-4
+
+
+@dataclass
+class Result:
+    token_ids: list[list[int]]
+    logprobs: list[list[float]]  # logprob of each sampled token
+    num_cached_tokens: list[int]  # prompt tokens served from the prefix cache
+
+
+@contextlib.contextmanager
+def engine(model: str, kvp: dict | None = None, **kwargs):
+    from vllm import LLM
+
+    config = {**BASE_ENGINE, **kwargs}
+    if kvp is not None:
+        config["additional_config"] = {"kvp": kvp}
+    llm = LLM(model=model, **config)
+    try:
+        yield llm
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+        gc.collect()
+
+
+def generate(llm, prompts: list[list[int]], max_tokens: int) -> Result:
+    from vllm import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    tokens = [list(o.outputs[0].token_ids) for o in outs]
+    logprobs = [
+        [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+        for o in outs
+    ]
+    return Result(tokens, logprobs, [o.num_cached_tokens or 0 for o in outs])
+
+
+def random_prompts(lengths: list[int], vocab: int, seed: int = 0, shared_prefix: int = 0,
+                   num_sharing: int = 0) -> list[list[int]]:
+    """Token-id prompts of exact lengths; the last `num_sharing` share a `shared_prefix`-token
+    prefix (so the second one hits the prefix cache)."""
+    rng = random.Random(seed)
+    draw = lambda n: [rng.randrange(3, vocab) for _ in range(n)]  # noqa: E731 (skip special ids)
+    prompts = [draw(n) for n in lengths]
+    prefix = draw(shared_prefix)
+    prompts += [prefix + draw(17 + 40 * i) for i in range(num_sharing)]
+    return prompts
+
+
+def assert_same_generation(ref: Result, got: Result, label: str) -> None:
+    """Greedy tokens equal; sampled-token logprobs within 1e-4 (catches silent drift)."""
+    for i, (a, b) in enumerate(zip(ref.token_ids, got.token_ids)):
+        assert a == b, (
+            f"{label}: prompt {i} diverges at token {next(j for j, (x, y) in enumerate(zip(a, b)) if x != y)}"
+        )
+    for i, (a, b) in enumerate(zip(ref.logprobs, got.logprobs)):
+        worst = max(abs(x - y) for x, y in zip(a, b))
+        # fp32 sums over up to ~10k keys in another order: ~1e-5..1e-4 drift is rounding.
+        assert worst < LOGPROB_TOL, f"{label}: prompt {i} logprob differs by {worst}"
