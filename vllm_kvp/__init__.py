@@ -37,7 +37,19 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    _record_registration()
     check_vllm_version()
     from vllm_kvp.patches import apply_all
 
     apply_all()
+
+
+def _record_registration() -> None:
+    """With VLLM_KVP_REGISTER_LOG=path, append this process's pid: a debugging aid that shows
+    which vLLM processes (front end, engine core, workers) loaded the plugin."""
+    import os
+
+    path = os.environ.get("VLLM_KVP_REGISTER_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{os.getpid()}\n")

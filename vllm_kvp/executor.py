@@ -65,12 +65,22 @@ class KVPMixin:
     def initialize_from_config(self, kv_cache_configs) -> None:
         for config in kv_cache_configs:
             shrink_to_rank_share(config, config.num_blocks // self.kvp.size)
-        blocks = kv_cache_configs[0].num_blocks
-        logger.info(
-            "vllm_kvp: %d KV ranks x %d blocks per rank (%d logical blocks); world of %d workers",
-            self.kvp.size, blocks, blocks * self.kvp.size, self.vllm_config.parallel_config.world_size,
-        )
+        self._log_layout(kv_cache_configs[0])
         super().initialize_from_config(kv_cache_configs)
+
+
+    def _log_layout(self, config) -> None:
+        blocks = config.num_blocks
+        block_size = config.kv_cache_groups[0].kv_cache_spec.block_size
+        # The null block (one per pool) is never handed out.
+        servable = min(self.vllm_config.model_config.max_model_len,
+                       (blocks * self.kvp.size - 1) * block_size)
+        logger.info(
+            "vllm_kvp layout: %d KV ranks x %d blocks per rank (%d tokens per rank, block size "
+            "%d), %d workers; placement %s; largest context servable: %d tokens",
+            self.kvp.size, blocks, blocks * block_size, block_size,
+            self.vllm_config.parallel_config.world_size, self.kvp.placement, servable,
+        )
 
 
 class KVPExecutor(KVPMixin, MultiprocExecutor):

@@ -136,11 +136,19 @@ class RankPlacement:
         out: list[int] = []
         for _ in range(n):
             if newest is None or free[newest] <= 0 or (quota is not None and on_newest >= quota):
-                newest = self._pick_new_rank(used, free)
-                if newest is None:
-                    return None
-                used.add(newest)
-                on_newest = 0
+                fresh = self._pick_new_rank(used, free)
+                if fresh is not None:
+                    newest, on_newest = fresh, 0
+                    used.add(fresh)
+                elif free[newest] <= 0 if newest is not None else True:
+                    # Every rank with room already holds part of this request and the newest is
+                    # full: take the used rank with the most room (None: the pool is full).
+                    newest = self._pick_rank(used, free, among_used=True)
+                    if newest is None:
+                        return None
+                    on_newest = 0
+                # else: the request spans every rank; the threshold is a target for when to
+                # onboard, not a cap, so it keeps growing on its newest rank.
             free[newest] -= 1
             on_newest += 1
             out.append(newest)
@@ -148,10 +156,13 @@ class RankPlacement:
 
     def _pick_new_rank(self, used: set[int], free: Sequence[int]) -> Optional[int]:
         """Least-loaded (most free blocks) rank not used by the request; ties -> lowest id."""
+        return self._pick_rank(used, free, among_used=False)
+
+    def _pick_rank(self, used: set[int], free: Sequence[int], among_used: bool) -> Optional[int]:
         best, best_free = None, 0
         for r in range(self.num_ranks):
             # Strict '>' keeps the lowest id on ties and skips ranks with no free block.
-            if r not in used and free[r] > best_free:
+            if (r in used) == among_used and free[r] > best_free:
                 best, best_free = r, free[r]
         return best
 

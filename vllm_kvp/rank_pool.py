@@ -46,7 +46,7 @@ class RankedFreeQueue:
         free = self.free_per_rank()
         ranks = self.planner(n, free) if self.planner is not None else None
         if ranks is None:
-            ranks = _most_free_first(n, free)
+            ranks = most_free_first(n, free)
         counts = [0] * self.num_ranks
         for r in ranks:
             counts[r] += 1
@@ -78,7 +78,7 @@ class RankedFreeQueue:
         return groups.items()
 
 
-def _most_free_first(n: int, free: Sequence[int]) -> list[int]:
+def most_free_first(n: int, free: Sequence[int]) -> list[int]:
     """Fallback when no plan applies (e.g. the null block at start-up): take from the ranks with
     the most free blocks. Correctness never depends on placement, only balance does."""
     free = list(free)

@@ -16,8 +16,9 @@ from typing import Any
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvp.config import KVPConfig
+from vllm_kvp.metrics import KVPMetrics
 from vllm_kvp.placement import RankPlacement
-from vllm_kvp.rank_pool import RankedFreeQueue
+from vllm_kvp.rank_pool import RankedFreeQueue, most_free_first
 
 logger = logging.getLogger("vllm.vllm_kvp")
 
@@ -42,11 +43,14 @@ class KVPScheduler(Scheduler):
             max_tokens_per_rank=self.kvp.max_tokens_per_rank,
             blocks_per_rank=self.blocks_per_rank,
         )
-        self.placement.on_onboard = self._log_onboard
+        self.placement.on_onboard = self._on_onboard
+        self.metrics = KVPMetrics(self.kvp.size, self.blocks_per_rank)
+        # The manager is vLLM's; wrapping its instance methods (not the class) keeps every other
+        # engine in the process untouched.
         self._allocate = manager.allocate_slots
-        self._free = manager.free
         manager.allocate_slots = self._allocate_slots
-        manager.free = self._free_request_blocks
+        for name in ("free", "pop_blocks_for_free"):
+            setattr(manager, name, self._forget_after(getattr(manager, name)))
 
     # -- placement around vLLM's allocation -------------------------------------------------
     def _allocate_slots(self, request, num_new_tokens: int, *args: Any, **kwargs: Any):
@@ -61,9 +65,10 @@ class KVPScheduler(Scheduler):
                     self.placement.add_existing(req_id, self.rank_queue.rank_of(block.block_id))
 
         def planner(n, free):
-            ranks = self.placement.plan(req_id, n, free)
-            if ranks is not None:
-                self.placement.commit(req_id, ranks)
+            # vLLM's exact count can differ from the estimate above; if the policy cannot place
+            # it, any rank with room will do (exactness never depends on placement).
+            ranks = self.placement.plan(req_id, n, free) or most_free_first(n, free)
+            self.placement.commit(req_id, ranks)
             return ranks
 
         self.rank_queue.planner = planner
@@ -88,12 +93,40 @@ class KVPScheduler(Scheduler):
         cached = len(new_computed_blocks.blocks[0]) if new_computed_blocks is not None else 0
         return max(0, math.ceil(tokens / self.block_size) - held - cached)
 
-    def _free_request_blocks(self, request) -> None:
-        self._free(request)
-        self.placement.free(request.request_id)
+    def _forget_after(self, release):
+        """Wrap a manager method that releases a request's blocks: placement forgets it too."""
+        def wrapped(request, *args, **kwargs):
+            result = release(request, *args, **kwargs)
+            self.placement.free(request.request_id)
+            return result
+        return wrapped
 
-    def _log_onboard(self, req_id: str, rank: int, token_index: int) -> None:
-        logger.debug("vllm_kvp: request %s onboards KV rank %d at token %d", req_id, rank, token_index)
+    def _on_onboard(self, req_id: str, rank: int, token_index: int) -> None:
+        if token_index > 0:  # a request's first rank is a placement, not an onboarding
+            self.metrics.onboard_events.inc()
+            logger.debug("vllm_kvp: request %s onboards KV rank %d at token %d",
+                         req_id, rank, token_index)
+
+    def _free_request(self, request, *args: Any, **kwargs: Any):
+        """A finished request reports the KV ranks it used (offline: RequestOutput's
+        kv_transfer_params["kvp_ranks"]; online: the ranks-per-request histogram)."""
+        ranks = self.placement.ranks_of(request.request_id)
+        self.metrics.ranks_per_request.observe(len(ranks))
+        kv_params, ec_params = super()._free_request(request, *args, **kwargs)
+        if kv_params is None:
+            kv_params = {"kvp_ranks": ranks}
+        return kv_params, ec_params
+
+    def schedule(self, *args: Any, **kwargs: Any):
+        output = super().schedule(*args, **kwargs)
+        free = self.rank_queue.free_per_rank()
+        usable = self._usable_blocks()
+        self.metrics.record_usage([u - f for u, f in zip(usable, free)], usable)
+        return output
+
+    def _usable_blocks(self) -> list[int]:
+        # Rank 0 holds vLLM's null block, which is never free nor usable.
+        return [self.blocks_per_rank - (1 if r == 0 else 0) for r in range(self.kvp.size)]
 
     def _get_new_block_ids_to_zero(self):
         # KVP attention reads only the tokens each shard holds, so a fresh block's stale contents
@@ -105,5 +138,4 @@ class KVPScheduler(Scheduler):
     def rank_usage(self) -> list[float]:
         """Fraction of each rank's blocks in use (rank 0 holds vLLM's null block)."""
         free = self.rank_queue.free_per_rank()
-        usable = [self.blocks_per_rank - (1 if r == 0 else 0) for r in range(self.kvp.size)]
-        return [1.0 - f / u if u else 0.0 for f, u in zip(free, usable)]
+        return [1.0 - f / u if u else 0.0 for f, u in zip(free, self._usable_blocks())]

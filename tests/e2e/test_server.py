@@ -1,0 +1,62 @@
+"""`vllm-kvp serve --kvp-size 2`: OpenAI API answers with plain vLLM's tokens; /metrics shows the
+KV ranks."""
+
+
+import pytest
+import requests
+
+from engines import engine, random_prompts
+from server import serve
+
+pytestmark = pytest.mark.e2e
+
+LENGTHS = [5, 300, 1500, 2600]
+MAX_TOKENS = 24
+SERVER_ARGS = ("--kvp-size", "2", "--kvp-max-tokens-per-rank", "1024",
+               "--max-model-len", "4096", "--max-num-batched-tokens", "512")
+
+
+def _metric(text: str, name: str) -> list[float]:
+    """Values of every sample of `name` (any labels) in a Prometheus text exposition."""
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return random_prompts(LENGTHS, 4096, seed=7)
+
+
+@pytest.fixture(scope="module")
+def reference_texts(model_path, prompts):
+    from vllm import SamplingParams
+
+    with engine(model_path, max_model_len=4096, max_num_batched_tokens=512) as llm:
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                            SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True),
+                            use_tqdm=False)
+    return [o.outputs[0].text for o in outs]
+
+
+def test_openai_completions_match_and_metrics(model_path, prompts, reference_texts):
+    import openai
+
+    with serve(model_path, *SERVER_ARGS) as base:
+        client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+        texts = []
+        for p in prompts:
+            r = client.completions.create(model=model_path, prompt=p, max_tokens=MAX_TOKENS,
+                                          temperature=0, extra_body={"ignore_eos": True})
+            texts.append(r.choices[0].text)
+        assert texts == reference_texts
+
+        metrics = requests.get(base + "/metrics", timeout=10).text
+        totals = _metric(metrics, "vllm_kvp:rank_kv_cache_blocks_total")
+        assert len(totals) == 2 and totals[0] == totals[1] > 0
+        usage = _metric(metrics, "vllm_kvp:rank_kv_cache_usage_perc")
+        assert len(usage) == 2 and all(0.0 <= u <= 1.0 for u in usage)
+        # 1500- and 2600-token prompts cross the 1024-token limit once each.
+        assert _metric(metrics, "vllm_kvp:onboard_events_total") == [2.0]
+        assert _metric(metrics, "vllm_kvp:ranks_per_request_count") == [4.0]
+        assert _metric(metrics, "vllm_kvp:ranks_per_request_sum") == [6.0]
+        assert "vllm:num_requests_running" in metrics  # vLLM's own metrics are still there

@@ -1,0 +1,189 @@
+"""`--kvp-*` flags on vLLM's real argument parser and the create_engine_config hook."""
+
+import json
+import os
+
+import psutil
+import pytest
+
+import vllm_kvp
+from vllm_kvp import layout
+from vllm_kvp.config import KVPConfigError
+
+vllm_kvp.register()
+
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+
+FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096"]
+
+
+@pytest.fixture(scope="module")
+def parser():
+    p = FlexibleArgumentParser()
+    AsyncEngineArgs.add_cli_args(p)
+    return p
+
+
+def _engine_args(parser, argv, model="x"):
+    return AsyncEngineArgs.from_cli_args(parser.parse_args(["--model", model, *argv]))
+
+
+def test_flags_fold_into_additional_config(parser):
+    args = _engine_args(parser, FULL)
+    assert isinstance(args, AsyncEngineArgs)
+    assert args.additional_config["kvp"] == {"size": 2, "placement": "striped",
+                                             "max_tokens_per_rank": 4096}
+
+
+def test_only_given_flags_are_folded(parser):
+    args = _engine_args(parser, ["--kvp-size", "3"])
+    assert args.additional_config == {"kvp": {"size": 3}}
+
+
+def test_flags_merge_with_and_override_additional_config(parser):
+    extra = {"kvp": {"size": 3, "placement": "onboard", "max_tokens_per_rank": 1024}, "other": 7}
+    args = _engine_args(parser, ["--additional-config", json.dumps(extra),
+                                 "--kvp-placement", "striped", "--kvp-size", "4"])
+    assert args.additional_config == {
+        "kvp": {"size": 4, "placement": "striped", "max_tokens_per_rank": 1024}, "other": 7}
+
+
+def test_additional_config_alone_is_kept(parser):
+    extra = {"kvp": {"size": 2, "placement": "striped"}}
+    args = _engine_args(parser, ["--additional-config", json.dumps(extra)])
+    assert args.additional_config == extra
+
+
+def test_no_flags_leave_additional_config_unchanged(parser):
+    assert "kvp" not in _engine_args(parser, []).additional_config
+    extra = {"other": {"a": 1}}
+    args = _engine_args(parser, ["--additional-config", json.dumps(extra)])
+    assert args.additional_config == extra
+
+
+def test_flag_defaults_are_unset(parser):
+    ns = parser.parse_args(["--model", "x"])
+    assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank) == (None, None, None)
+
+
+@pytest.mark.parametrize("argv", [
+    ["--kvp-placement", "bogus"],
+    ["--kvp-size", "two"],
+    ["--kvp-max-tokens-per-rank", "1.5"],
+])
+def test_argparse_rejects_malformed_flags(parser, argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--model", "x", *argv])
+    assert info.value.code != 0
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_flags_are_in_help(parser):
+    text = parser.format_help()
+    for flag in ("--kvp-size", "--kvp-placement", "--kvp-max-tokens-per-rank"):
+        assert flag in text
+
+
+def test_add_cli_args_twice_does_not_duplicate():
+    p = FlexibleArgumentParser()
+    AsyncEngineArgs.add_cli_args(p)
+    from vllm_kvp.patches.engine_args import add_kvp_args
+
+    add_kvp_args(p)  # no argparse conflict error
+    assert sum(a.dest == "kvp_size" for a in p._actions) == 1
+
+
+# --- create_engine_config ----------------------------------------------------------------------
+
+def _children():
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def test_size_zero_parses_but_create_engine_config_refuses(parser, model_path):
+    args = _engine_args(parser, ["--kvp-size", "0"], model=model_path)
+    assert args.additional_config == {"kvp": {"size": 0}}
+    before = _children()
+    with pytest.raises(KVPConfigError, match=r"kvp\.size") as info:
+        args.create_engine_config()
+    assert ">= 1" in str(info.value)
+    assert _children() == before
+
+
+def test_invalid_kvp_fails_in_calling_process_before_engine_starts(model_path, tmp_path,
+                                                                    monkeypatch):
+    """LLM(...) with a bad kvp config raises here; no engine core process ever registered."""
+    from vllm import LLM
+
+    log = tmp_path / "register.log"
+    monkeypatch.setenv("VLLM_KVP_REGISTER_LOG", str(log))
+    before = _children()
+    with pytest.raises(KVPConfigError, match=r"kvp\.placement"):
+        LLM(model=model_path, dtype="float32", additional_config={"kvp": {"size": 2,
+                                                                          "placement": "x"}})
+    assert _children() == before
+    # register() in the test process already ran (module import), so any pid here would be a
+    # freshly started engine process.
+    assert not log.exists() or log.read_text().strip() == ""
+
+
+@pytest.mark.parametrize("extra, field", [
+    (dict(scheduler_cls="my.Sched"), "scheduler_cls"),
+    (dict(data_parallel_size=2), "data_parallel_size"),
+    (dict(worker_cls="my.Worker"), "worker_cls"),
+    (dict(distributed_executor_backend="ray"), "distributed_executor_backend"),
+])
+def test_incompatible_settings_are_refused(model_path, extra, field):
+    args = EngineArgs(model=model_path, dtype="float32", additional_config={"kvp": {"size": 2}},
+                      **extra)
+    with pytest.raises(KVPConfigError) as info:
+        args.create_engine_config()
+    message = str(info.value)
+    assert "kvp.size > 1" in message
+    assert field in message
+
+
+def test_incompatible_settings_are_fine_without_kvp(model_path):
+    config = EngineArgs(model=model_path, dtype="float32",
+                        scheduler_cls="my.Sched").create_engine_config()
+    assert config.scheduler_config.scheduler_cls == "my.Sched"
+
+
+def _selected(config):
+    return (config.parallel_config.distributed_executor_backend,
+            config.parallel_config.worker_cls,
+            config.scheduler_config.scheduler_cls)
+
+
+@pytest.mark.parametrize("kvp", [{"size": 2}, {"size": 4, "placement": "striped",
+                                                "max_tokens_per_rank": 512}])
+def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
+    config = EngineArgs(model=model_path, dtype="float32",
+                        additional_config={"kvp": kvp}).create_engine_config()
+    assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
+    # the validated, normalised dict is what every process will read
+    assert config.additional_config["kvp"] == {"placement": "onboard",
+                                                "max_tokens_per_rank": None, **kvp}
+    assert config.scheduler_config.async_scheduling is False
+
+
+def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
+    args = _engine_args(parser, [*FULL, "--dtype", "float32"], model=model_path)
+    config = args.create_engine_config()
+    assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
+    assert config.additional_config["kvp"] == {"size": 2, "placement": "striped",
+                                                "max_tokens_per_rank": 4096}
+
+
+@pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])
+def test_without_kvp_vllm_defaults_are_kept(model_path, additional_config):
+    kwargs = dict(model=model_path, dtype="float32")
+    if additional_config is not None:
+        kwargs["additional_config"] = additional_config
+    hooked = EngineArgs(**kwargs).create_engine_config()
+    # vLLM's own create_engine_config, without the plugin's hook
+    original = EngineArgs.create_engine_config.__wrapped__
+    stock = original(EngineArgs(model=model_path, dtype="float32"))
+    assert _selected(hooked) == _selected(stock)
+    for value in _selected(hooked):
+        assert "vllm_kvp" not in str(value)

