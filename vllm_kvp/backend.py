@@ -23,6 +23,7 @@ from vllm_kvp import comm
 from vllm_kvp.ops.attention import causal_attention, shard_attention, write_kv
 from vllm_kvp.ops.merge import merge_partials
 from vllm_kvp.shard_map import local_shards, local_slots
+from vllm_kvp.stats import STATS
 
 
 class KVPAttentionBackend(CPUAttentionBackend):
@@ -104,6 +105,7 @@ class KVPAttentionImpl(AttentionImpl):
         slots = local_slots(slot_mapping[: key.shape[0]], block_size, comm.kvp_rank(),
                             kv_cache.shape[0])
         write_kv(kv_cache, key, value, slots)
+        STATS.kv_tokens_written += (slots >= 0).sum()
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: KVPAttentionMetadata | None,

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvp.stats import STATS
+
 _KVP_GROUP = None  # vllm GroupCoordinator, set once per worker process by init_kvp_group()
 
 
@@ -59,6 +61,8 @@ def all_gather_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Ten
         return out.float().unsqueeze(0), lse.unsqueeze(0)
     t, h, d = out.shape
     packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
+    STATS.exchanges += 1
+    STATS.exchanged_bytes += packed.numel() * packed.element_size()
     gathered = _KVP_GROUP.all_gather(packed.contiguous(), dim=0)  # (R*T, H*D + H)
     gathered = gathered.view(kvp_world_size(), t, h * d + h)
     outs = gathered[..., : h * d].reshape(-1, t, h, d)

@@ -108,13 +108,15 @@ class KVPScheduler(Scheduler):
                          req_id, rank, token_index)
 
     def _free_request(self, request, *args: Any, **kwargs: Any):
-        """A finished request reports the KV ranks it used (offline: RequestOutput's
-        kv_transfer_params["kvp_ranks"]; online: the ranks-per-request histogram)."""
+        """A finished request reports the KV ranks it used, in onboarding order, and the first
+        token each holds (offline: RequestOutput.kv_transfer_params["kvp_ranks"] and
+        ["kvp_rank_starts"]; online: the ranks-per-request histogram)."""
         ranks = self.placement.ranks_of(request.request_id)
+        starts = self.placement.rank_starts(request.request_id)
         self.metrics.ranks_per_request.observe(len(ranks))
         kv_params, ec_params = super()._free_request(request, *args, **kwargs)
         if kv_params is None:
-            kv_params = {"kvp_ranks": ranks}
+            kv_params = {"kvp_ranks": ranks, "kvp_rank_starts": starts}
         return kv_params, ec_params
 
     def schedule(self, *args: Any, **kwargs: Any):

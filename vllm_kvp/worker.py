@@ -11,6 +11,7 @@ from vllm.platforms import current_platform
 
 from vllm_kvp import comm
 from vllm_kvp.config import KVPConfig
+from vllm_kvp.stats import STATS
 
 
 def _base_worker():
@@ -37,6 +38,13 @@ class KVPWorker(_base_worker()):
         super().init_device()
         kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
         comm.init_kvp_group(kvp.size)
+
+    def kvp_stats(self) -> dict:
+        """This rank's KV allocation and traffic (for tests, benchmarks and debugging)."""
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                    for t in self.model_runner.kv_caches}
+        return {"kvp_rank": comm.kvp_rank(), "kv_cache_bytes": sum(storages.values()),
+                "num_blocks": self.cache_config.num_gpu_blocks, **STATS.as_dict()}
 
     def shutdown(self) -> None:
         comm.destroy_kvp_group()

@@ -21,6 +21,7 @@ class Result:
     token_ids: list[list[int]]
     logprobs: list[list[float]]  # logprob of each sampled token
     num_cached_tokens: list[int]  # prompt tokens served from the prefix cache
+    kvp_ranks: list[list[int] | None]  # KV ranks that held each request (None without KVP)
 
 
 @contextlib.contextmanager
@@ -49,7 +50,8 @@ def generate(llm, prompts: list[list[int]], max_tokens: int) -> Result:
         [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
         for o in outs
     ]
-    return Result(tokens, logprobs, [o.num_cached_tokens or 0 for o in outs])
+    return Result(tokens, logprobs, [o.num_cached_tokens or 0 for o in outs],
+                  [(o.kv_transfer_params or {}).get("kvp_ranks") for o in outs])
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0, shared_prefix: int = 0,

@@ -17,6 +17,39 @@ def runs(ranks):
     return [r for r, _ in itertools.groupby(ranks)]
 
 
+def most_free(cands, free):
+    """Rank with the most free blocks among cands (which all have room); ties -> lowest id."""
+    return max(cands, key=lambda r: (free[r], -r)) if cands else None
+
+
+def reference_plan(blocks, k, free, quota, num_ranks):
+    """Independent model of the onboard policy, one block at a time from the request's block list
+    (rank of each block, in order). Returns (ranks, kinds) with kind per block: 'stay' (newest
+    below quota), 'onboard', 'a' (past quota on the newest), 'b' (older used rank); or None."""
+    blocks, free = list(blocks), list(free)
+    out, kinds = [], []
+    for _ in range(k):
+        order = list(dict.fromkeys(blocks))  # first-use order; a (b) block does not reorder
+        newest = order[-1] if order else None
+        unused = [r for r in range(num_ranks) if r not in order and free[r] > 0]
+        if newest is not None and free[newest] > 0 and (
+                quota is None or blocks.count(newest) < quota):
+            r, kind = newest, "stay"
+        elif unused:
+            r, kind = most_free(unused, free), "onboard"
+        elif newest is not None and free[newest] > 0:
+            r, kind = newest, "a"
+        else:
+            r, kind = most_free([x for x in order if free[x] > 0], free), "b"
+            if r is None:
+                return None
+        free[r] -= 1
+        blocks.append(r)
+        out.append(r)
+        kinds.append(kind)
+    return out, kinds
+
+
 def grow(p, req, n, free):
     """Allocate n blocks one decode step at a time, updating `free` like the real pool would."""
     placed = []
@@ -82,8 +115,13 @@ def test_onboards_exactly_at_token_multiples(num_ranks, block_size, max_tokens, 
     assert p.blocks_on("r") == {r: quota for r in order}
     assert [e[2] for e in events] == [k * quota * block_size for k in range(num_ranks)]
     assert p.num_onboard_events == num_ranks
-    # Every rank is at quota and none is unused: one more block cannot be placed.
-    assert p.plan("r", 1, free) is None
+    # Every rank is at quota and none is unused: the threshold is not a cap, so further blocks
+    # keep growing on the newest rank (no new onboarding).
+    more = p.plan("r", 3, free)
+    assert more == [order[-1]] * 3
+    p.commit("r", more)
+    assert p.blocks_on("r")[order[-1]] == quota + 3 and p.num_onboard_events == num_ranks
+    assert p.ranks_of("r") == order
 
 
 def test_least_loaded_choice_lowest_id_on_ties():
@@ -118,8 +156,12 @@ def test_short_requests_are_balanced(k, num_ranks, blocks):
 
 def test_full_ranks_are_skipped():
     p = RankPlacement(4, 1, max_tokens_per_rank=2)
-    assert p.plan("a", 5, [0, 3, 0, 3]) is None
     assert p.plan("a", 4, [0, 3, 0, 3]) == [1, 1, 3, 3]
+    # Ranks 0 and 2 stay skipped; the fifth block grows past quota on rank 3 (the newest).
+    assert p.plan("a", 5, [0, 3, 0, 3]) == [1, 1, 3, 3, 3]
+    # Then rank 3 is full: back to rank 1, the only used rank with room.
+    assert p.plan("a", 6, [0, 3, 0, 3]) == [1, 1, 3, 3, 3, 1]
+    assert p.plan("a", 7, [0, 3, 0, 3]) is None
     assert p.plan("b", 1, [0, 0, 0, 1]) == [3]
 
 
@@ -131,8 +173,11 @@ def test_newest_rank_runs_out_before_quota():
     got = p.plan("a", 3, [0, 2, 1])
     assert got == [1, 1, 2]
     p.commit("a", got)
-    assert p.plan("a", 1, [9, 0, 0]) is None  # rank 0 has room again but is older
-    assert p.ranks_of("a") == [0, 1, 2]
+    # No unused rank is left and the newest (2) is full: rank 0 (older, has room) takes it.
+    assert p.plan("a", 1, [9, 0, 0]) == [0]
+    p.commit("a", [0])
+    assert p.ranks_of("a") == [0, 1, 2]  # order unchanged, no new onboarding
+    assert p.blocks_on("a") == {0: 3, 1: 2, 2: 1} and p.num_onboard_events == 3
 
 
 def test_none_when_pool_cannot_fit():
@@ -140,7 +185,9 @@ def test_none_when_pool_cannot_fit():
     assert p.plan("a", 1, [0, 0]) is None
     assert p.plan("a", 5, [2, 2]) is None
     assert p.plan("a", 4, [2, 2]) == [0, 0, 1, 1]
-    assert RankPlacement(2, 1, max_tokens_per_rank=2).plan("a", 5, [9, 9]) is None  # quotas
+    assert p.plan("a", 3, [1, 1]) is None
+    # Quotas never make a plan fail: past every rank's quota the newest rank keeps growing.
+    assert RankPlacement(2, 1, max_tokens_per_rank=2).plan("a", 5, [9, 9]) == [0, 0, 1, 1, 1]
 
 
 def test_plan_is_side_effect_free():
@@ -168,11 +215,89 @@ def test_add_existing_counts_toward_quota():
 def test_free_forgets():
     p = RankPlacement(2, 1, max_tokens_per_rank=1)
     p.commit("a", p.plan("a", 2, [5, 5]))
-    assert p.plan("a", 1, [5, 5]) is None  # both ranks at quota
+    assert p.plan("a", 1, [5, 5]) == [1]  # both ranks at quota: stays on the newest
+    assert p.plan("a", 1, [5, 0]) == [0]  # newest full: the other used rank
     p.free("a")
     assert p.ranks_of("a") == [] and p.blocks_on("a") == {} and len(p) == 0
-    assert p.plan("a", 1, [5, 5]) == [0]
+    assert p.plan("a", 1, [5, 6]) == [1]  # a fresh request again starts on the least-loaded
+    assert p.plan("a", 2, [5, 6]) == [1, 0]  # and onboards at quota 1
     p.free("never-seen")  # no error
+
+
+def test_a_grows_past_quota_on_newest_rank():
+    """(a) No unused rank has room and the newest one does: keep growing there past the quota,
+    even when an older used rank has more free blocks."""
+    p = RankPlacement(3, 1, max_tokens_per_rank=2)
+    events = []
+    p.on_onboard = lambda req, rank, tok: events.append((rank, tok))
+    got = p.plan("a", 7, [9, 9, 0])
+    assert got == [0, 0, 1, 1, 1, 1, 1]
+    p.commit("a", got)
+    assert p.ranks_of("a") == [0, 1] and p.blocks_on("a") == {0: 2, 1: 5}
+    assert p.plan("a", 2, [20, 3, 0]) == [1, 1]  # newest over older rank 0 with more room
+    # An unused rank with room is still preferred over (a) once it appears (here: right after
+    # the quota was passed, so not at a multiple of it).
+    got = p.plan("a", 1, [20, 3, 4])
+    assert got == [2]
+    p.commit("a", got)
+    assert events == [(0, 0), (1, 2), (2, 7)]
+    assert p.plan("a", 3, [20, 3, 4]) == [2, 2, 2]  # newest again: quota 2 then (a) past it
+
+
+def test_b_full_newest_takes_most_free_used_rank():
+    """(b) No unused rank has room and the newest is full: the used rank with the most free
+    blocks (ties -> lowest id) takes the block; ranks order and onboard count are unchanged."""
+    p = RankPlacement(4, 1, max_tokens_per_rank=1)
+    p.commit("a", p.plan("a", 3, [5, 5, 5, 0]))
+    assert p.ranks_of("a") == [0, 1, 2] and p.num_onboard_events == 3
+    assert p.plan("a", 1, [3, 5, 0, 0]) == [1]  # most free
+    assert p.plan("a", 1, [4, 4, 0, 0]) == [0]  # tie -> lowest id
+    assert p.plan("a", 1, [4, 4, 0, 1]) == [3]  # an unused rank with room beats (b)
+    assert p.plan("a", 1, [0, 0, 1, 0]) == [2]  # the newest has room again: (a)
+    # Per block, from the unchanged newest rank 2: each block re-picks the most free used rank.
+    got = p.plan("a", 4, [3, 2, 0, 0])
+    assert got == [0, 0, 1, 0]
+    p.commit("a", got)
+    assert p.ranks_of("a") == [0, 1, 2] and p.num_onboard_events == 3
+    assert p.blocks_on("a") == {0: 4, 1: 2, 2: 1}
+    # Stepwise decode gives the same blocks as one batched plan.
+    q = RankPlacement(4, 1, max_tokens_per_rank=1)
+    q.commit("a", [0, 1, 2])
+    assert grow(q, "a", 4, [3, 2, 0, 0]) == [0, 0, 1, 0]
+
+
+def test_c_none_only_when_no_rank_has_room():
+    """(c) plan() fails only when some block finds no rank with a free block at all."""
+    p = RankPlacement(3, 1, max_tokens_per_rank=1)
+    assert p.plan("a", 1, [0, 0, 0]) is None
+    p.commit("a", p.plan("a", 2, [5, 5, 0]))
+    assert p.plan("a", 1, [0, 0, 0]) is None
+    assert p.plan("a", 4, [1, 1, 1]) is None
+    assert sorted(p.plan("a", 3, [1, 1, 1])) == [0, 1, 2]  # every free block is usable
+    assert p.plan("a", 2, [0, 0, 2]) == [2, 2]  # onboard, then grow past quota on it
+    assert p.plan("a", 2, [2, 0, 0]) == [0, 0]  # older rank only
+    assert p.plan("a", 3, [2, 0, 0]) is None
+
+
+@given(num_ranks=st.integers(1, 5), block_size=st.integers(1, 3),
+       max_tokens=st.one_of(st.none(), st.integers(1, 8)), data=st.data())
+@settings(max_examples=150, deadline=None)
+def test_batched_plan_matches_reference_and_stepwise(num_ranks, block_size, max_tokens, data):
+    quota = -(-max_tokens // block_size) if max_tokens else None
+    p = RankPlacement(num_ranks, block_size, max_tokens_per_rank=max_tokens)
+    q = RankPlacement(num_ranks, block_size, max_tokens_per_rank=max_tokens)
+    history = data.draw(st.lists(st.integers(0, num_ranks - 1), max_size=10))
+    for r in history:  # arbitrary prior blocks (e.g. prefix hits), including older ranks
+        p.add_existing("a", r)
+        q.add_existing("a", r)
+    free = data.draw(st.lists(st.integers(0, 6), min_size=num_ranks, max_size=num_ranks))
+    k = data.draw(st.integers(1, 12))
+    got = p.plan("a", k, free)
+    assert (got is None) == (k > sum(free))  # (c)
+    ref = reference_plan(history, k, free, quota, num_ranks)
+    assert (ref and ref[0]) == got
+    if got is not None:
+        assert grow(q, "a", k, list(free)) == got
 
 
 @given(num_ranks=st.integers(1, 5), existing=st.integers(0, 7), n=st.integers(0, 20))
@@ -195,12 +320,13 @@ class PlacementMachine(RuleBasedStateMachine):
     """Random plan/commit/add_existing/free against a model that only tracks block counts."""
 
     @initialize(num_ranks=st.integers(1, 5), cap=st.integers(1, 12), block_size=st.integers(1, 4),
-                max_tokens=st.one_of(st.none(), st.integers(1, 20)),
+                max_tokens=st.one_of(st.none(), st.integers(1, 20)), cap_as_quota=st.booleans(),
                 policy=st.sampled_from(["onboard", "striped"]))
-    def setup(self, num_ranks, cap, block_size, max_tokens, policy):
+    def setup(self, num_ranks, cap, block_size, max_tokens, cap_as_quota, policy):
         self.n, self.cap, self.policy = num_ranks, cap, policy
-        self.p = RankPlacement(num_ranks, block_size, policy, max_tokens, blocks_per_rank=cap)
-        self.quota = -(-max_tokens // block_size) if max_tokens else cap
+        bpr = cap if cap_as_quota else None
+        self.p = RankPlacement(num_ranks, block_size, policy, max_tokens, blocks_per_rank=bpr)
+        self.quota = -(-max_tokens // block_size) if max_tokens else bpr  # None = unlimited
         self.model: dict[str, list[int]] = {}  # req -> rank of each of its blocks, in order
         self.events = 0
 
@@ -213,18 +339,12 @@ class PlacementMachine(RuleBasedStateMachine):
 
     def fits(self, req, k, free):
         """Independent feasibility check: can plan() place k more blocks for req?"""
-        blocks = self.model.get(req, [])
         if self.policy == "striped":
+            blocks = self.model.get(req, [])
             need = [(len(blocks) + i) % self.n for i in range(k)]
             return all(need.count(r) <= free[r] for r in set(need))
-        # The greedy takes min(free, remaining quota) from each rank it may still use.
-        order = list(dict.fromkeys(blocks))  # first-use order; last = newest rank
-        total = 0
-        if order:
-            newest = order[-1]
-            total += max(0, min(free[newest], self.quota - blocks.count(newest)))
-        total += sum(min(free[r], self.quota) for r in range(self.n) if r not in set(order))
-        return k <= total
+        # Onboard: quotas never block, any rank with a free block can take one (c).
+        return k <= sum(free)
 
     @rule(req=st.sampled_from("abcd"), k=st.integers(1, 8))
     def allocate(self, req, k):
@@ -240,23 +360,29 @@ class PlacementMachine(RuleBasedStateMachine):
         if self.policy == "striped":
             assert got == [(len(old) + i) % self.n for i in range(k)]
         else:
-            old_order = list(dict.fromkeys(old))
-            newest = old_order[-1] if old_order else None
-            assert len(runs(got)) == len(set(got))  # ranks form contiguous runs
-            assert newest not in got or got[0] == newest  # once left, newest is never revisited
-            for r in set(got):
-                # only the newest rank or ranks the request never used: never an older one
-                assert r == newest or r not in old
-                assert old.count(r) + got.count(r) <= self.quota
-            # each rank onboarded in this plan was the least-loaded unused one at that moment
-            running, used = list(free), set(old)
-            for r in got:
-                if r not in used:
-                    cands = [x for x in range(self.n) if x not in used]
-                    assert running[r] == max(running[x] for x in cands) > 0
-                    assert r == min(x for x in cands if running[x] == running[r])
-                    used.add(r)
+            ref, kinds = reference_plan(old, k, free, self.quota, self.n)
+            assert got == ref
+            # Cross-checks on the reference's choices, block by block.
+            blocks, running = list(old), list(free)
+            for r, kind in zip(got, kinds):
+                order = list(dict.fromkeys(blocks))
+                unused_room = [x for x in range(self.n) if x not in order and running[x] > 0]
+                if kind == "onboard":
+                    assert r not in order and r in unused_room
+                else:
+                    assert r in order  # (a)/(b)/stay never onboard a rank
+                if kind in ("a", "b"):
+                    assert not unused_room  # unused ranks with room always come first
+                if kind == "a":
+                    assert r == order[-1] and blocks.count(r) >= self.quota
+                if kind == "b":
+                    assert running[order[-1]] == 0 and r != order[-1]
+                    assert running[r] == max(running[x] for x in order)
+                if unused_room and self.quota is not None:
+                    # while unused ranks with room exist, no rank exceeds its quota
+                    assert blocks.count(r) < self.quota
                 running[r] -= 1
+                blocks.append(r)
         self.events += len(set(old + got)) - len(set(old))
         self.p.commit(req, got)
         self.model[req] = old + got

@@ -1,0 +1,82 @@
+"""Capacity and residency of KV-parallel decode (issue: KV-parallel decode).
+
+Each KV rank holds P blocks (num_gpu_blocks_override keeps its per-worker meaning). A prompt of
+about 1.8 x P blocks does not fit one rank, is served by two with the tokens of an unconstrained
+single-worker run, and each worker allocates only its own share. The counters of every rank show
+that each new token's K/V is written exactly once and that ranks only exchange partial attention
+outputs, whose size does not depend on the context.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from engines import assert_same_generation, engine, generate, random_prompts
+
+pytestmark = pytest.mark.e2e
+
+P = 24  # blocks per rank
+BLOCK = 128  # vLLM's CPU block size
+PROMPT_LEN = int(1.8 * P * BLOCK)  # 5529 tokens, 44 blocks with the generated ones
+MAX_TOKENS = 32
+MAX_MODEL_LEN = 44 * BLOCK
+ENGINE = dict(max_model_len=MAX_MODEL_LEN, max_num_batched_tokens=1024)
+
+
+def _model_dims(model_path):
+    cfg = json.loads((Path(model_path) / "config.json").read_text())
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim
+
+
+@pytest.fixture(scope="module")
+def prompt():
+    return random_prompts([PROMPT_LEN], 4096, seed=3)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, prompt):
+    with engine(model_path, **ENGINE) as llm:  # one worker, enough memory
+        return generate(llm, prompt, MAX_TOKENS)
+
+
+def test_one_rank_refuses(model_path, capfd):
+    with pytest.raises(Exception):
+        with engine(model_path, num_gpu_blocks_override=P, **ENGINE):
+            pass
+    err = capfd.readouterr().err
+    assert "max_model_len" in err or "max seq len" in err, err[-3000:]
+
+
+def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
+    layers, q_heads, kv_heads, head_dim = _model_dims(model_path)
+    with engine(model_path, kvp={"size": 2, "placement": "onboard"},
+                num_gpu_blocks_override=P, **ENGINE) as llm:
+        before = llm.collective_rpc("kvp_stats")
+        got = generate(llm, prompt, MAX_TOKENS)
+        after = llm.collective_rpc("kvp_stats")
+        # Beyond what all ranks hold together: vLLM's clear error, and the engine keeps serving.
+        with pytest.raises(ValueError, match="maximum model length|max_model_len|longer than"):
+            generate(llm, random_prompts([MAX_MODEL_LEN + 500], 4096, seed=4), 4)
+        assert generate(llm, random_prompts([50], 4096, seed=5), 4).token_ids[0]
+
+    assert_same_generation(reference, got, "kvp=2 at 1.8x one rank's capacity")
+    assert sorted(got.kvp_ranks[0]) == [0, 1], f"the request should span both ranks: {got.kvp_ranks}"
+
+    # Memory: each worker holds its own P blocks, not the pool.
+    bytes_per_block = 2 * layers * kv_heads * head_dim * 4 * BLOCK
+    assert sorted(s["kvp_rank"] for s in after) == [0, 1]
+    for s in after:
+        assert s["num_blocks"] == P
+        assert s["kv_cache_bytes"] == P * bytes_per_block
+
+    # Residency: every processed token's K/V is written on exactly one rank ...
+    written = [a["kv_tokens_written"] - b["kv_tokens_written"] for a, b in zip(after, before)]
+    sent = [a["exchanged_bytes"] - b["exchanged_bytes"] for a, b in zip(after, before)]
+    tokens_processed = PROMPT_LEN + MAX_TOKENS - 1
+    assert sum(written) == tokens_processed * layers
+    assert all(w > 0 for w in written)
+    # ... and the only traffic is one partial (out, lse) per token, head and layer: no KV moves.
+    partial_bytes = q_heads * (head_dim + 1) * 4
+    assert sent == [tokens_processed * layers * partial_bytes] * 2

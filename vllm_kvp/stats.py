@@ -1,0 +1,27 @@
+"""Per-process counters of what a KV rank wrote and exchanged, read through KVPWorker.kvp_stats().
+
+They make residency observable: a new token's K/V is written on exactly one rank, and the KVP
+group only ever carries partial attention outputs. One instance per worker process, like vLLM's
+own process-level state; updating it never synchronises a device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+
+@dataclass
+class RankStats:
+    exchanges: int = 0  # all-gathers of partial outputs (one per layer per step)
+    exchanged_bytes: int = 0  # bytes this rank contributed to them
+    kv_tokens_written: torch.Tensor | int = 0  # K/V entries stored on this rank (all layers)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["kv_tokens_written"] = int(self.kv_tokens_written)
+        return d
+
+
+STATS = RankStats()
