@@ -9,9 +9,11 @@ Policies
 --------
 "onboard" (default): a request fills one rank at a time. It starts on the least-loaded rank and
 keeps adding blocks to its newest rank until that rank holds its quota for the request (or runs
-out of free blocks); then it "onboards" the least-loaded rank it does not use yet. Blocks never go
-back to an older rank, so each rank holds one contiguous token range of the request. That is what
-lets attention run per rank over a contiguous chunk and merge the partial results.
+out of free blocks); then it "onboards" the least-loaded rank it does not use yet, so each rank
+holds one contiguous token range of the request. Once the request uses every rank that has room,
+the threshold stops mattering: it keeps growing on its newest rank, and if that one is full, on the
+used rank with the most room. Exactness never depends on the layout: attention merges partial
+results over whatever blocks each rank holds.
 
 "striped": block i of the request goes to rank i % N. The layout depends only on the block index,
 which is handy for debugging and for comparing against a fixed reference layout.
@@ -27,10 +29,11 @@ POLICIES = ("onboard", "striped")
 class _ReqState:
     """Per-request bookkeeping: ranks in onboarding order and block counts per rank."""
 
-    __slots__ = ("ranks", "used", "counts", "num_blocks")
+    __slots__ = ("ranks", "starts", "used", "counts", "num_blocks")
 
     def __init__(self) -> None:
         self.ranks: list[int] = []
+        self.starts: list[int] = []  # first token position held by each rank in `ranks`
         self.used: set[int] = set()  # O(1) membership; `ranks` keeps the order
         self.counts: dict[int, int] = {}
         self.num_blocks = 0
@@ -85,6 +88,11 @@ class RankPlacement:
     def ranks_of(self, req_id: str) -> list[int]:
         st = self._reqs.get(req_id)
         return list(st.ranks) if st else []
+
+    def rank_starts(self, req_id: str) -> list[int]:
+        """First token position each of ranks_of(req_id) holds (its onboarding point)."""
+        st = self._reqs.get(req_id)
+        return list(st.starts) if st else []
 
     def blocks_on(self, req_id: str) -> dict[int, int]:
         st = self._reqs.get(req_id)
@@ -142,11 +150,15 @@ class RankPlacement:
                     used.add(fresh)
                 elif free[newest] <= 0 if newest is not None else True:
                     # Every rank with room already holds part of this request and the newest is
-                    # full: take the used rank with the most room (None: the pool is full).
-                    newest = self._pick_rank(used, free, among_used=True)
-                    if newest is None:
+                    # full: take the used rank with the most room (None: the pool is full). It is
+                    # for this block only: the newest rank does not change (commit keeps
+                    # st.ranks as is), so the next block picks again, as a later plan() would.
+                    r = self._pick_rank(used, free, among_used=True)
+                    if r is None:
                         return None
-                    on_newest = 0
+                    free[r] -= 1
+                    out.append(r)
+                    continue
                 # else: the request spans every rank; the threshold is a target for when to
                 # onboard, not a cap, so it keeps growing on its newest rank.
             free[newest] -= 1
@@ -186,6 +198,7 @@ class RankPlacement:
         if rank not in st.used:
             st.used.add(rank)
             st.ranks.append(rank)
+            st.starts.append(st.num_blocks * self.block_size)
             self.num_onboard_events += 1
             if self.on_onboard is not None:
                 self.on_onboard(req_id, rank, st.num_blocks * self.block_size)

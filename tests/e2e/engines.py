@@ -22,6 +22,7 @@ class Result:
     logprobs: list[list[float]]  # logprob of each sampled token
     num_cached_tokens: list[int]  # prompt tokens served from the prefix cache
     kvp_ranks: list[list[int] | None]  # KV ranks that held each request (None without KVP)
+    kvp_rank_starts: list[list[int] | None]  # first token each of those ranks held
 
 
 @contextlib.contextmanager
@@ -51,7 +52,8 @@ def generate(llm, prompts: list[list[int]], max_tokens: int) -> Result:
         for o in outs
     ]
     return Result(tokens, logprobs, [o.num_cached_tokens or 0 for o in outs],
-                  [(o.kv_transfer_params or {}).get("kvp_ranks") for o in outs])
+                  [(o.kv_transfer_params or {}).get("kvp_ranks") for o in outs],
+                  [(o.kv_transfer_params or {}).get("kvp_rank_starts") for o in outs])
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0, shared_prefix: int = 0,
