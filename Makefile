@@ -11,7 +11,7 @@ else
 EXTRAS ?= cpu,test,bench
 endif
 MODEL_DIR ?= $(or $(VLLM_KVP_MODEL_DIR),$(HOME)/.cache/vllm_kvp/models/default)
-PYTEST_ARGS ?=
+PYTEST_ARGS ?= -ra --durations=15
 comma := ,
 
 .PHONY: venv demo test test-unit test-e2e bench model clean

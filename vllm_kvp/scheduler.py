@@ -94,10 +94,12 @@ class KVPScheduler(Scheduler):
         return max(0, math.ceil(tokens / self.block_size) - held - cached)
 
     def _forget_after(self, release):
-        """Wrap a manager method that releases a request's blocks: placement forgets it too."""
+        """Wrap a manager method that releases a request's blocks: placement forgets it too, and
+        the usage gauges show it at once (an aborted request may leave the engine idle)."""
         def wrapped(request, *args, **kwargs):
             result = release(request, *args, **kwargs)
             self.placement.free(request.request_id)
+            self._record_usage()
             return result
         return wrapped
 
@@ -121,10 +123,13 @@ class KVPScheduler(Scheduler):
 
     def schedule(self, *args: Any, **kwargs: Any):
         output = super().schedule(*args, **kwargs)
+        self._record_usage()
+        return output
+
+    def _record_usage(self) -> None:
         free = self.rank_queue.free_per_rank()
         usable = self._usable_blocks()
         self.metrics.record_usage([u - f for u, f in zip(usable, free)], usable)
-        return output
 
     def _usable_blocks(self) -> list[int]:
         # Rank 0 holds vLLM's null block, which is never free nor usable.

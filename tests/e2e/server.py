@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import requests
@@ -22,9 +23,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class Server:
+    url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+
 @contextlib.contextmanager
 def serve(model: str, *args: str, startup_timeout: float = 300.0, env: dict | None = None):
-    """Yield the base URL of a running server; its log is kept next to the test's tmp files."""
+    """Yield a running server (its base URL and log file)."""
     port = free_port()
     cmd = [str(VENV_BIN / "vllm-kvp"), "serve", model, "--host", "127.0.0.1", "--port", str(port),
            "--dtype", "float32", "--enforce-eager", "--kv-cache-memory-bytes", str(1 << 30),
@@ -48,7 +58,7 @@ def serve(model: str, *args: str, startup_timeout: float = 300.0, env: dict | No
             if time.time() > deadline:
                 raise TimeoutError(f"server did not become healthy; log: {log_path}")
             time.sleep(1)
-        yield base
+        yield Server(base, log_path)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

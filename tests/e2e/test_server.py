@@ -41,7 +41,8 @@ def reference_texts(model_path, prompts):
 def test_openai_completions_match_and_metrics(model_path, prompts, reference_texts):
     import openai
 
-    with serve(model_path, *SERVER_ARGS) as base:
+    with serve(model_path, *SERVER_ARGS) as srv:
+        base = srv.url
         client = openai.OpenAI(base_url=base + "/v1", api_key="none")
         texts = []
         for p in prompts:
