@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default=str(DEFAULT_MODEL), help="model directory (also the tokenizer)")
     p.add_argument("--contexts", type=parse_int_list,
                    help="prompt lengths in tokens; 'max' is not needed: by default the largest context "
-                        "that fits in max(--ranks) ranks is appended (default 1024,4096,16384,+largest)")
+                        "that fits in max(--ranks) ranks is appended (default 1024,4096,8192,+largest; with the default KV budget 4096 fits 1 rank, 8192 needs 2, the largest (17664) needs 4)")
     p.add_argument("--ranks", type=parse_int_list, help="KV ranks N to sweep (default 1,2,4)")
     p.add_argument("--concurrency", type=parse_int_list, help="client --max-concurrency levels (default 1,8)")
     p.add_argument("--num-prompts", type=int,
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                   "(default 32; quick 16)")
     p.add_argument("--kv-tokens-per-rank", type=int,
                    help="KV capacity of each rank in tokens; sets --kv-cache-memory-bytes per worker "
-                        "(default 8192; quick 2048)")
+                        "(default 4608 = 36 blocks; quick 2048)")
     p.add_argument("--max-tokens-per-rank", type=int,
                    help="--kvp-max-tokens-per-rank: tokens of one request a rank takes before the "
                         "request onboards another rank (default: --kv-tokens-per-rank)")
@@ -77,16 +77,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", default=str(REPO / "bench_results"))
     p.add_argument("--startup-timeout", type=float, default=420.0, help="seconds to wait for /health")
     p.add_argument("--run-timeout", type=float, default=900.0, help="seconds one client run may take")
-    p.add_argument("--metrics-interval", type=float, default=0.1, help="seconds between /metrics polls")
+    p.add_argument("--metrics-interval", type=float, default=0.5, help="seconds between /metrics polls")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--plot-only", action="store_true",
+                   help="redraw the plot and table from <out-dir>/sweep.json without running anything")
     args = p.parse_args(argv)
 
     q = args.quick
     args.ranks = sorted(set(args.ranks or [1, 2, 4]))
     args.concurrency = sorted(set(args.concurrency or ([1, 4] if q else [1, 8])))
     args.output_len = args.output_len or (16 if q else 32)
-    args.kv_tokens_per_rank = args.kv_tokens_per_rank or (2048 if q else 8192)
+    args.kv_tokens_per_rank = args.kv_tokens_per_rank or (2048 if q else 4608)
     args.max_tokens_per_rank = args.max_tokens_per_rank or args.kv_tokens_per_rank
     args.model = str(Path(args.model).expanduser())
     return args
@@ -429,7 +431,7 @@ def run_sweep(args) -> list[Row]:
     max_n = max(args.ranks)
     contexts = args.contexts
     if not contexts:
-        base = [1024] if args.quick else [1024, 4096, 16384]
+        base = [1024] if args.quick else [1024, 4096, 8192]
         largest = largest_context(max_n, args.output_len, blocks_per_rank, bs)
         contexts = sorted({c for c in base if c < largest} | {largest})
     contexts = sorted(set(contexts))
@@ -576,6 +578,7 @@ def plot(rows: list[Row], path: Path, kv_cap_mib: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     df = rows_frame(rows)
     ok = df[df.status.isin(["ok", "partial"])] if not df.empty else df
@@ -592,34 +595,43 @@ def plot(rows: list[Row], path: Path, kv_cap_mib: float) -> None:
                     ax.plot(d.context, d[metric], styles[i % 4], marker="o", color=colors[n],
                             label=f"N={n}, conc={c}")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("context (prompt tokens)")
-        ax.set_ylabel(metric.replace("_mean_ms", " mean (ms)").upper())
+        ax.set_ylabel(("TTFT" if metric.startswith("ttft") else "TPOT") + " mean (ms, log)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    if metric == "tpot_mean_ms":
-        axes[0].set_yscale("log")
-    # Per-rank KV memory: peak MiB on each rank, grouped bars per (N, context), lowest concurrency.
+    # Per-rank KV memory: peak MiB on each rank for every (N, context); filled bars at the lowest
+    # concurrency (how one request spreads), black outlines at the highest (the pool under load).
     ax = axes[2]
-    c0 = concs[0] if concs else 1
-    d = ok[ok.concurrency == c0].sort_values(["ranks", "context"])
-    x = 0.0
-    ticks, labels = [], []
-    for _, r in d.iterrows():
-        vals = list(r.kv_mib_peak_per_rank or [])
-        w = 0.8 / max(1, len(vals))
-        for j, v in enumerate(vals):
-            ax.bar(x + j * w, v, w, color=f"C{j}", label=f"rank {j}" if f"rank {j}" not in labels else None)
-            labels.append(f"rank {j}")
-        ticks.append((x + 0.4 - w / 2, f"N={r.ranks}\n{r.context}"))
+    c_lo, c_hi = (concs[0], concs[-1]) if concs else (1, 1)
+    pairs = ok[["ranks", "context"]].drop_duplicates().sort_values(["ranks", "context"])
+    x, ticks, seen = 0.0, [], set()
+    for n, ctx in pairs.itertuples(index=False):
+        for c, filled in ((c_lo, True), (c_hi, False)):
+            if not filled and c_hi == c_lo:
+                continue
+            sel = ok[(ok.ranks == n) & (ok.context == ctx) & (ok.concurrency == c)]
+            vals = list(sel.iloc[0].kv_mib_peak_per_rank or []) if len(sel) else []
+            w = 0.8 / max(1, n)
+            for j, v in enumerate(vals):
+                if filled:
+                    lab = f"rank {j}" if f"rank {j}" not in seen else None
+                    seen.add(f"rank {j}")
+                    ax.bar(x + j * w, v, w, color=f"C{j}", label=lab)
+                else:
+                    lab = f"conc={c_hi} (outline)" if "hi" not in seen else None
+                    seen.add("hi")
+                    ax.bar(x + j * w, v, w, fill=False, edgecolor="k", lw=0.8, label=lab)
+        ticks.append((x + 0.4 - 0.4 / max(1, n), f"N={n}\n{ctx}"))
         x += 1.2
-    ax.axhline(kv_cap_mib, color="k", ls="--", lw=1, label=f"rank capacity {kv_cap_mib:.0f} MiB")
+    ax.axhline(kv_cap_mib, color="k", ls="--", lw=1, label=f"rank capacity {kv_cap_mib:.1f} MiB")
     ax.set_xticks([t for t, _ in ticks], [l for _, l in ticks], fontsize=7)
     ax.set_ylabel("peak KV memory per rank (MiB)")
-    ax.set_title(f"per-rank KV memory (peak, conc={c0})")
-    handles, labs = ax.get_legend_handles_labels()
-    uniq = dict(zip(labs, handles))
-    ax.legend(uniq.values(), uniq.keys(), fontsize=8)
+    ax.set_title(f"per-rank KV memory (peak; filled conc={c_lo})")
+    ax.legend(fontsize=7, loc="upper left")
     skipped = df[df.status == "skip"][["ranks", "context"]].drop_duplicates() if not df.empty else []
     if len(skipped):
         txt = "not fitting (skipped): " + ", ".join(f"N={a}@{b}" for a, b in skipped.itertuples(index=False))
@@ -660,6 +672,13 @@ def summary(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def load_rows(out_dir: Path) -> list[Row]:
+    data = json.loads((out_dir / "sweep.json").read_text())
+    fields_ = Row.__dataclass_fields__
+    return [Row(**{k: (math.nan if v is None and fields_[k].type == "float" else v)
+                   for k, v in r.items() if k in fields_}) for r in data["runs"]]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if not (Path(args.model) / "config.json").exists():
@@ -667,9 +686,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     # SIGTERM (e.g. from `timeout`) takes the same clean-up path as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    # A background job of a non-interactive shell starts with SIGINT ignored; Ctrl-C must still work.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     t0 = time.time()
     rows: list[Row] = []
     interrupted = False
+    if args.plot_only:
+        rows = load_rows(Path(args.out_dir))
+        blocks = math.ceil(args.kv_tokens_per_rank / CPU_BLOCK_SIZE)
+        cap = json.loads((Path(args.out_dir) / "sweep.json").read_text())["config"].get(
+            "kv_cache_memory_bytes_per_worker", blocks * CPU_BLOCK_SIZE * model_geometry(args.model)["bytes_per_token"])
+        plot(rows, Path(args.out_dir) / "sweep.png", cap / 2**20)
+        print(summary(rows) + f"\n\nplot: {Path(args.out_dir) / 'sweep.png'}")
+        return 0
     try:
         rows = run_sweep(args)
     except KeyboardInterrupt:
@@ -682,10 +711,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out_dir)
     if not rows and (out_dir / "sweep.json").exists() and interrupted:
         # rows written incrementally survive an interrupt; reload them for the table and plot
-        data = json.loads((out_dir / "sweep.json").read_text())
-        fields_ = Row.__dataclass_fields__
-        rows = [Row(**{k: (math.nan if v is None and fields_[k].type == "float" else v)
-                       for k, v in r.items() if k in fields_}) for r in data["runs"]]
+        rows = load_rows(out_dir)
     geo = model_geometry(args.model)
     blocks_per_rank = math.ceil(args.kv_tokens_per_rank / CPU_BLOCK_SIZE)
     kv_bytes = blocks_per_rank * CPU_BLOCK_SIZE * geo["bytes_per_token"]

@@ -63,5 +63,6 @@ grep -h "vllm_kvp layout" "$LOG" | sed 's/.*vllm_kvp layout/vllm_kvp layout/' ||
     --result-filename "n${KVP_SIZE}_ctx${INPUT_LEN}_c${CONCURRENCY}.json"
 
 # 3. Per-rank KV cache state and onboarding count after the run.
+echo  # the client may end its output without a newline
 curl -s "http://127.0.0.1:$PORT/metrics" | grep -E '^vllm_kvp:(rank_kv_cache_blocks|onboard_events_total|ranks_per_request_(sum|count))' || true
 echo "result: $RESULT_DIR/n${KVP_SIZE}_ctx${INPUT_LEN}_c${CONCURRENCY}.json"

@@ -24,6 +24,13 @@ def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     engine_args.scheduler_cls = SCHEDULER
     # The KVP scheduler is the synchronous one: every rank must run exactly the batch it is given.
     engine_args.async_scheduling = False
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        # Workers override this backend with the KVP one; pin it so the platform cannot pick
+        # another whose kernels would read logical block ids as local ones.
+        engine_args.attention_backend = "FLASH_ATTN"
+        engine_args.enforce_eager = True  # the per-layer exchange is not captured in CUDA graphs
     # Normalise so every process (engine core, workers) parses the same validated dict.
     engine_args.additional_config = {**engine_args.additional_config, "kvp": kvp.to_dict()}
 

@@ -7,6 +7,8 @@ import gc
 import random
 from dataclasses import dataclass
 
+from vllm_kvp.inspect import rank_span
+
 # kv_cache_memory_bytes: a fixed KV budget per worker, and no start-up check against free RAM
 # (several engines and workers share one CPU host in the tests).
 BASE_ENGINE = dict(dtype="float32", enforce_eager=True, seed=0, max_num_seqs=16,
@@ -51,9 +53,9 @@ def generate(llm, prompts: list[list[int]], max_tokens: int) -> Result:
         [step[t].logprob for step, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
         for o in outs
     ]
+    spans = [rank_span(o) for o in outs]
     return Result(tokens, logprobs, [o.num_cached_tokens or 0 for o in outs],
-                  [(o.kv_transfer_params or {}).get("kvp_ranks") for o in outs],
-                  [(o.kv_transfer_params or {}).get("kvp_rank_starts") for o in outs])
+                  [s.ranks if s else None for s in spans], [s.starts if s else None for s in spans])
 
 
 def random_prompts(lengths: list[int], vocab: int, seed: int = 0, shared_prefix: int = 0,
