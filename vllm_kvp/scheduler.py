@@ -140,9 +140,3 @@ class KVPScheduler(Scheduler):
         # are never read; and the ids here are logical, not the workers' local ones.
         self.kv_cache_manager.take_new_block_ids()
         return None
-
-    # -- introspection ----------------------------------------------------------------------
-    def rank_usage(self) -> list[float]:
-        """Fraction of each rank's blocks in use (rank 0 holds vLLM's null block)."""
-        free = self.rank_queue.free_per_rank()
-        return [1.0 - f / u if u else 0.0 for f, u in zip(free, self._usable_blocks())]
