@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     # Must precede the vLLM import: the CPU KV cache defaults to a large share of RAM; 2 GiB is plenty
-    # for this model (4 layers x 2 KV heads x 32 dims x 4 B x 2 = 4 KiB/token, ~500k tokens).
+    # for this model (2 layers x 2 KV heads x 32 dims x 4 B x 2 = 1 KiB/token, ~2M tokens).
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
     from vllm_kvp.model import DEFAULT_MODEL_DIR, build_default_model

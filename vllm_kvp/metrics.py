@@ -37,7 +37,7 @@ class KVPMetrics:
         self.ranks_per_request = Histogram(
             "vllm_kvp:ranks_per_request",
             "Number of KV ranks that held a finished request's KV cache.",
-            buckets=[r + 0.5 for r in range(num_ranks)] + [float("inf")],
+            buckets=[float(r) for r in range(1, num_ranks + 1)] + [float("inf")],
             registry=None,
         )
         self._usage = [self.rank_usage.labels(r) for r in ranks]
