@@ -30,25 +30,33 @@ def measure(model: str, n: int, context: int, steps: int) -> dict:
     try:
         rng = random.Random(0)
         prompt = {"prompt_token_ids": [rng.randrange(3, 4000) for _ in range(context)]}
-        params = SamplingParams(temperature=0, max_tokens=steps + 1, ignore_eos=True)
-        llm.generate([prompt], params, use_tqdm=False)  # prefill; its KV stays in the prefix cache
-        before = llm.collective_rpc("kvp_stats") if n > 1 else None
-        t0 = time.perf_counter()
-        out = llm.generate([prompt], params, use_tqdm=False)[0]  # cache hit: (almost) pure decode
-        elapsed = time.perf_counter() - t0
-        after = llm.collective_rpc("kvp_stats") if n > 1 else None
+
+        def run(max_tokens):
+            params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+            stats = llm.collective_rpc("kvp_stats") if n > 1 else None
+            t0 = time.perf_counter()
+            llm.generate([prompt], params, use_tqdm=False)
+            return time.perf_counter() - t0, stats
+
+        run(1)  # prefill; its KV stays in the prefix cache
+        # Both timed runs hit the cache and recompute the same tail, so their difference is
+        # `steps` decode steps.
+        t_short, s0 = run(1)
+        t_long, s1 = run(steps + 1)
+        s2 = llm.collective_rpc("kvp_stats") if n > 1 else None
     finally:
         llm.llm_engine.engine_core.shutdown()
     cfg = json.loads((Path(model) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_bytes_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
-    result = {"ranks": n, "context": context, "step_ms": 1000 * elapsed / (steps + 1),
+    result = {"ranks": n, "context": context, "step_ms": 1000 * (t_long - t_short) / steps,
               "kv_read_per_rank_MB": kv_bytes_per_token * context / n / 1e6,
-              "exchanged_per_step_KB": 0.0, "cached_prompt_tokens": out.num_cached_tokens}
+              "exchanged_per_step_KB": 0.0}
     if n > 1:
-        sent = sum(a["exchanged_bytes"] - b["exchanged_bytes"] for a, b in zip(after, before))
-        # Each rank contributes its partials; all-gather delivers them to every other rank.
-        result["exchanged_per_step_KB"] = sent * (n - 1) / (steps + 1) / 1e3
+        def sent(a, b):
+            return sum(x["exchanged_bytes"] - y["exchanged_bytes"] for x, y in zip(a, b))
+        # Each rank's partials reach the n - 1 others; the two runs differ by `steps` steps.
+        result["exchanged_per_step_KB"] = (sent(s2, s1) - sent(s1, s0)) * (n - 1) / steps / 1e3
     return result
 
 
@@ -57,7 +65,7 @@ def main() -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--context", type=int, default=16384)
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=128)
     args = ap.parse_args()
     from vllm_kvp.model import DEFAULT_MODEL_DIR, build_default_model
 
@@ -67,7 +75,11 @@ def main() -> int:
         print(f"[decode_step] N={n} context={args.context} ...", file=sys.stderr, flush=True)
         rows.append(measure(model, n, args.context, args.steps))
     base = rows[0]["step_ms"]
-    print(f"\ncontext {args.context} tokens, {args.steps + 1} decode steps, one request")
+    out = Path("bench_results")
+    out.mkdir(exist_ok=True)
+    (out / "decode_step.json").write_text(json.dumps(rows, indent=2))
+    print(f"\ncontext {args.context} tokens, {args.steps} decode steps, one request "
+          f"(also in {out / 'decode_step.json'})")
     print(f"{'N':>3} {'step ms':>9} {'vs first':>9} {'KV read/rank/step MB':>21} {'exchanged/step KB':>18}")
     for r in rows:
         print(f"{r['ranks']:>3} {r['step_ms']:>9.2f} {r['step_ms'] / base:>8.2f}x "
