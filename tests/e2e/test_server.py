@@ -1,7 +1,6 @@
 """`vllm-kvp serve --kvp-size 2`: OpenAI API answers with plain vLLM's tokens; /metrics shows the
 KV ranks."""
 
-
 import pytest
 import requests
 
