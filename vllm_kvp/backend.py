@@ -117,9 +117,11 @@ class KVPAttentionImpl(AttentionImpl):
         q = query[:t].view(t, self.num_heads, self.head_size)
         k = key[:t].view(t, self.num_kv_heads, self.head_size)
         v = value[:t].view(t, self.num_kv_heads, self.head_size)
+        # Partials stay float32 until merged: a reduced dtype is rounded once, at the end.
         past_out, past_lse = shard_attention(q, kv_cache, md.local_block_table, md.shard_lens,
-                                             md.query_start_loc, self.scale)
-        new_out, new_lse = causal_attention(q, k, v, md.query_start_loc, self.scale)
+                                             md.query_start_loc, self.scale, out_dtype=torch.float32)
+        new_out, new_lse = causal_attention(q, k, v, md.query_start_loc, self.scale,
+                                            out_dtype=torch.float32)
         outs, lses = comm.all_gather_partials(past_out, past_lse)  # (R, T, H, D), (R, T, H)
         out, _ = merge_partials(torch.cat([outs, new_out.float().unsqueeze(0)]),
                                 torch.cat([lses, new_lse.unsqueeze(0)]))

@@ -151,25 +151,29 @@ def _shard_attention_flash(query, kv_cache, block_table, shard_lens, query_start
     return out.masked_fill(empty[:, None, None], 0), lse.masked_fill(empty[:, None], float("-inf"))
 
 
-def shard_attention(query, kv_cache, block_table, shard_lens, query_start_loc, scale: float):
+def shard_attention(query, kv_cache, block_table, shard_lens, query_start_loc, scale: float,
+                    out_dtype: torch.dtype | None = None):
     """Non-causal attention of each request's query tokens over its local KV shard.
 
     query: (T, Hq, D); kv_cache: (num_blocks, Hkv, block_size, 2D); block_table: (B, M) int32 local block
     ids (request i's shard is the first shard_lens[i] tokens of blocks block_table[i, :ceil(len/bs)]);
     shard_lens: (B,) int, may be 0; query_start_loc: (B+1,) int cumulative query offsets; Hq % Hkv == 0
-    (query head h reads kv head h // (Hq // Hkv)). Returns out (T, Hq, D) in query.dtype and lse
-    (T, Hq) float32; out = 0, lse = -inf for a request whose shard is empty.
+    (query head h reads kv head h // (Hq // Hkv)). Returns out (T, Hq, D) in out_dtype (default
+    query.dtype) and lse (T, Hq) float32; out = 0, lse = -inf for a request whose shard is empty.
+    The torch path computes in float32 whatever the input dtype, so a caller that merges partials
+    in float32 (out_dtype=torch.float32) rounds to a reduced dtype only once, after the merge.
     """
     t, hq, d = query.shape
     _, hkv, _, d2 = kv_cache.shape
     if d2 != 2 * d or hq % hkv:
         raise ValueError(f"query {tuple(query.shape)} does not fit kv_cache {tuple(kv_cache.shape)}")
+    out_dtype = out_dtype or query.dtype
     if _use_flash(query):
         res = _shard_attention_flash(query, kv_cache, block_table, shard_lens, query_start_loc, scale)
         if res is not None:
-            return res
+            return res[0].to(out_dtype), res[1]
     g = hq // hkv
-    out = torch.zeros_like(query)
+    out = torch.zeros((t, hq, d), dtype=torch.float32, device=query.device)
     lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=query.device)
     qsl, lens = query_start_loc.tolist(), shard_lens.tolist()
     for i, length in enumerate(lens):
@@ -178,22 +182,23 @@ def shard_attention(query, kv_cache, block_table, shard_lens, query_start_loc, s
         if tq <= 0 or length <= 0:
             continue
         k, v = _gather_shard(kv_cache, block_table[i], length)
-        k, v = k.to(query.dtype), v.to(query.dtype)
+        k, v = k.float(), v.float()
         # Non-causal GQA: the g query heads sharing a kv head are just more query rows for it, so
         # fold them into the row dimension instead of repeating K/V g times.
-        q = query[s:e].reshape(tq, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * tq, d)
+        q = query[s:e].float().reshape(tq, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * tq, d)
         o, l = _attend(q, k, v, scale, causal=False)
-        out[s:e] = o.reshape(hkv, g, tq, d).permute(2, 0, 1, 3).reshape(tq, hq, d).to(query.dtype)
+        out[s:e] = o.reshape(hkv, g, tq, d).permute(2, 0, 1, 3).reshape(tq, hq, d)
         lse[s:e] = l.reshape(hkv, g, tq).permute(2, 0, 1).reshape(tq, hq)
-    return out, lse
+    return out.to(out_dtype), lse
 
 
-def causal_attention(query, key, value, query_start_loc, scale: float):
+def causal_attention(query, key, value, query_start_loc, scale: float,
+                     out_dtype: torch.dtype | None = None):
     """Causal attention of each request's new tokens over that request's own new tokens.
 
     query: (T, Hq, D); key/value: (T, Hkv, D) in the same token order; query_start_loc: (B+1,) int.
     Query token j of a request attends keys 0..j of the same request. Returns out (T, Hq, D) in
-    query.dtype and lse (T, Hq) float32.
+    out_dtype (default query.dtype) and lse (T, Hq) float32; the torch path computes in float32.
     """
     t, hq, d = query.shape
     hkv = key.shape[1]
@@ -206,21 +211,22 @@ def causal_attention(query, key, value, query_start_loc, scale: float):
         k, v = key.to(query.dtype).contiguous(), value.to(query.dtype).contiguous()
         res = _flash(query.contiguous(), k, v, cu, cu, max_q, max_q, scale, causal=True) if max_q > 0 else None
         if res is not None:
-            return res
-    out = torch.zeros_like(query)
+            return res[0].to(out_dtype or query.dtype), res[1]
+    out_dtype = out_dtype or query.dtype
+    out = torch.zeros((t, hq, d), dtype=torch.float32, device=query.device)
     lse = torch.full((t, hq), float("-inf"), dtype=torch.float32, device=query.device)
     qsl = query_start_loc.tolist()
     for i in range(len(qsl) - 1):
         s, e = qsl[i], qsl[i + 1]
         if e <= s:
             continue
-        q = query[s:e].transpose(0, 1)  # (Hq, Tq, D)
+        q = query[s:e].float().transpose(0, 1)  # (Hq, Tq, D)
         # Causal rows differ per query, so GQA folding does not apply; the new-token K/V is small,
         # so repeating it per query head is cheap.
-        k = key[s:e].transpose(0, 1).to(query.dtype).repeat_interleave(g, dim=0)
-        v = value[s:e].transpose(0, 1).to(query.dtype).repeat_interleave(g, dim=0)
+        k = key[s:e].float().transpose(0, 1).repeat_interleave(g, dim=0)
+        v = value[s:e].float().transpose(0, 1).repeat_interleave(g, dim=0)
         o, l = _attend(q, k, v, scale, causal=True)
-        out[s:e] = o.transpose(0, 1).to(query.dtype)
+        out[s:e] = o.transpose(0, 1)
         lse[s:e] = l.transpose(0, 1)
-    return out, lse
+    return out.to(out_dtype), lse
 
