@@ -68,3 +68,10 @@ def serve(model: str, *args: str, startup_timeout: float = 300.0, env: dict | No
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+def metric_values(url: str, name: str) -> list[float]:
+    """Values of every sample of `name` (any labels) in the server's /metrics."""
+    text = requests.get(url + "/metrics", timeout=10).text
+    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]

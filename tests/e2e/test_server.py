@@ -2,10 +2,9 @@
 KV ranks."""
 
 import pytest
-import requests
 
 from engines import engine, random_prompts
-from server import serve
+from server import metric_values, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -13,12 +12,6 @@ LENGTHS = [5, 300, 1500, 2600]
 MAX_TOKENS = 24
 SERVER_ARGS = ("--kvp-size", "2", "--kvp-max-tokens-per-rank", "1024",
                "--max-model-len", "4096", "--max-num-batched-tokens", "512")
-
-
-def _metric(text: str, name: str) -> list[float]:
-    """Values of every sample of `name` (any labels) in a Prometheus text exposition."""
-    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith(name) and line[len(name):len(name) + 1] in (" ", "{")]
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +43,14 @@ def test_openai_completions_match_and_metrics(model_path, prompts, reference_tex
             texts.append(r.choices[0].text)
         assert texts == reference_texts
 
-        metrics = requests.get(base + "/metrics", timeout=10).text
-        totals = _metric(metrics, "vllm_kvp:rank_kv_cache_blocks_total")
+        totals = metric_values(base, "vllm_kvp:rank_kv_cache_blocks_total")
         assert len(totals) == 2 and totals[0] == totals[1] > 0
-        usage = _metric(metrics, "vllm_kvp:rank_kv_cache_usage_perc")
+        usage = metric_values(base, "vllm_kvp:rank_kv_cache_usage_perc")
         assert len(usage) == 2 and all(0.0 <= u <= 1.0 for u in usage)
         # 1500- and 2600-token prompts cross the 1024-token limit once each.
-        assert _metric(metrics, "vllm_kvp:onboard_events_total") == [2.0]
-        assert _metric(metrics, "vllm_kvp:ranks_per_request_count") == [4.0]
-        assert _metric(metrics, "vllm_kvp:ranks_per_request_sum") == [6.0]
-        assert "vllm:num_requests_running" in metrics  # vLLM's own metrics are still there
+        assert metric_values(base, "vllm_kvp:onboard_events_total") == [2.0]
+        assert metric_values(base, "vllm_kvp:ranks_per_request_count") == [4.0]
+        assert metric_values(base, "vllm_kvp:ranks_per_request_sum") == [6.0]
+        # Buckets le=1, le=2, le=+Inf: two requests stayed on one rank, two used both.
+        assert metric_values(base, "vllm_kvp:ranks_per_request_bucket") == [2.0, 4.0, 4.0]
+        assert metric_values(base, "vllm:num_requests_running"), "vLLM's own metrics are gone"

@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from engines import random_prompts
-from server import serve
+from server import metric_values, serve
 
 pytestmark = pytest.mark.e2e
 
@@ -24,9 +24,7 @@ LENGTHS = [4, 50, 120, 300, 700, 1100, 1500, 2200] * 4  # 32 clients, 1 to 5 ran
 
 
 def _blocks_used(url: str) -> list[float]:
-    text = requests.get(url + "/metrics", timeout=10).text
-    return [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-            if line.startswith("vllm_kvp:rank_kv_cache_blocks_used{")]
+    return metric_values(url, "vllm_kvp:rank_kv_cache_blocks_used")
 
 
 def _wait_for_zero_usage(url: str, timeout: float = 30.0) -> list[float]:
