@@ -6,9 +6,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_CUDA),1)
-EXTRAS ?= cuda,test,bench
+EXTRAS ?= cuda,test,bench,ray
 else
-EXTRAS ?= cpu,test,bench
+EXTRAS ?= cpu,test,bench,ray
 endif
 MODEL_DIR ?= $(or $(VLLM_KVP_MODEL_DIR),$(HOME)/.cache/vllm_kvp/models/default)
 PYTEST_ARGS ?= -ra --durations=15

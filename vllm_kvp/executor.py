@@ -49,6 +49,12 @@ class KVPMixin:
         )
         pc.world_size = self.replica_size * self.kvp.size
 
+    def _get_parallel_sizes(self) -> tuple[int, int, int]:
+        tp, pp, pcp = super()._get_parallel_sizes()
+        # Reported so the executors' `world_size == tp * pp * pcp` check holds; the KV ranks are
+        # the outer (ExternalDP) dimension of the world.
+        return tp * self.kvp.size, pp, pcp
+
     def _pool_override(self) -> None:
         # num_gpu_blocks_override keeps its per-worker meaning: each KV rank holds that many
         # blocks, so the pooled count vLLM plans with is N times larger.
@@ -95,8 +101,3 @@ class KVPExecutor(KVPMixin, MultiprocExecutor):
         super()._init_executor()
         self._pool_override()
 
-    def _get_parallel_sizes(self) -> tuple[int, int, int]:
-        tp, pp, pcp = super()._get_parallel_sizes()
-        # Reported so MultiprocExecutor's `world_size == tp * pp * pcp` check holds; the KV
-        # ranks are the outer (ExternalDP) dimension of the world.
-        return tp * self.kvp.size, pp, pcp

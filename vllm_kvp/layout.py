@@ -8,6 +8,7 @@ from typing import Any
 from vllm_kvp.config import KVPConfig, KVPConfigError
 
 EXECUTOR = "vllm_kvp.executor.KVPExecutor"
+RAY_EXECUTOR = "vllm_kvp.ray_executor.KVPRayExecutor"
 WORKER = "vllm_kvp.worker.KVPWorker"
 SCHEDULER = "vllm_kvp.scheduler.KVPScheduler"
 
@@ -19,7 +20,8 @@ def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     worker process exists.
     """
     _refuse_unsupported(engine_args)
-    engine_args.distributed_executor_backend = EXECUTOR
+    ray = engine_args.distributed_executor_backend in ("ray", RAY_EXECUTOR)
+    engine_args.distributed_executor_backend = RAY_EXECUTOR if ray else EXECUTOR
     engine_args.worker_cls = WORKER
     engine_args.scheduler_cls = SCHEDULER
     # The KVP scheduler is the synchronous one: every rank must run exactly the batch it is given.
@@ -37,10 +39,10 @@ def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
 
 def _refuse_unsupported(engine_args: Any) -> None:
     backend = engine_args.distributed_executor_backend
-    if backend not in (None, "mp", EXECUTOR):
+    if backend not in (None, "mp", "ray", EXECUTOR, RAY_EXECUTOR):
         raise KVPConfigError(
-            f"kvp.size > 1 runs on vllm_kvp's own executor; distributed_executor_backend="
-            f"{backend!r} is not supported with it (use the default or 'mp')"
+            f"kvp.size > 1 runs on vllm_kvp's own executors; distributed_executor_backend="
+            f"{backend!r} is not supported with it (use the default, 'mp' or 'ray')"
         )
     for field, ours, default in (("worker_cls", WORKER, "auto"), ("scheduler_cls", SCHEDULER, None)):
         value = getattr(engine_args, field)

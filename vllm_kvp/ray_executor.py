@@ -1,0 +1,36 @@
+"""KVPRayExecutor: KV ranks over Ray, vLLM's multi-node engine.
+
+vLLM's Ray executor is a MultiprocExecutor whose workers are Ray actors placed by a placement
+group, so the same world-size override and pooled KV-cache sizing apply (KVPMixin). Ray places
+bundles PACK by node, so consecutive ranks (one KV rank's TP group) share a node when they fit.
+Start Ray in the driver (`ray.init(...)` or `RAY_ADDRESS`) and shut it down there.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.platforms import current_platform
+from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
+
+from vllm_kvp.executor import KVPMixin
+
+
+class KVPRayExecutor(KVPMixin, RayExecutorV2):
+    uses_ray: bool = True
+
+    def _init_executor(self) -> None:
+        self._setup_kvp()
+        if current_platform.is_cpu():
+            from vllm_kvp.patches import ray_cpu
+
+            ray_cpu.apply()
+        super()._init_executor()
+        self._pool_override()
+
+    @staticmethod
+    def _get_actor_resource_kwargs() -> dict[str, Any]:
+        if current_platform.is_cpu():
+            # The placement-group bundle reserves the CPU; Ray refuses "CPU" as a custom resource.
+            return {"num_gpus": 0}
+        return RayExecutorV2._get_actor_resource_kwargs()
