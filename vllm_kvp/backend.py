@@ -46,9 +46,6 @@ class KVPAttentionMetadata:
     query_start_loc: torch.Tensor  # (B+1,) int32, offsets of each request's new tokens
     local_block_table: torch.Tensor  # (B, M) int32, this rank's blocks of each request first
     shard_lens: torch.Tensor  # (B,) int32, past tokens of each request held by this rank
-    rank: int
-    blocks_per_rank: int
-    block_size: int
 
 
 class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
@@ -64,15 +61,11 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
         num_past = cm.seq_lens[:n] - (qsl[1:] - qsl[:-1])
         # Per-worker block count: the executor handed this worker its own rank's share.
         blocks_per_rank = self.vllm_config.cache_config.num_gpu_blocks
-        rank = comm.kvp_rank()
         table, shard_lens = local_shards(
-            cm.block_table_tensor[:n], num_past, self.block_size, rank, blocks_per_rank
+            cm.block_table_tensor[:n], num_past, self.block_size, comm.kvp_rank(), blocks_per_rank
         )
-        return KVPAttentionMetadata(
-            num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl,
-            local_block_table=table, shard_lens=shard_lens, rank=rank,
-            blocks_per_rank=blocks_per_rank, block_size=self.block_size,
-        )
+        return KVPAttentionMetadata(num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl,
+                                    local_block_table=table, shard_lens=shard_lens)
 
 
 class KVPAttentionImpl(AttentionImpl):
