@@ -13,7 +13,6 @@ really spans ranks; the ranks that held it are reported in
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -28,9 +27,10 @@ SENTENCES = [
 
 
 def parse_args() -> argparse.Namespace:
+    from vllm_kvp.model import DEFAULT_MODEL_DIR
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.environ.get("VLLM_KVP_MODEL_DIR",
-                                                     str(Path("~/.cache/vllm_kvp/models/default").expanduser())))
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR.expanduser()))
     p.add_argument("--kvp-size", type=int, default=2)
     p.add_argument("--prompt-tokens", type=int, default=6000, help="approximate prompt length in tokens")
     p.add_argument("--max-tokens-per-rank", type=int, default=4096)

@@ -25,9 +25,10 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def parse_args() -> argparse.Namespace:
+    from vllm_kvp.model import DEFAULT_MODEL_DIR
+
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=os.environ.get("VLLM_KVP_MODEL_DIR",
-                                                     str(Path("~/.cache/vllm_kvp/models/default").expanduser())))
+    p.add_argument("--model", default=str(DEFAULT_MODEL_DIR.expanduser()))
     p.add_argument("--kvp-size", type=int, default=2)
     p.add_argument("--port", type=int, default=0, help="0 = a free port")
     p.add_argument("--startup-timeout", type=float, default=420.0)

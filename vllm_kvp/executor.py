@@ -44,10 +44,8 @@ class KVPMixin:
     def _setup_kvp(self) -> None:
         self.kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
         pc = self.vllm_config.parallel_config
-        self.replica_size = (
-            pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.prefill_context_parallel_size
-        )
-        pc.world_size = self.replica_size * self.kvp.size
+        replica = pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.prefill_context_parallel_size
+        pc.world_size = replica * self.kvp.size
 
     def _get_parallel_sizes(self) -> tuple[int, int, int]:
         tp, pp, pcp = super()._get_parallel_sizes()
@@ -59,9 +57,8 @@ class KVPMixin:
         # num_gpu_blocks_override keeps its per-worker meaning: each KV rank holds that many
         # blocks, so the pooled count vLLM plans with is N times larger.
         cache = self.vllm_config.cache_config
-        self.per_rank_override = cache.num_gpu_blocks_override
-        if self.per_rank_override is not None:
-            cache.num_gpu_blocks_override = self.per_rank_override * self.kvp.size
+        if cache.num_gpu_blocks_override is not None:
+            cache.num_gpu_blocks_override *= self.kvp.size
 
     def determine_available_memory(self) -> list[int]:
         per_worker = super().determine_available_memory()
