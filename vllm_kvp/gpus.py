@@ -1,0 +1,104 @@
+"""GPU catalogue for the capacity planner: datasheet peaks, and the effective rates predictions use.
+
+Datasheet values (vendor product pages, SXM parts, dense bf16 without sparsity). Link bandwidths are
+per GPU and per direction: NVLink "900 GB/s" is the two directions together, so 450 GB/s each way;
+InfiniBand "400 Gb/s" per GPU is 50 GB/s. Per-hop latencies are not on datasheets: they are the
+small-message latencies one typically measures with NCCL (a few microseconds per hop), and are
+the first constants `--calibrate` replaces.
+
+A custom GPU comes from `--gpu-spec FILE.json` with the same field names as `GPU`, in SI units
+(bytes, bytes/s, FLOP/s, seconds).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_kvp.cost_model import Hardware
+
+GB = 1e9
+TB = 1e12
+
+# Datasheet peaks are not reached by real kernels; these are typical achieved fractions
+# (memory-bound decode streams at ~80% of HBM bandwidth, large bf16 GEMMs/attention reach ~50%).
+HBM_EFFICIENCY = 0.8
+FLOPS_EFFICIENCY = 0.5
+
+
+@dataclass(frozen=True)
+class GPU:
+    """One GPU model. Units: bytes, bytes/s, FLOP/s, seconds."""
+
+    name: str
+    memory_bytes: float     # HBM capacity
+    hbm_bw: float           # HBM bandwidth, bytes/s
+    flops: float            # dense bf16 peak, FLOP/s
+    intra_bw: float         # NVLink, bytes/s per GPU per direction
+    inter_bw: float         # network between nodes, bytes/s per GPU per direction
+    intra_latency: float    # s per hop of a small collective inside a node
+    inter_latency: float    # s per hop of a small collective across nodes
+    gpus_per_node: int = 8
+
+    def effective(self, hbm_efficiency: float = HBM_EFFICIENCY,
+                  flops_efficiency: float = FLOPS_EFFICIENCY) -> Hardware:
+        """The rates a prediction uses: peaks times achievable fractions."""
+        return Hardware(
+            memory_bytes=self.memory_bytes, hbm_bw=self.hbm_bw * hbm_efficiency,
+            flops=self.flops * flops_efficiency, intra_bw=self.intra_bw, inter_bw=self.inter_bw,
+            intra_latency=self.intra_latency, inter_latency=self.inter_latency,
+            gpus_per_node=self.gpus_per_node)
+
+    def peak(self) -> Hardware:
+        """Datasheet rates and no latency: the physical floor of a prediction."""
+        return dataclasses.replace(self.effective(1.0, 1.0), intra_latency=0.0, inter_latency=0.0)
+
+
+CATALOGUE = {
+    # A100 SXM 80 GB: 2.039 TB/s, 312 TFLOP/s bf16, NVLink 600 GB/s, HDR IB 200 Gb/s per GPU.
+    "a100": GPU("A100 SXM 80GB", 80 * GB, 2.039 * TB, 312e12, 300 * GB, 25 * GB, 2.0e-6, 5.0e-6),
+    # H100 SXM 80 GB: 3.35 TB/s, ~989 TFLOP/s bf16, NVLink 900 GB/s, NDR IB 400 Gb/s per GPU.
+    "h100": GPU("H100 SXM 80GB", 80 * GB, 3.35 * TB, 989e12, 450 * GB, 50 * GB, 1.5e-6, 4.0e-6),
+    # H200 SXM 141 GB: 4.8 TB/s, ~989 TFLOP/s bf16, NVLink 900 GB/s, NDR IB 400 Gb/s per GPU.
+    "h200": GPU("H200 SXM 141GB", 141 * GB, 4.8 * TB, 989e12, 450 * GB, 50 * GB, 1.5e-6, 4.0e-6),
+    # B200 (HGX) 180 GB: 8 TB/s, 2.25 PFLOP/s bf16, NVLink 1.8 TB/s, 400 Gb/s per GPU.
+    "b200": GPU("B200 180GB", 180 * GB, 8.0 * TB, 2.25e15, 900 * GB, 50 * GB, 1.5e-6, 4.0e-6),
+}
+
+
+class GPUSpecError(ValueError):
+    """An unknown GPU name or an unusable spec file; the message says which and why."""
+
+
+def get_gpu(name: str) -> GPU:
+    """Catalogue entry by name (case-insensitive, e.g. "h100")."""
+    gpu = CATALOGUE.get(name.strip().lower())
+    if gpu is None:
+        raise GPUSpecError(f"unknown GPU {name!r}; known: {', '.join(CATALOGUE)} "
+                           f"(or describe one with --gpu-spec FILE.json)")
+    return gpu
+
+
+def load_gpu_spec(path: str | Path) -> GPU:
+    """A GPU from a JSON object with `GPU`'s fields (SI units); `name` and `gpus_per_node` optional."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise GPUSpecError(f"cannot read GPU spec {path}: {e}") from None
+    if not isinstance(spec, dict):
+        raise GPUSpecError(f"GPU spec {path} must be a JSON object with the fields of a GPU")
+    names = [f.name for f in dataclasses.fields(GPU)]
+    unknown = sorted(set(spec) - set(names))
+    missing = [n for n in names if n not in spec and n not in ("name", "gpus_per_node")]
+    if unknown or missing:
+        raise GPUSpecError(f"GPU spec {path}: unknown fields {unknown}, missing fields {missing}; "
+                           f"fields are {names}")
+    spec.setdefault("name", Path(path).stem)
+    for key in names[1:]:
+        value = spec[key] if key in spec else 8
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
+                or (value == 0 and key not in ("intra_latency", "inter_latency")):
+            raise GPUSpecError(f"GPU spec {path}: {key} must be a positive number, got {value!r}")
+    return GPU(**spec)
