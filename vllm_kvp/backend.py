@@ -1,11 +1,14 @@
-"""KVP attention backend for vLLM: each KV rank attends over its own shard, then ranks merge.
+"""KVP attention backend for vLLM: queries travel to the KV, partial outputs travel back.
 
-One step, for every attention layer (all KV ranks run the same batch in lockstep):
-  1. write the step's new K/V only on the rank that owns their slots;
-  2. attend, non-causally, over this rank's shard of each request's past context -> (out, lse);
-  3. attend, causally, over the step's own new tokens, which every rank has -> (out, lse);
-  4. all-gather the past partials over the KVP group and merge them with the new-token partial.
-Everything in a shard is in the query's past, so no per-shard causal mask is needed.
+Under owner computes (see `runner.py`) each rank runs the layer on its own rows only: the tokens
+whose KV slots it owns. One step, in every attention layer:
+  1. each rank writes its rows' new K/V into its own cache (K/V never moves);
+  2. the step's queries are all-gathered, so every rank has every query in vLLM's token order;
+  3. each rank attends every query over what it holds of that query's request: non-causally over
+     its shard of the request's past (everything computed before this step), and causally by
+     position over its own new tokens of this step -> one (out, lse) partial per query;
+  4. the partials are exchanged and each rank merges, in rank order, those of its own rows.
+A rank holding nothing of a request contributes out = 0, lse = -inf for its queries.
 The KV cache layout (num_blocks, num_kv_heads, block_size, 2 * head_size) is vLLM's CPU one; this
 backend owns both the write and the read, so the interior is plain (K | V per token).
 """
@@ -20,8 +23,9 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, A
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from vllm_kvp import comm
-from vllm_kvp.ops.attention import causal_attention, shard_attention, write_kv
-from vllm_kvp.ops.merge import merge_partials
+from vllm_kvp.ops.attention import position_attention, shard_attention, write_kv
+from vllm_kvp.ops.merge import merge_partials, merge_two
+from vllm_kvp.plan import StepPlan, build_step_plan
 from vllm_kvp.shard_map import local_shards, local_slots
 from vllm_kvp.stats import STATS
 
@@ -46,6 +50,7 @@ class KVPAttentionMetadata:
     query_start_loc: torch.Tensor  # (B+1,) int32, offsets of each request's new tokens
     local_block_table: torch.Tensor  # (B, M) int32, this rank's blocks of each request first
     shard_lens: torch.Tensor  # (B,) int32, past tokens of each request held by this rank
+    plan: StepPlan  # who computes which token of this step (shared by every layer)
 
 
 class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
@@ -61,11 +66,15 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
         num_past = cm.seq_lens[:n] - (qsl[1:] - qsl[:-1])
         # Per-worker block count: the executor handed this worker its own rank's share.
         blocks_per_rank = self.vllm_config.cache_config.num_gpu_blocks
+        rank = comm.kvp_rank()
         table, shard_lens = local_shards(
-            cm.block_table_tensor[:n], num_past, self.block_size, comm.kvp_rank(), blocks_per_rank
+            cm.block_table_tensor[:n], num_past, self.block_size, rank, blocks_per_rank
         )
-        return KVPAttentionMetadata(num_actual_tokens=cm.num_actual_tokens, query_start_loc=qsl,
-                                    local_block_table=table, shard_lens=shard_lens)
+        t = cm.num_actual_tokens
+        plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank,
+                               comm.kvp_world_size(), blocks_per_rank * self.block_size)
+        return KVPAttentionMetadata(num_actual_tokens=t, query_start_loc=qsl,
+                                    local_block_table=table, shard_lens=shard_lens, plan=plan)
 
 
 class KVPAttentionImpl(AttentionImpl):
@@ -93,7 +102,8 @@ class KVPAttentionImpl(AttentionImpl):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store the step's K/V (T, Hkv, D) where this rank owns the logical slot."""
+        """Store this rank's rows' K/V (rows, Hkv, D); slot_mapping holds their logical slots
+        (all on this rank; -1 for a dummy row)."""
         block_size = kv_cache.shape[2]
         slots = local_slots(slot_mapping[: key.shape[0]], block_size, comm.kvp_rank(),
                             kv_cache.shape[0])
@@ -103,20 +113,25 @@ class KVPAttentionImpl(AttentionImpl):
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: KVPAttentionMetadata | None,
                 output: torch.Tensor, output_scale=None, output_block_scale=None) -> torch.Tensor:
-        if attn_metadata is None:  # profiling / warm-up run
+        if attn_metadata is None:  # profiling / warm-up run: no plan, no collectives
             return output
         md = attn_metadata
-        t = md.num_actual_tokens
-        q = query[:t].view(t, self.num_heads, self.head_size)
-        k = key[:t].view(t, self.num_kv_heads, self.head_size)
-        v = value[:t].view(t, self.num_kv_heads, self.head_size)
-        # Partials stay float32 until merged: a reduced dtype is rounded once, at the end.
+        plan = md.plan
+        rows, t = plan.rows, plan.num_tokens
+        k = key[:rows].view(rows, self.num_kv_heads, self.head_size)
+        v = value[:rows].view(rows, self.num_kv_heads, self.head_size)
+        # 2. Every query of the step, in vLLM order.
+        q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, self.num_heads,
+                                                                          self.head_size)
+        # 3. This rank's partial for every query. Partials stay float32 until the last merge.
         past_out, past_lse = shard_attention(q, kv_cache, md.local_block_table, md.shard_lens,
                                              md.query_start_loc, self.scale, out_dtype=torch.float32)
-        new_out, new_lse = causal_attention(q, k, v, md.query_start_loc, self.scale,
-                                            out_dtype=torch.float32)
-        outs, lses = comm.all_gather_partials(past_out, past_lse)  # (R, T, H, D), (R, T, H)
-        out, _ = merge_partials(torch.cat([outs, new_out.float().unsqueeze(0)]),
-                                torch.cat([lses, new_lse.unsqueeze(0)]))
-        output[:t].copy_(out.to(output.dtype).reshape(output[:t].shape))
+        new_out, new_lse = position_attention(q, plan.token_req, plan.token_pos, k, v,
+                                              plan.row_req, plan.row_pos, self.scale,
+                                              out_dtype=torch.float32)
+        part_out, part_lse = merge_two(past_out, past_lse, new_out, new_lse)
+        # 4. Every rank's partials of this rank's rows, merged in rank order.
+        outs, lses = comm.partials_to_owners(part_out, part_lse, plan)  # (R, rows, H, D), (R, rows, H)
+        out, _ = merge_partials(outs, lses)
+        output[:rows].copy_(out.to(output.dtype).reshape(output[:rows].shape))
         return output

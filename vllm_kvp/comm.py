@@ -1,15 +1,21 @@
 """The KVP process group and the exchange of partial attention results.
 
 All communication of vllm_kvp lives here. The group joins the workers that share a (pp, tp)
-position across KV ranks. The exchange is an all-gather, so every rank merges the same tensor in
-the same order and all replicas produce bit-identical activations (only one of them reports
-sampled tokens to the engine).
+position across KV ranks. Under owner computes each token is computed on one rank, and three
+exchanges move what the others need (see `plan.StepPlan` for the row conventions):
+  - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries; the final hidden
+    states, so that every rank samples from the same bits);
+  - `partials_to_owners`: each rank's partial attention of every query, returned to the rank that
+    computes the query, where they are merged in rank order.
+All are all-gathers: one collective each, equal sizes on every rank (padded to the plan's t_max),
+which vLLM's CPU communicator also runs over shared memory.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vllm_kvp.plan import StepPlan
 from vllm_kvp.stats import STATS
 
 _KVP_GROUP = None  # vllm GroupCoordinator, set once per worker process by init_kvp_group()
@@ -68,3 +74,38 @@ def all_gather_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Ten
     outs = gathered[..., : h * d].reshape(-1, t, h, d)
     lses = gathered[..., h * d:].reshape(-1, t, h)
     return outs, lses
+
+
+def _all_gather_padded(x: torch.Tensor, t_max: int) -> torch.Tensor:
+    """x (rows, F) -> (R * t_max, F): every rank's rows, each padded to t_max, rank-major."""
+    rows = x.shape[0]
+    if rows < t_max:
+        x = torch.cat([x, x.new_zeros((t_max - rows, *x.shape[1:]))])
+    STATS.exchanges += 1
+    STATS.exchanged_bytes += x.numel() * x.element_size()
+    return _KVP_GROUP.all_gather(x.contiguous(), dim=0)
+
+
+def gather_rows(x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    """This rank's rows x (plan.rows, F) -> every token's row (plan.num_tokens, F), vLLM order."""
+    if plan.world == 1:
+        return x[plan.restore_idx]
+    return _all_gather_padded(x, plan.t_max)[plan.restore_idx]
+
+
+def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan):
+    """This rank's partials for every query -> every rank's partials for this rank's rows.
+
+    out (T, H, D) float32, lse (T, H) float32, vLLM order -> outs (R, rows, H, D), lses (R, rows, H)
+    float32, ordered by KV rank (a dummy row's entries are meaningless).
+    """
+    t, h, d = out.shape
+    packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
+    if plan.world == 1:
+        gathered = packed.unsqueeze(0)
+    else:
+        STATS.exchanges += 1
+        STATS.exchanged_bytes += packed.numel() * packed.element_size()
+        gathered = _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, t, -1)
+    mine = gathered[:, plan.row_idx]  # (R, rows, H*D + H)
+    return mine[..., : h * d].reshape(plan.world, -1, h, d), mine[..., h * d:].reshape(plan.world, -1, h)

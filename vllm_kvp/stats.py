@@ -1,7 +1,8 @@
 """Per-process counters of what a KV rank wrote and exchanged, read through KVPWorker.kvp_stats().
 
-They make residency observable: a new token's K/V is written on exactly one rank, and the KVP
-group only ever carries partial attention outputs. One instance per worker process, like vLLM's
+They make residency and owner computes observable: a new token's K/V is written on exactly one
+rank, each token is computed on exactly one rank, and the KVP group carries queries, partial
+attention outputs and final hidden states, never K/V. One instance per worker process, like vLLM's
 own process-level state; updating it never synchronises a device.
 """
 
@@ -14,8 +15,9 @@ import torch
 
 @dataclass
 class RankStats:
-    exchanges: int = 0  # all-gathers of partial outputs (one per layer per step)
+    exchanges: int = 0  # collectives over the KVP group (queries, partials, hidden states)
     exchanged_bytes: int = 0  # bytes this rank contributed to them
+    tokens_computed: int = 0  # tokens this rank ran through the model (each token on one rank)
     kv_tokens_written: torch.Tensor | int = 0  # K/V entries stored on this rank (all layers)
 
     def as_dict(self) -> dict:

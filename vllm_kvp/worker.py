@@ -1,4 +1,5 @@
-"""KVPWorker: vLLM's worker plus the KVP process group and the KVP attention backend.
+"""KVPWorker: vLLM's worker plus the KVP process group, the KVP attention backend and owner
+computes (each rank runs the model on the tokens whose KV it holds, see runner.py).
 
 Each worker allocates only its own KV rank's blocks (the executor hands it a per-rank
 KVCacheConfig); the scheduler's block ids are logical over all ranks and are mapped to local ones
@@ -11,6 +12,7 @@ from vllm.platforms import current_platform
 
 from vllm_kvp import comm
 from vllm_kvp.config import KVPConfig
+from vllm_kvp.runner import install_owner_computes
 from vllm_kvp.stats import STATS
 
 
@@ -38,6 +40,7 @@ class KVPWorker(_base_worker()):
         super().init_device()
         kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
         comm.init_kvp_group(kvp.size)
+        install_owner_computes(self.model_runner)
 
     def kvp_stats(self) -> dict:
         """This rank's KV allocation and traffic (for tests, benchmarks and debugging)."""

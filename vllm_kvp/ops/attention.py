@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-__all__ = ["write_kv", "shard_attention", "causal_attention"]
+__all__ = ["write_kv", "shard_attention", "causal_attention", "position_attention"]
 
 # The CPU flash kernel is exact up to float32 rounding and far lighter on memory than materialising
 # the score matrix; tests flip this to cover the matmul path that CUDA-without-flash-attn uses.
@@ -230,3 +230,49 @@ def causal_attention(query, key, value, query_start_loc, scale: float,
         lse[s:e] = l.transpose(0, 1)
     return out.to(out_dtype), lse
 
+
+
+def position_attention(query, q_req, q_pos, key, value, k_req, k_pos, scale: float,
+                       out_dtype: torch.dtype | None = None):
+    """Attention of queries over a set of keys of the same step, causal by position.
+
+    query (Tq, Hq, D) with q_req, q_pos (Tq,) int (request and position of each query);
+    key/value (Tk, Hkv, D) with k_req, k_pos (Tk,) int (k_req < 0: not a key). Query i sees key j
+    iff k_req[j] == q_req[i] and k_pos[j] <= q_pos[i]: the keys may be any subset of the step's
+    tokens, in any order (a KV rank's own new tokens under any placement). Returns out (Tq, Hq, D)
+    in out_dtype (default query.dtype) and lse (Tq, Hq) float32; out = 0, lse = -inf for a query
+    that sees no key. Computed in float32, in query chunks that bound the score matrix.
+    """
+    tq, hq, d = query.shape
+    tk, hkv = key.shape[0], key.shape[1]
+    if key.shape != value.shape or key.shape[2] != d or hq % hkv:
+        raise ValueError(f"query {tuple(query.shape)} / key {tuple(key.shape)} mismatch")
+    out_dtype = out_dtype or query.dtype
+    g = hq // hkv
+    out = torch.zeros((tq, hq, d), dtype=torch.float32, device=query.device)
+    lse = torch.full((tq, hq), float("-inf"), dtype=torch.float32, device=query.device)
+    if tq == 0 or tk == 0:
+        return out.to(out_dtype), lse
+    kf = key.float().transpose(0, 1)  # (Hkv, Tk, D)
+    vf = value.float().transpose(0, 1)
+    chunk = max(1, _MAX_SCORE_ELEMS // max(1, hq * tk))
+    for s in range(0, tq, chunk):
+        e = min(tq, s + chunk)
+        c = e - s
+        visible = (q_req[s:e, None] == k_req[None, :]) & (k_pos[None, :] <= q_pos[s:e, None])
+        # GQA: the g query heads of a kv head become rows of one (Hkv, g*c, Tk) product.
+        q = query[s:e].float().reshape(c, hkv, g, d).permute(1, 2, 0, 3).reshape(hkv, g * c, d)
+        scores = torch.bmm(q, kf.transpose(1, 2)) * scale  # (Hkv, g*c, Tk)
+        scores = scores.view(hkv, g, c, tk).masked_fill(~visible, float("-inf"))
+        m = scores.amax(dim=-1, keepdim=True)
+        m_safe = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+        p = torch.exp(scores - m_safe)  # exactly 0 where masked
+        denom = p.sum(dim=-1)  # (Hkv, g, c)
+        o = torch.bmm(p.view(hkv, g * c, tk), vf).view(hkv, g, c, d)
+        nonempty = denom > 0
+        o = o / torch.where(nonempty, denom, torch.ones_like(denom)).unsqueeze(-1)
+        l = torch.where(nonempty, m_safe.squeeze(-1) + torch.log(denom),
+                        torch.full_like(denom, float("-inf")))
+        out[s:e] = o.permute(2, 0, 1, 3).reshape(c, hq, d)
+        lse[s:e] = l.permute(2, 0, 1).reshape(c, hq)
+    return out.to(out_dtype), lse

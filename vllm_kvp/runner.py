@@ -1,0 +1,97 @@
+"""Owner computes, on vLLM's model runner: each rank runs the model on the tokens it owns.
+
+vLLM's runner prepares the whole step (all T tokens) on every KV rank, as usual. The one seam it
+documents for changing how the model runs, `_model_forward`, is where each rank narrows the step
+to its own rows (the tokens whose KV slots it owns, see `plan.StepPlan`): it selects their ids and
+positions, points the forward context's slot mapping at them, runs the model, and puts the final
+hidden states of all ranks back in vLLM's token order. Logits, sampling and logprobs then run
+unchanged, and identically on every rank, because every rank holds the same gathered bits.
+
+Attention layers see only local rows too; the KVP backend exchanges queries and partial outputs
+inside each layer. Dummy, profile and warm-up runs call the model directly, not through
+`_model_forward`, and carry no plan: every rank runs them whole, without collectives.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from vllm_kvp import comm
+from vllm_kvp.plan import StepPlan
+from vllm_kvp.stats import STATS
+
+
+def step_plan(attn_metadata: Any) -> StepPlan | None:
+    """The plan the KVP metadata builder attached to this step's attention metadata, if any."""
+    if isinstance(attn_metadata, list):  # micro-batched steps: never scheduled with KV ranks
+        return None
+    if not attn_metadata:
+        return None
+    return getattr(next(iter(attn_metadata.values())), "plan", None)
+
+
+class KVPRunnerMixin:
+    """Mixed into the worker's model runner class by `install_owner_computes`."""
+
+    def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
+                       inputs_embeds=None, **model_kwargs: Any) -> Any:
+        from vllm.forward_context import get_forward_context
+
+        fc = get_forward_context()
+        plan = step_plan(fc.attn_metadata)
+        if plan is None or plan.world == 1:
+            if plan is not None:
+                STATS.tokens_computed += plan.num_tokens
+            return super()._model_forward(input_ids=input_ids, positions=positions,
+                                          intermediate_tensors=intermediate_tensors,
+                                          inputs_embeds=inputs_embeds, **model_kwargs)
+        if model_kwargs:
+            raise NotImplementedError(
+                f"vllm_kvp cannot split a step whose model takes {sorted(model_kwargs)}")
+        idx = plan.row_idx
+        saved = fc.slot_mapping, fc.is_padding
+        # The layers write K/V through the forward context's slot mapping, one slot per row.
+        fc.slot_mapping = {name: plan.row_slots for name in (fc.slot_mapping or {})}
+        if fc.is_padding is not None:
+            fc.is_padding = fc.is_padding[idx]
+        try:
+            out = self.model(
+                input_ids=None if input_ids is None else input_ids[idx],
+                positions=positions[..., idx],
+                intermediate_tensors=intermediate_tensors,
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[idx],
+            )
+        finally:
+            fc.slot_mapping, fc.is_padding = saved
+        STATS.tokens_computed += plan.num_local
+        if not isinstance(out, torch.Tensor):  # IntermediateTensors for the next pipeline stage
+            return out
+        hidden = comm.gather_rows(out, plan)  # (T, hidden) in vLLM order
+        total = positions.shape[-1]  # vLLM may pad the step; padded rows are never read
+        if total == plan.num_tokens:
+            return hidden
+        full = hidden.new_zeros((total, hidden.shape[-1]))
+        full[: plan.num_tokens] = hidden
+        return full
+
+    def sync_and_gather_intermediate_tensors(self, num_tokens: int, intermediate_tensors,
+                                             sync_self: bool):
+        """A pipeline stage receives only its replica's own rows (not `num_tokens`) from the
+        stage before it; they are used as received."""
+        if comm.kvp_world_size() == 1 or intermediate_tensors is None:
+            return super().sync_and_gather_intermediate_tensors(num_tokens, intermediate_tensors,
+                                                                 sync_self)
+        from vllm.sequence import IntermediateTensors
+
+        return IntermediateTensors({k: v for k, v in intermediate_tensors.items()})
+
+
+def install_owner_computes(runner: Any) -> None:
+    """Give an already built model runner the KVP mixin (it adds methods only, so swapping the
+    class after __init__ is safe, and vLLM's own runner classes stay untouched)."""
+    cls = type(runner)
+    if issubclass(cls, KVPRunnerMixin):
+        return
+    runner.__class__ = type(f"KVP{cls.__name__}", (KVPRunnerMixin, cls), {})
