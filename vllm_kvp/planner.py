@@ -131,8 +131,9 @@ def serve_command(model: str, layout: cm.Layout, context: int, gpus_per_node: in
     path = Path(model)
     parts = ["vllm-kvp serve", str(path.parent) if path.name == "config.json" else model]
     if layout.kvp > 1:
-        parts += [f"--kvp-size {layout.kvp}", f"--kvp-placement {layout.placement}",
-                  f"--kvp-max-tokens-per-rank {layout.max_tokens_per_rank}"]
+        parts += [f"--kvp-size {layout.kvp}", f"--kvp-placement {layout.placement}"]
+        if layout.placement == "onboard":  # striped deals blocks round robin: no limit to set
+            parts.append(f"--kvp-max-tokens-per-rank {layout.max_tokens_per_rank}")
     parts += [f"--tensor-parallel-size {layout.tp}", f"--pipeline-parallel-size {layout.pp}",
               f"--max-model-len {context}"]
     if layout.gpus > gpus_per_node:
@@ -227,15 +228,16 @@ def hardware(args) -> tuple[cm.Hardware, cm.Hardware, str]:
         from vllm_kvp import calibrate
 
         rows = calibrate.load_rows(args.calibrate)
-        bench_model = _bench_model(args.calibrate_model)
-        calibrate.check_model_matches(bench_model, rows)
-        hw = calibrate.fit(rows, bench_model, hw)
+        measured_model = bench_model(args.calibrate_model)
+        calibrate.check_model_matches(measured_model, rows)
+        hw = calibrate.fit(rows, measured_model, hw)
         note += (f", calibrated on {args.calibrate}: HBM {hw.hbm_bw / 1e9:.1f} GB/s, hop "
                  f"{hw.intra_latency * 1e6:.1f} us, step overhead {hw.step_overhead * 1e3:.2f} ms")
     return hw, gpu.peak(), note
 
 
-def _bench_model(path: str | None) -> cm.ModelShape:
+def bench_model(path: str | None) -> cm.ModelShape:
+    """The model a decode benchmark ran: `path`, else the embedded default model (built or not)."""
     if path:
         return load_model(path)
     from vllm_kvp.model import ARCH, DEFAULT_MODEL_DIR

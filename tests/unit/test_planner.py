@@ -57,11 +57,15 @@ def test_candidates_use_exactly_the_budget():
 
 
 def test_serve_command_names_the_layout():
-    layout = cm.Layout(tp=8, pp=2, kvp=4, placement="striped", max_tokens_per_rank=262144)
+    layout = cm.Layout(tp=8, pp=2, kvp=4, placement="onboard", max_tokens_per_rank=262144)
     cmd = planner.serve_command("/m/config.json", layout, 1_000_000, 8)
-    assert cmd == ("vllm-kvp serve /m --kvp-size 4 --kvp-placement striped --kvp-max-tokens-per-rank "
+    assert cmd == ("vllm-kvp serve /m --kvp-size 4 --kvp-placement onboard --kvp-max-tokens-per-rank "
                    "262144 --tensor-parallel-size 8 --pipeline-parallel-size 2 --max-model-len 1000000 "
                    "--distributed-executor-backend ray")
+    striped = cm.Layout(tp=2, kvp=4, placement="striped", max_tokens_per_rank=262144)
+    assert planner.serve_command("/m", striped, 1000, 8) == (
+        "vllm-kvp serve /m --kvp-size 4 --kvp-placement striped --tensor-parallel-size 2 "
+        "--pipeline-parallel-size 1 --max-model-len 1000")
 
 
 def _plan_json(capsys, *args):
@@ -89,12 +93,18 @@ def test_json_rows_have_the_documented_fields_best_first(capsys):
 def test_8b_at_1m_on_8_h100_matches_the_hand_worked_floor(capsys):
     rows = _plan_json(capsys, LLAMA8B, "--context", "1M", "--gpus", "8")
     row = next(r for r in rows if (r["tp"], r["kvp"]) == (8, 1))
-    # Each GPU streams 1/8 of the weights and 1/8 of 1M tokens' KV per token.
+    # Each GPU holds 1/8 of the weights and of 1M tokens' KV; per token it streams its KV and every
+    # weight but the input embedding table (one row of it), and does 2 FLOPs per weight plus
+    # 4 * layers * heads * head_dim per token of context, all over 8 GPUs.
     weights, kv = 8_030_261_248 * 2 / 8, 1_000_000 * 131072 / 8
+    streamed = (8_030_261_248 - 128256 * 4096) * 2 / 8 + kv
+    flops = (2 * (8_030_261_248 - 128256 * 4096) + 4 * 32 * 32 * 128 * 1_000_000) / 8
     assert row["weights_gb_per_gpu"] == pytest.approx(weights / 1e9)
     assert row["kv_gb_per_gpu"] == pytest.approx(kv / 1e9)
-    assert row["tpot_floor_ms"] == pytest.approx(1e3 * (weights + kv) / 3.35e12, rel=0.02)
-    assert row["fits"] and row["tpot_ms"] > row["tpot_floor_ms"]
+    assert row["tpot_floor_ms"] == pytest.approx(1e3 * (streamed / 3.35e12 + flops / 989e12), rel=1e-3)
+    # Prediction: 80% of the bandwidth, 50% of the FLOP/s, two all-reduces per layer of 6 hops x 1.5 us.
+    predicted = streamed / (0.8 * 3.35e12) + flops / (0.5 * 989e12) + 32 * 2 * 6 * 1.5e-6
+    assert row["fits"] and row["tpot_ms"] == pytest.approx(1e3 * predicted, rel=1e-3)
 
 
 def test_text_report_and_plot(tmp_path, capsys):
