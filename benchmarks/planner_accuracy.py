@@ -1,12 +1,14 @@
 """How well the calibrated cost model (vllm_kvp.cost_model) predicts decode steps it was not fitted on.
 
     .venv/bin/python benchmarks/planner_accuracy.py [BENCH.json ...] [--model DIR] [--holdout loo|context]
+        [--mode replicated|owner]
 
 Input: files written by benchmarks/decode_step.py (default: docs/benchmarks/decode_step.json); rows
 of several files are pooled. `--holdout loo` (default): each row is predicted by the constants fitted
 on all the other rows. `--holdout context`: fit on the rows at the smallest context, predict the
 rest (extrapolation in context, which is what the planner does). Target: every held-out row within
-25% of its measured step time. Not a test: numbers, side by side.
+25% of its measured step time. `--mode`: the execution mode the benchmark ran in (the committed
+snapshot predates owner computes: replicated). Not a test: numbers, side by side.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> int:
     ap.add_argument("bench", nargs="*", default=[str(DEFAULT)], help="decode_step.py JSON files")
     ap.add_argument("--model", default=None, help="model the benchmark ran (default: the embedded one)")
     ap.add_argument("--holdout", choices=("loo", "context"), default="loo")
+    ap.add_argument("--mode", choices=("replicated", "owner"), default="replicated")
     args = ap.parse_args()
     try:
         rows = [r for path in args.bench for r in calibrate.load_rows(path)]
@@ -49,13 +52,14 @@ def main() -> int:
         start = get_gpu("h100").effective()
         results = []
         for fit_rows, held in splits(rows, args.holdout):
-            hw = calibrate.fit(fit_rows, m, start)
-            results += [(r, p, len(fit_rows)) for r, p in zip(held, calibrate.predict_ms(held, m, hw))]
-        everything = calibrate.fit(rows, m, start)
+            hw = calibrate.fit(fit_rows, m, start, args.mode)
+            predicted = calibrate.predict_ms(held, m, hw, args.mode)
+            results += [(r, p, len(fit_rows)) for r, p in zip(held, predicted)]
+        everything = calibrate.fit(rows, m, start, args.mode)
     except calibrate.CalibrationError as e:
         print(f"planner_accuracy: error: {e}", file=sys.stderr)
         return 2
-    print(f"{len(rows)} rows from {', '.join(args.bench)}; held out: {args.holdout}")
+    print(f"{len(rows)} rows from {', '.join(args.bench)}; mode {args.mode}; held out: {args.holdout}")
     print(f"{'ranks':>5} {'context':>8} {'measured ms':>12} {'predicted ms':>13} {'error':>7} {'fit on':>7}")
     worst = 0.0
     for r, pred, n in results:

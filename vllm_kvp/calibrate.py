@@ -1,7 +1,8 @@
 """Fit the cost model's rates to the project's own decode benchmark (benchmarks/decode_step.py).
 
 A benchmark row is one decode step of one request whose `context` tokens are striped over `ranks`
-KV ranks (replicated mode, tp = pp = 1, one host), with its measured `step_ms`. The cost model's
+KV ranks (tp = pp = 1, one host), with its measured `step_ms`, run in the execution mode given
+(the row's own `mode` field when it has one: "replicated" or "owner"). The cost model's
 time for it is linear in the unknown rates:
 
     step = step_overhead + hbm_bytes / hbm_bw + intra_hops * intra_latency + (known terms)
@@ -43,10 +44,10 @@ def load_rows(path: str | Path) -> list[dict]:
     return rows
 
 
-def row_terms(m: ModelShape, hw: Hardware, row: dict) -> Terms:
+def row_terms(m: ModelShape, hw: Hardware, row: dict, mode: str = "replicated") -> Terms:
     """The cost model's work for one benchmark row."""
     layout = Layout(tp=1, pp=1, kvp=int(row["ranks"]), placement="striped")
-    return decode_step_terms(m, hw, layout, int(row["context"]), "replicated")
+    return decode_step_terms(m, hw, layout, int(row["context"]), row.get("mode", mode))
 
 
 def check_model_matches(m: ModelShape, rows: list[dict]) -> None:
@@ -61,11 +62,11 @@ def check_model_matches(m: ModelShape, rows: list[dict]) -> None:
                 f"but the model given predicts {ours:.3f} MB: pass the model the benchmark ran")
 
 
-def fit(rows: list[dict], m: ModelShape, hw: Hardware) -> Hardware:
+def fit(rows: list[dict], m: ModelShape, hw: Hardware, mode: str = "replicated") -> Hardware:
     """`hw` with hbm_bw, intra_latency (and step_overhead, given > 3 rows) fitted to `rows`."""
     if len(rows) < 2:
         raise CalibrationError(f"calibration needs at least 2 benchmark rows, got {len(rows)}")
-    terms = [row_terms(m, hw, r) for r in rows]
+    terms = [row_terms(m, hw, r, mode) for r in rows]
     base = dataclasses.replace(hw, hbm_bw=float("inf"), intra_latency=0.0, step_overhead=0.0)
     y = [r["step_ms"] / 1e3 - t.seconds(base) for r, t in zip(rows, terms)]
     columns = [[t.hbm_bytes for t in terms]]
@@ -85,9 +86,9 @@ def fit(rows: list[dict], m: ModelShape, hw: Hardware) -> Hardware:
                                step_overhead=coef.get("overhead", hw.step_overhead))
 
 
-def predict_ms(rows: list[dict], m: ModelShape, hw: Hardware) -> list[float]:
+def predict_ms(rows: list[dict], m: ModelShape, hw: Hardware, mode: str = "replicated") -> list[float]:
     """Predicted step_ms of each row."""
-    return [1e3 * row_terms(m, hw, r).seconds(hw) for r in rows]
+    return [1e3 * row_terms(m, hw, r, mode).seconds(hw) for r in rows]
 
 
 def least_squares(columns: list[list[float]], y: list[float]) -> list[float]:

@@ -6,7 +6,7 @@ chunks: `prefill_chunk_time`) share one set of formulas. Units: bytes, seconds, 
 A layout is `kvp` KV ranks, each a full model replica sharded `tp` x `pp`: `tp * pp * kvp` GPUs.
 Replica i holds GPUs [i*tp*pp, (i+1)*tp*pp), so the KVP group of a (pp, tp) position leaves its node
 once `tp * pp * kvp` exceeds the GPUs per node. Two execution modes:
-- "replicated" (today's lockstep): every KV rank runs every token's dense layers; per layer the
+- "replicated" (the first version's lockstep): every KV rank runs every token's dense layers; per layer the
   ranks all-gather their attention partials (out, lse).
 - "owner": the rank that owns a token's KV slot runs its dense layers; per layer the queries go out
   to all ranks and the partials come back (two exchanges), plus one gather of final hidden states.

@@ -214,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", metavar="BENCH.json",
                    help="fit bandwidth and collective latency to benchmarks/decode_step.py output")
     p.add_argument("--calibrate-model", help="model the benchmark ran (default: the embedded one)")
+    p.add_argument("--calibrate-mode", choices=cm.MODES, default="replicated",
+                   help="execution mode the benchmark ran in (default: replicated)")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON, best first")
     p.add_argument("--all", action="store_true", help="table: every candidate, not the best per budget")
     p.add_argument("--plot", metavar="FILE.png", help="time per token against context, per layout")
@@ -230,7 +232,7 @@ def hardware(args) -> tuple[cm.Hardware, cm.Hardware, str]:
         rows = calibrate.load_rows(args.calibrate)
         measured_model = bench_model(args.calibrate_model)
         calibrate.check_model_matches(measured_model, rows)
-        hw = calibrate.fit(rows, measured_model, hw)
+        hw = calibrate.fit(rows, measured_model, hw, args.calibrate_mode)
         note += (f", calibrated on {args.calibrate}: HBM {hw.hbm_bw / 1e9:.1f} GB/s, hop "
                  f"{hw.intra_latency * 1e6:.1f} us, step overhead {hw.step_overhead * 1e3:.2f} ms")
     return hw, gpu.peak(), note

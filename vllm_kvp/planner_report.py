@@ -66,8 +66,8 @@ def table(rows: list[dict], m: cm.ModelShape, gpu_note: str, slo, every: bool = 
             if best is None:
                 continue
             verdict = "best" if best["meets_slo"] else "no layout meets the SLO; fastest of the fewest GPUs"
-            later = "" if mode == "replicated" else "; mode being built, no flag yet"
-            lines.append(f"{verdict} ({MODE_NAMES[mode]}{later}): {best['command']}")
+            lines.append(f"{verdict} ({MODE_NAMES[mode]}): {best['command']}")
+    lines.append("(the serve line selects no mode: it runs the one the installed plugin implements)")
     return "\n".join(lines)
 
 
