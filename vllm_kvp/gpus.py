@@ -101,4 +101,4 @@ def load_gpu_spec(path: str | Path) -> GPU:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
                 or (value == 0 and key not in ("intra_latency", "inter_latency")):
             raise GPUSpecError(f"GPU spec {path}: {key} must be a positive number, got {value!r}")
-    return GPU(**spec)
+    return GPU(**{**spec, "gpus_per_node": int(spec.get("gpus_per_node", 8))})
