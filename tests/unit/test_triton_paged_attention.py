@@ -1,0 +1,215 @@
+"""paged_attention_lse under Triton's CPU interpreter, against a float64 reference of its contract.
+
+The module is loaded privately with TRITON_INTERPRET=1 set only while its kernels are decorated (the
+mechanism of test_triton_merge.py), so nothing else in this process runs interpreted. The reference
+gathers each request's keys through the block table exactly as the docstring defines them, masks by
+length (and by position when causal), and takes a float64 softmax.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import pathlib
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+triton = pytest.importorskip("triton", reason="triton is not installed")
+
+import vllm_kvp.ops  # noqa: E402  (locates the package; imports neither triton nor vllm)
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (atol, rtol) on outputs: fp16/bf16 probabilities are rounded to the input dtype before P @ V.
+OUT_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
+LSE_TOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _load_interpreted():
+    path = pathlib.Path(vllm_kvp.ops.__file__).with_name("triton_paged_attention.py")
+    spec = importlib.util.spec_from_file_location("_kvp_triton_paged_interpreted", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+    from triton.runtime.interpreter import InterpretedFunction
+
+    assert isinstance(module._paged_attn_kernel, InterpretedFunction)
+    return module
+
+
+kernel_module = _load_interpreted()
+paged_attention_lse = kernel_module.paged_attention_lse
+
+
+def reference(q, kv_cache, block_table, kv_lens, qsl, scale, q_pos=None, block_pos=None):
+    """float64 out (T, Hq, D), lse (T, Hq) straight from the contract; empty rows: 0 and -inf."""
+    t, hq, d = q.shape
+    _, hkv, bs, _ = kv_cache.shape
+    out = torch.zeros(t, hq, d, dtype=torch.float64)
+    lse = torch.full((t, hq), -math.inf, dtype=torch.float64)
+    for b in range(block_table.shape[0]):
+        s, e, n = int(qsl[b]), int(qsl[b + 1]), int(kv_lens[b])
+        if e == s or n == 0:
+            continue
+        idx = torch.arange(n)
+        kv = kv_cache[block_table[b, idx // bs].long(), :, idx % bs].double()  # (n, Hkv, 2D)
+        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (kv[..., :d], kv[..., d:]))
+        scores = torch.einsum("qhd,khd->qhk", q[s:e].double(), k) * scale
+        if q_pos is not None:
+            key_pos = block_pos[b, idx // bs].long() + idx % bs
+            visible = key_pos[None, :] <= q_pos[s:e].long()[:, None]  # (Tq, n)
+            scores = scores.masked_fill(~visible[:, None, :], -math.inf)
+        l = torch.logsumexp(scores, dim=-1)
+        p = torch.exp(scores - torch.where(torch.isneginf(l), 0.0, l)[..., None])
+        out[s:e], lse[s:e] = torch.einsum("qhk,khd->qhd", p, v), l
+    return out, lse
+
+
+def make_cache(g, num_blocks, hkv, bs, d, dtype, block_major):
+    """Garbage-filled cache (large values, so a stray read shows), in either physical layout."""
+    if block_major:  # vLLM's FlashAttention layout, seen through the shared logical view
+        return (torch.randn(num_blocks, bs, hkv, 2 * d, generator=g) * 3).to(dtype).transpose(1, 2)
+    return (torch.randn(num_blocks, hkv, bs, 2 * d, generator=g) * 3).to(dtype)
+
+
+def make_case(g, q_lens, kv_lens, hq, hkv, d, bs, dtype, block_major, causal, stripe=1):
+    """Random block tables (distinct physical blocks, garbage ids past each length). With causal, block
+    j of a request holds logical positions starting at stripe * j * bs (stripe 2: every other block,
+    as a KV rank sees it) and each query sits at a random position around the shard's end."""
+    nblk = [-(-n // bs) for n in kv_lens]
+    m = max(nblk + [1]) + 1
+    num_blocks = sum(nblk) + 2
+    cache = make_cache(g, num_blocks, hkv, bs, d, dtype, block_major)
+    ids = torch.randperm(num_blocks, generator=g).int()
+    table = torch.randint(0, 10**6, (len(kv_lens), m), generator=g, dtype=torch.int32)  # garbage: never read
+    used = 0
+    for b, n in enumerate(nblk):
+        table[b, :n] = ids[used : used + n]
+        used += n
+    lens = torch.tensor(kv_lens, dtype=torch.int32)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
+    if not causal:
+        return q, cache, table, lens, qsl, None, None
+    block_pos = (torch.arange(m, dtype=torch.int32) * stripe * bs).expand(len(kv_lens), m).contiguous()
+    span = [max(1, stripe * n) for n in kv_lens]
+    q_pos = torch.cat([torch.randint(-2, span[b] + 2, (ql,), generator=g) for b, ql in enumerate(q_lens)])
+    return q, cache, table, lens, qsl, q_pos.int(), block_pos
+
+
+def check(q, cache, table, lens, qsl, q_pos, block_pos, dtype, **kwargs):
+    scale = q.shape[-1] ** -0.5
+    out, lse = paged_attention_lse(q, cache, table, lens, qsl, scale, q_pos, block_pos, **kwargs)
+    ref_out, ref_lse = reference(q, cache, table, lens, qsl, scale, q_pos, block_pos)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert out.shape == q.shape and lse.shape == q.shape[:2]
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    empty = torch.isneginf(ref_lse)
+    assert torch.equal(torch.isneginf(lse), empty)  # exactly the rows with no visible key
+    assert (out[empty] == 0).all() and not torch.isposinf(lse).any()
+    atol, rtol = OUT_TOL[dtype]
+    torch.testing.assert_close(out.double(), ref_out, atol=atol, rtol=rtol)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=LSE_TOL[dtype], rtol=1e-5)
+    return out, lse
+
+
+@settings(max_examples=120, deadline=None)
+@given(
+    heads=st.sampled_from([(1, 1), (4, 1), (8, 2), (2, 2), (6, 2)]),  # (Hq, Hkv): MHA, MQA, GQA, group 3
+    d=st.sampled_from([8, 16, 24]),
+    bs=st.sampled_from([16, 128]),
+    q_lens=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    kv_lens=st.lists(st.sampled_from([0, 1, 15, 16, 17, 40, 130, 300]), min_size=3, max_size=3),
+    dtype=st.sampled_from(DTYPES),
+    block_major=st.booleans(),
+    causal=st.booleans(),
+    stripe=st.sampled_from([1, 2]),
+    num_splits=st.sampled_from([None, 1, 3]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_matches_reference(heads, d, bs, q_lens, kv_lens, dtype, block_major, causal, stripe, num_splits, seed):
+    g = torch.Generator().manual_seed(seed)
+    hq, hkv = heads
+    case = make_case(g, q_lens, kv_lens[: len(q_lens)], hq, hkv, d, bs, dtype, block_major, causal, stripe)
+    check(*case, dtype, num_splits=num_splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_empty_and_one_token_shards(dtype):
+    g = torch.Generator().manual_seed(1)
+    case = make_case(g, [2, 1, 3, 1], [0, 1, 0, 1], 8, 2, 16, 16, dtype, block_major=False, causal=False)
+    out, lse = check(*case, dtype)
+    assert torch.isneginf(lse[0:2]).all() and (out[0:2] == 0).all()  # request 0: empty shard
+    assert torch.isneginf(lse[3:6]).all() and (out[3:6] == 0).all()  # request 2: empty shard
+    assert torch.isfinite(lse[2]).all() and torch.isfinite(lse[6]).all()
+    q, cache, table, lens, qsl = case[:5]
+    one = cache[table[1, 0].long(), :, 0, 16:]  # a single visible key: output is its V exactly
+    torch.testing.assert_close(out[2].float(), one.float().repeat_interleave(4, 0), atol=0, rtol=0)
+
+
+def test_causal_striped_prefill_with_splits():
+    """Many queries, striped blocks (a rank holding every other block), positions before, inside and
+    after the shard; forced splits and a query tile that spans several tiles per request."""
+    g = torch.Generator().manual_seed(2)
+    case = make_case(g, [37, 5], [700, 260], 8, 2, 16, 16, torch.float32, block_major=True, causal=True, stripe=2)
+    for num_splits in (1, 4):
+        check(*case, torch.float32, num_splits=num_splits, max_query_len=37)
+
+
+def test_in_place_outputs_strided_and_hints():
+    g = torch.Generator().manual_seed(3)
+    q, cache, table, lens, qsl, _, _ = make_case(g, [3, 2], [50, 200], 4, 1, 16, 16, torch.float16,
+                                                 block_major=True, causal=False)
+    out = torch.empty(5, 6, 16, dtype=torch.float16)[:, 1:5]  # (T=5, Hq=4, D) inside a wider buffer
+    lse = torch.empty(4, 5).t()  # (T, Hq) stored head-major
+    ref_out, ref_lse = reference(q, cache, table, lens, qsl, 0.25)
+    for kwargs in ({}, {"max_kv_len": 200, "max_query_len": 3}, {"num_splits": 5}):
+        r_out, r_lse = paged_attention_lse(q, cache, table.long(), lens.long(), qsl.long(), 0.25,
+                                           out=out, lse=lse, **kwargs)
+        assert r_out is out and r_lse is lse
+        torch.testing.assert_close(out.double(), ref_out, atol=4e-3, rtol=4e-3)
+        torch.testing.assert_close(lse.double(), ref_lse, atol=1e-3, rtol=1e-5)
+
+
+def test_rejects_mismatched_inputs():
+    g = torch.Generator().manual_seed(4)
+    q, cache, table, lens, qsl, _, _ = make_case(g, [1], [5], 4, 2, 8, 16, torch.float32, False, False)
+    with pytest.raises(ValueError):
+        paged_attention_lse(q.half(), cache, table, lens, qsl, 1.0)
+    with pytest.raises(ValueError):
+        paged_attention_lse(q, cache, table, lens, qsl, 1.0, q_pos=torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(ValueError):
+        paged_attention_lse(q[:, :3], cache, table, lens, qsl, 1.0)
+
+
+def test_env_restored():
+    assert os.environ.get("TRITON_INTERPRET") in (None, "0", "")
+
+
+def test_host_code_never_reads_device_values(monkeypatch):
+    """The launch path decides everything from shapes and host ints: reading a tensor's value on the
+    host (a device sync on CUDA, and a CUDA-graph capture error) must not happen."""
+    g = torch.Generator().manual_seed(5)
+    case = make_case(g, [4, 1], [90, 33], 8, 2, 16, 16, torch.float32, block_major=False, causal=True, stripe=2)
+    ref = reference(*case[:5], 0.25, *case[5:])
+    def forbidden(*_a, **_k):
+        raise AssertionError("host read of a device value")
+
+    for name in ("item", "tolist", "__int__", "__bool__", "__index__", "__float__", "nonzero"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    out, lse = paged_attention_lse(*case[:5], 0.25, *case[5:], num_splits=2)
+    monkeypatch.undo()
+    torch.testing.assert_close(out.double(), ref[0], atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(lse.double(), ref[1], atol=2e-5, rtol=1e-5)
