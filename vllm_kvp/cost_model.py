@@ -207,7 +207,8 @@ def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode:
     inter = _crosses_nodes(hw, layout.gpus)
     t = _hops(hw, m.layers * len(per_layer) * (n - 1), m.layers * sum(per_layer) * (n - 1), inter)
     if mode == "owner":
-        t = t + _hops(hw, n - 1, tokens * m.hidden * m.dtype_bytes * (n - 1) / layout.tp, inter)
+        # Hidden states are whole on every TP rank, so each TP position gathers all of them.
+        t = t + _hops(hw, n - 1, tokens * m.hidden * m.dtype_bytes * (n - 1), inter)
     return t
 
 
