@@ -5,16 +5,24 @@
     python benchmarks/gpu_kernel_check.py --with-vllm-fa # also check vLLM's flash-attention build
     TRITON_INTERPRET=1 python benchmarks/gpu_kernel_check.py --device cpu --quick   # smoke test
 
-Checks: triton_merge_partials (vs float64 merge, vs the torch merge, bit-determinism), and the CUDA
+Checks: triton_merge_partials (vs float64 merge, vs the torch merge, bit-determinism), the CUDA
 branch of shard_attention / causal_attention (upstream flash_attn if importable; vLLM's build only
-with --with-vllm-fa, because importing it imports vLLM, which this script otherwise never does).
-Prints a table; exits 1 on any mismatch. Without CUDA (and without --device cpu) it prints SKIP and
-exits 0.
+with --with-vllm-fa, because importing it imports vLLM, which this script otherwise never does), and
+the Triton paged attention kernel (paged_attention_lse): small cases in every dtype / layout / mask,
+then decode at 32k, 128k and 1M KV tokens per rank (bf16, Hq=32, Hkv=8, D=128, blocks of 16 and 128,
+batch 1 and 8 requests sharing the rank's tokens) and a 512-query causal prefill over 32k keys, each
+against a float64 reference computed blockwise on the device. Timings replay a CUDA graph of the call
+(which also proves the launch never syncs with the host) after flushing L2, with CUDA events; the
+achieved bandwidth is K/V bytes read / time, against the card's peak (H100 SXM 3.35e12 B/s, H200
+4.8e12 B/s). The merge of 8 partials for the same batch is reported as a share of attention time.
+Prints tables, writes gpu_kernel_check.{json,md} under --out; exits 1 on any mismatch. Without CUDA
+(and without --device cpu) it prints SKIP and exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -27,6 +35,7 @@ import torch  # noqa: E402
 from vllm_kvp.ops import attention as attn  # noqa: E402  (none of these import vLLM)
 from vllm_kvp.ops.merge import merge_partials  # noqa: E402
 from vllm_kvp.ops.triton_merge import triton_merge_partials  # noqa: E402
+from vllm_kvp.ops.triton_paged_attention import KernelConfig, paged_attention_lse  # noqa: E402
 
 TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}  # atol = rtol on outputs
 rows: list[tuple[str, str, str, str]] = []
@@ -169,11 +178,233 @@ def time_merge(dev, quick):
     return res
 
 
+# ---------------------------------------------------------------------------------------------------
+# Triton paged attention (paged_attention_lse)
+
+PEAK_BW = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12), ("H100", 3.35e12))
+
+
+def peak_bandwidth(name: str) -> float | None:
+    """HBM peak in B/s from the device name (None when unknown)."""
+    return next((bw for key, bw in PEAK_BW if key in name), None)
+
+
+def paged_reference(q, kv, table, lens, qsl, scale, q_pos=None, block_pos=None):
+    """float64 attention by the kernel's contract, accumulated over key chunks so 1M-token shards
+    fit in memory: out (T, Hq, D), lse (T, Hq); 0 / -inf where a query sees no key."""
+    t, hq, d = q.shape
+    hkv, bs = kv.shape[1], kv.shape[2]
+    g = hq // hkv
+    out = torch.zeros(t, hq, d, dtype=torch.float64, device=q.device)
+    lse = torch.full((t, hq), -math.inf, dtype=torch.float64, device=q.device)
+    qsl_h, lens_h = qsl.tolist(), lens.tolist()
+    for b, n in enumerate(lens_h):
+        s, e = qsl_h[b], qsl_h[b + 1]
+        if e == s:
+            continue
+        qb = q[s:e].double().view(e - s, hkv, g, d)
+        chunk = max(512, min(32768, (1 << 24) // ((e - s) * hq)))
+        for c0 in range(0, n, chunk):
+            idx = torch.arange(c0, min(n, c0 + chunk), device=q.device)
+            kvc = kv[table[b, idx // bs].long(), :, idx % bs].double()  # (C, Hkv, 2D)
+            sc = torch.einsum("qkgd,ckd->qkgc", qb, kvc[..., :d]) * scale
+            if q_pos is not None:
+                kpos = block_pos[b, idx // bs].long() + idx % bs
+                sc = sc.masked_fill((kpos[None, :] > q_pos[s:e].long()[:, None])[:, None, None], -math.inf)
+            lc = torch.logsumexp(sc, -1)
+            oc = torch.einsum("qkgc,ckd->qkgd", torch.exp(sc - torch.where(torch.isneginf(lc), 0.0, lc)[..., None]),
+                              kvc[..., d:]).reshape(e - s, hq, d)
+            lc = lc.reshape(e - s, hq)
+            new = torch.logaddexp(lse[s:e], lc)
+            safe = torch.where(torch.isneginf(new), 0.0, new)
+            out[s:e] = out[s:e] * torch.exp(lse[s:e] - safe)[..., None] + oc * torch.exp(lc - safe)[..., None]
+            lse[s:e] = new
+    return out, lse
+
+
+def paged_case(dev, dtype, lens, q_lens, hq, hkv, d, bs, block_major=True, causal=False, stripe=1, seed=0):
+    """Random paged cache holding exactly the requests' blocks (randomly permuted), a block table
+    with garbage past each length, queries; causal: block j of a request starts at position
+    stripe * j * bs and the queries sit at the shard's last q_len positions (a chunked prefill)."""
+    torch.manual_seed(seed)
+    nblk = [-(-n // bs) for n in lens]
+    num_blocks = max(1, sum(nblk))
+    shape = (num_blocks, bs, hkv, 2 * d) if block_major else (num_blocks, hkv, bs, 2 * d)
+    kv = torch.randn(shape, device=dev, dtype=dtype)
+    kv = kv.transpose(1, 2) if block_major else kv  # the logical (num_blocks, Hkv, bs, 2D) view
+    m = max(nblk + [1]) + 1
+    table = torch.randint(0, 1 << 30, (len(lens), m), device=dev, dtype=torch.int32)  # never read
+    perm = torch.randperm(num_blocks, device=dev).int()
+    used = 0
+    for b, n in enumerate(nblk):
+        table[b, :n] = perm[used : used + n]
+        used += n
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype)
+    q_pos = block_pos = None
+    if causal:
+        block_pos = (torch.arange(m, device=dev, dtype=torch.int32) * stripe * bs).expand(len(lens), m).contiguous()
+        q_pos = torch.cat([torch.arange(stripe * n - ql, stripe * n, device=dev) for n, ql in zip(lens, q_lens)]).int()
+    return q, kv, table, torch.tensor(lens, dtype=torch.int32, device=dev), qsl, q_pos, block_pos
+
+
+def check_paged_small(dev, quick):
+    """Compiled-Triton semantics on small cases: every dtype, both layouts, GQA/MQA, empty shards."""
+    cases = [(torch.float32, 8, 2, 16, True, False), (torch.float16, 8, 1, 128, False, True),
+             (torch.bfloat16, 32, 8, 16, True, True), (torch.bfloat16, 4, 4, 128, False, False)]
+    for dtype, hq, hkv, bs, block_major, causal in cases[:2] if quick else cases:
+        for num_splits in (None, 1):
+            lens, q_lens = [300, 0, 1, 700 if not quick else 40], [1, 2, 3, 5]
+            c = paged_case(dev, dtype, lens, q_lens, hq, hkv, 64, bs, block_major, causal, stripe=2)
+            out, lse = paged_attention_lse(*c[:5], 0.125, *c[5:], num_splits=num_splits)
+            ro, rl = paged_reference(*c[:5], 0.125, *c[5:])
+            e_out, e_lse = err(out, ro), err(lse, rl)
+            ok = e_out <= TOL[dtype] and e_lse <= 1e-2 and bool(torch.isneginf(lse[1:3]).all())
+            layout = "blk-major" if block_major else "head-major"
+            record("paged_attention", f"{str(dtype)[6:]} Hq{hq}/Hkv{hkv} bs{bs} {layout}{' causal' if causal else ''}"
+                   f" splits={num_splits}", ok, f"out {e_out:.1e} lse {e_lse:.1e}")
+
+
+def time_graph(fn, dev, iters, flush_bytes):
+    """Mean ms of one replay of a CUDA graph of fn() (captured after two eager warm-up calls), with
+    L2 flushed before each replay so K/V really comes from HBM."""
+    fn()
+    fn()
+    torch.cuda.synchronize(dev)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    flush = torch.empty(flush_bytes, dtype=torch.uint8, device=dev) if flush_bytes else None
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+    graph.replay()
+    for st, en in zip(starts, ends):
+        if flush is not None:
+            flush.zero_()
+        st.record()
+        graph.replay()
+        en.record()
+    torch.cuda.synchronize(dev)
+    return sum(st.elapsed_time(en) for st, en in zip(starts, ends)) / iters
+
+
+def bench_paged(dev, quick, peak):
+    """Decode cases at 32k/128k/1M tokens per rank, merge share, and a causal prefill."""
+    hq, hkv, d, dtype = 32, 8, 128, torch.bfloat16
+    results = []
+    sizes = [2048] if dev.type != "cuda" else ([32768] if quick else [32768, 131072, 1048576])
+    for n_tok in sizes:
+        for bs in (16, 128):
+            for batch in (1, 8):
+                lens = [n_tok // batch] * batch
+                c = paged_case(dev, dtype, lens, [1] * batch, hq, hkv, d, bs)
+                results.append(_run_case(dev, c, f"decode {n_tok // 1024}k B{batch} bs{bs}", n_tok // batch, peak))
+                del c
+    n_tok = sizes[-1] // 8 if len(sizes) > 1 else sizes[0]
+    c = paged_case(dev, dtype, [n_tok], [1], hq, hkv, d, 16, block_major=False)  # the CPU (head-major) layout
+    results.append(_run_case(dev, c, f"decode {n_tok // 1024}k B1 bs16 head-major", n_tok, peak))
+    del c
+    n_tok, n_q = (32768, 512) if dev.type == "cuda" else (1024, 32)
+    c = paged_case(dev, dtype, [n_tok], [n_q], hq, hkv, d, 16, causal=True)
+    results.append(_run_case(dev, c, f"prefill {n_q}q causal {n_tok // 1024}k bs16", n_tok, peak, max_query_len=n_q))
+    return results
+
+
+def _run_case(dev, c, name, max_kv_len, peak, max_query_len=1):
+    q, kv, table, lens, qsl, q_pos, block_pos = c
+    scale = q.shape[-1] ** -0.5
+    out = torch.empty_like(q)
+    lse = torch.empty(q.shape[:2], dtype=torch.float32, device=dev)
+
+    def call():
+        paged_attention_lse(q, kv, table, lens, qsl, scale, q_pos, block_pos, out, lse,
+                            max_kv_len=max_kv_len, max_query_len=max_query_len)
+
+    call()
+    ro, rl = paged_reference(q, kv, table, lens, qsl, scale, q_pos, block_pos)
+    e_out, e_lse = err(out, ro), err(lse, rl)
+    del ro, rl
+    ok = e_out <= TOL[q.dtype] and e_lse <= 1e-2
+    record("paged_attention", name, ok, f"out {e_out:.1e} lse {e_lse:.1e}")
+    kv_bytes = int(lens.sum()) * kv.shape[1] * kv.shape[-1] * kv.element_size()
+    row = {"case": name, "batch": int(lens.numel()), "kv_tokens": int(lens.sum()), "queries": q.shape[0],
+           "block_size": kv.shape[2], "kv_bytes": kv_bytes, "err_out": e_out, "err_lse": e_lse, "ok": ok}
+    if dev.type != "cuda":
+        return row
+    try:
+        ms = time_graph(call, dev, 20, 256 << 20)
+    except Exception as e:  # noqa: BLE001 - a capture failure means the launch syncs: report it
+        record("paged_attention", f"{name} graph capture", False, repr(e)[:80])
+        return row
+    row.update(ms=ms, bw=kv_bytes / (ms * 1e-3), bw_frac=kv_bytes / (ms * 1e-3) / peak if peak else None)
+    if max_query_len == 1:  # merge of 8 partials of this batch's decode output
+        outs = torch.randn(8, *q.shape, device=dev, dtype=q.dtype)
+        lses = torch.randn(8, *q.shape[:2], device=dev)
+        row["merge_ms"] = time_graph(lambda: triton_merge_partials(outs, lses), dev, 20, 0)
+        row["merge_share"] = row["merge_ms"] / ms
+    return row
+
+
+def sweep_configs(dev, quick):
+    """A few launch configurations for one decode case, to see how far the defaults are from best."""
+    if dev.type != "cuda" or quick:
+        return []
+    c = paged_case(dev, torch.bfloat16, [131072], [1], 32, 8, 128, 16)
+    q, kv, table, lens, qsl = c[:5]
+    kv_bytes = 131072 * 8 * 256 * 2
+    res = []
+    for cfg in (KernelConfig(16, 32, 4, 3), KernelConfig(16, 64, 4, 3), KernelConfig(16, 64, 4, 4),
+                KernelConfig(16, 128, 4, 3), KernelConfig(16, 128, 8, 3), KernelConfig(16, 64, 2, 4)):
+        for splits in (None, 32, 128):
+            try:
+                ms = time_graph(lambda: paged_attention_lse(q, kv, table, lens, qsl, 0.088, max_kv_len=131072,
+                                                            max_query_len=1, num_splits=splits, config=cfg),
+                                dev, 10, 256 << 20)
+                res.append({"config": str(cfg)[12:], "splits": splits, "ms": ms, "bw": kv_bytes / (ms * 1e-3)})
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config: skip it
+                res.append({"config": str(cfg)[12:], "splits": splits, "error": repr(e)[:80]})
+    return res
+
+
+def write_report(out_dir, meta, paged, sweep, merge_timings):
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gpu_kernel_check.json"), "w") as f:
+        json.dump({**meta, "checks": rows, "paged_attention": paged, "config_sweep": sweep,
+                   "merge_timings_us": merge_timings}, f, indent=1)
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    peak = f", peak HBM {meta['peak_bw']:.3g} B/s" if meta["peak_bw"] else ""
+    lines = [f"# gpu_kernel_check: {meta['device']}", "", f"torch {meta['torch']}, triton {meta['triton']}{peak}. "
+             "Paged attention (bf16, Hq=32, Hkv=8, D=128, block-major cache), CUDA-graph replay after an L2 flush; "
+             "merge = triton_merge_partials of 8 partials of the same batch.", "",
+             "| case | KV tokens | KV MB read | time us | GB/s | of peak | merge us | merge share "
+             "| max err out / lse |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in paged:
+        ms, merge = r.get("ms"), r.get("merge_ms")
+        cells = [r["case"], str(r["kv_tokens"]), fmt(r["kv_bytes"] / 1e6, ".0f"), fmt(ms and ms * 1e3, ".1f"),
+                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"),
+                 fmt(merge and merge * 1e3, ".1f"), fmt(r.get("merge_share"), ".1%"),
+                 f"{r['err_out']:.1e} / {r['err_lse']:.1e} {'ok' if r['ok'] else 'MISMATCH'}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if sweep:
+        lines += ["", "Launch configurations, decode 128k B1 bs16:", "", "| config | splits | time us | GB/s |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['config']} | {r['splits']} | {fmt(r.get('ms') and r['ms'] * 1e3, '.1f')} | "
+                  f"{fmt(r.get('bw') and r['bw'] / 1e9, '.0f')} |" for r in sweep]
+    lines += ["", f"{failures} mismatch(es) over {len(rows)} checks."]
+    with open(os.path.join(out_dir, "gpu_kernel_check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return "\n".join(lines)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="small shapes only (for interpreter smoke tests)")
     p.add_argument("--with-vllm-fa", action="store_true", help="also check vllm.vllm_flash_attn (imports vLLM)")
+    p.add_argument("--out", default="docs/benchmarks", help="directory for gpu_kernel_check.{json,md}")
     args = p.parse_args()
     dev = torch.device(args.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -185,6 +416,10 @@ def main() -> int:
     check_attention(dev, args.with_vllm_fa)
     timings = time_merge(dev, args.quick)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    peak = peak_bandwidth(name) if dev.type == "cuda" else None
+    check_paged_small(dev, args.quick)
+    paged = bench_paged(dev, args.quick, peak)
+    sweep = sweep_configs(dev, args.quick)
     print(f"device: {name}   torch {torch.__version__}   ({time.time() - t0:.1f}s)")
     w = [max(len(r[i]) for r in rows + [("check", "case", "result", "detail")]) for i in range(4)]
     for r in [("check", "case", "result", "detail")] + rows:
@@ -193,6 +428,11 @@ def main() -> int:
         print(f"\n{'merge shape':<24}{'torch us':>10}{'triton us':>11}{'speedup':>9}")
         for shape, a, b in timings:
             print(f"{shape:<24}{a:>10.1f}{b:>11.1f}{a / b:>8.1f}x")
+    import triton
+
+    meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "peak_bw": peak,
+            "seconds": round(time.time() - t0, 1)}
+    print("\n" + write_report(args.out, meta, paged, sweep, timings))
     if "vllm" in sys.modules and not args.with_vllm_fa:
         print("ERROR: vllm was imported")
         return 1
