@@ -248,6 +248,19 @@ def paged_case(dev, dtype, lens, q_lens, hq, hkv, d, bs, block_major=True, causa
     return q, kv, table, torch.tensor(lens, dtype=torch.int32, device=dev), qsl, q_pos, block_pos
 
 
+def guarded(name, case, fn, *args, **kwargs):
+    """fn(*args) or None; an exception is recorded as a mismatch (with its traceback printed) so one
+    failing case does not cost the rest of a device run."""
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001
+        import traceback
+
+        traceback.print_exc()
+        record(name, case, False, repr(e)[:100])
+        return None
+
+
 def check_paged_small(dev, quick):
     """Compiled-Triton semantics on small cases: every dtype, both layouts, GQA/MQA, empty shards."""
     cases = [(torch.float32, 8, 2, 16, True, False), (torch.float16, 8, 1, 128, False, True),
@@ -255,14 +268,20 @@ def check_paged_small(dev, quick):
     for dtype, hq, hkv, bs, block_major, causal in cases[:2] if quick else cases:
         for num_splits in (None, 1):
             lens, q_lens = [300, 0, 1, 700 if not quick else 40], [1, 2, 3, 5]
-            c = paged_case(dev, dtype, lens, q_lens, hq, hkv, 64, bs, block_major, causal, stripe=2)
-            out, lse = paged_attention_lse(*c[:5], 0.125, *c[5:], num_splits=num_splits)
-            ro, rl = paged_reference(*c[:5], 0.125, *c[5:])
-            e_out, e_lse = err(out, ro), err(lse, rl)
-            ok = e_out <= TOL[dtype] and e_lse <= 1e-2 and bool(torch.isneginf(lse[1:3]).all())
             layout = "blk-major" if block_major else "head-major"
-            record("paged_attention", f"{str(dtype)[6:]} Hq{hq}/Hkv{hkv} bs{bs} {layout}{' causal' if causal else ''}"
-                   f" splits={num_splits}", ok, f"out {e_out:.1e} lse {e_lse:.1e}")
+            name = f"{str(dtype)[6:]} Hq{hq}/Hkv{hkv} bs{bs} {layout}{' causal' if causal else ''} splits={num_splits}"
+            guarded("paged_attention", name, _small_case, dev, dtype, hq, hkv, bs, block_major, causal, num_splits,
+                    name, quick)
+
+
+def _small_case(dev, dtype, hq, hkv, bs, block_major, causal, num_splits, name, quick):
+    lens, q_lens = [300, 0, 1, 700 if not quick else 40], [1, 2, 3, 5]
+    c = paged_case(dev, dtype, lens, q_lens, hq, hkv, 64, bs, block_major, causal, stripe=2)
+    out, lse = paged_attention_lse(*c[:5], 0.125, *c[5:], num_splits=num_splits)
+    ro, rl = paged_reference(*c[:5], 0.125, *c[5:])
+    e_out, e_lse = err(out, ro), err(lse, rl)
+    ok = e_out <= TOL[dtype] and e_lse <= 1e-2 and bool(torch.isneginf(lse[1:3]).all())
+    record("paged_attention", name, ok, f"out {e_out:.1e} lse {e_lse:.1e}")
 
 
 def time_graph(fn, dev, iters, flush_bytes):
@@ -296,18 +315,23 @@ def bench_paged(dev, quick, peak):
     for n_tok in sizes:
         for bs in (16, 128):
             for batch in (1, 8):
-                lens = [n_tok // batch] * batch
-                c = paged_case(dev, dtype, lens, [1] * batch, hq, hkv, d, bs)
-                results.append(_run_case(dev, c, f"decode {n_tok // 1024}k B{batch} bs{bs}", n_tok // batch, peak))
+                name = f"decode {n_tok // 1024}k B{batch} bs{bs}"
+                c = paged_case(dev, dtype, [n_tok // batch] * batch, [1] * batch, hq, hkv, d, bs)
+                results.append(guarded("paged_attention", name, _run_case, dev, c, name, n_tok // batch, peak))
                 del c
+                r = results[-1] or {}
+                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"),
+                 fmt(r.get("tflops"), ".1f"),
     n_tok = sizes[-1] // 8 if len(sizes) > 1 else sizes[0]
     c = paged_case(dev, dtype, [n_tok], [1], hq, hkv, d, 16, block_major=False)  # the CPU (head-major) layout
-    results.append(_run_case(dev, c, f"decode {n_tok // 1024}k B1 bs16 head-major", n_tok, peak))
+    name = f"decode {n_tok // 1024}k B1 bs16 head-major"
+    results.append(guarded("paged_attention", name, _run_case, dev, c, name, n_tok, peak))
     del c
     n_tok, n_q = (32768, 512) if dev.type == "cuda" else (1024, 32)
     c = paged_case(dev, dtype, [n_tok], [n_q], hq, hkv, d, 16, causal=True)
-    results.append(_run_case(dev, c, f"prefill {n_q}q causal {n_tok // 1024}k bs16", n_tok, peak, max_query_len=n_q))
-    return results
+    name = f"prefill {n_q}q causal {n_tok // 1024}k bs16"
+    results.append(guarded("paged_attention", name, _run_case, dev, c, name, n_tok, peak, max_query_len=n_q))
+    return [r for r in results if r is not None]
 
 
 def _run_case(dev, c, name, max_kv_len, peak, max_query_len=1):
@@ -336,7 +360,13 @@ def _run_case(dev, c, name, max_kv_len, peak, max_query_len=1):
     except Exception as e:  # noqa: BLE001 - a capture failure means the launch syncs: report it
         record("paged_attention", f"{name} graph capture", False, repr(e)[:80])
         return row
-    row.update(ms=ms, bw=kv_bytes / (ms * 1e-3), bw_frac=kv_bytes / (ms * 1e-3) / peak if peak else None)
+    # QK^T and PV over the keys each query sees (decode: all of its request's; causal prefill: the
+    # queries are the shard's last positions, so query i of n sees kv_len - n + 1 + i keys).
+    seen = sum(int(lens[b]) - (int(qsl[b + 1] - qsl[b]) - 1) / 2 for b in range(lens.numel())
+               for _ in range(int(qsl[b + 1] - qsl[b]))) if q_pos is not None else float(lens.sum())
+    flops = 4 * q.shape[1] * q.shape[2] * seen
+    row.update(ms=ms, bw=kv_bytes / (ms * 1e-3), bw_frac=kv_bytes / (ms * 1e-3) / peak if peak else None,
+               tflops=flops / (ms * 1e-3) / 1e12)
     if max_query_len == 1:  # merge of 8 partials of this batch's decode output
         outs = torch.randn(8, *q.shape, device=dev, dtype=q.dtype)
         lses = torch.randn(8, *q.shape[:2], device=dev)
@@ -378,13 +408,13 @@ def write_report(out_dir, meta, paged, sweep, merge_timings):
     lines = [f"# gpu_kernel_check: {meta['device']}", "", f"torch {meta['torch']}, triton {meta['triton']}{peak}. "
              "Paged attention (bf16, Hq=32, Hkv=8, D=128, block-major cache), CUDA-graph replay after an L2 flush; "
              "merge = triton_merge_partials of 8 partials of the same batch.", "",
-             "| case | KV tokens | KV MB read | time us | GB/s | of peak | merge us | merge share "
+             "| case | KV tokens | KV MB read | time us | GB/s | of peak | TFLOP/s | merge us | merge share "
              "| max err out / lse |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in paged:
         ms, merge = r.get("ms"), r.get("merge_ms")
         cells = [r["case"], str(r["kv_tokens"]), fmt(r["kv_bytes"] / 1e6, ".0f"), fmt(ms and ms * 1e3, ".1f"),
-                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"),
+                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"), fmt(r.get("tflops"), ".1f"),
                  fmt(merge and merge * 1e3, ".1f"), fmt(r.get("merge_share"), ".1%"),
                  f"{r['err_out']:.1e} / {r['err_lse']:.1e} {'ok' if r['ok'] else 'MISMATCH'}"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -418,8 +448,10 @@ def main() -> int:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = peak_bandwidth(name) if dev.type == "cuda" else None
     check_paged_small(dev, args.quick)
+    print(f"paged attention checks done ({time.time() - t0:.1f}s)", flush=True)
     paged = bench_paged(dev, args.quick, peak)
-    sweep = sweep_configs(dev, args.quick)
+    print(f"paged attention benchmark done ({time.time() - t0:.1f}s)", flush=True)
+    sweep = guarded("paged_attention", "config sweep", sweep_configs, dev, args.quick) or []
     print(f"device: {name}   torch {torch.__version__}   ({time.time() - t0:.1f}s)")
     w = [max(len(r[i]) for r in rows + [("check", "case", "result", "detail")]) for i in range(4)]
     for r in [("check", "case", "result", "detail")] + rows:
