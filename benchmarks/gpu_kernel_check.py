@@ -320,8 +320,7 @@ def bench_paged(dev, quick, peak):
                 results.append(guarded("paged_attention", name, _run_case, dev, c, name, n_tok // batch, peak))
                 del c
                 r = results[-1] or {}
-                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"),
-                 fmt(r.get("tflops"), ".1f"),
+                print(f"  {name}: {r.get('ms', math.nan) * 1e3:.1f} us, {r.get('bw_frac') or 0:.0%} of peak", flush=True)
     n_tok = sizes[-1] // 8 if len(sizes) > 1 else sizes[0]
     c = paged_case(dev, dtype, [n_tok], [1], hq, hkv, d, 16, block_major=False)  # the CPU (head-major) layout
     name = f"decode {n_tok // 1024}k B1 bs16 head-major"
@@ -414,7 +413,8 @@ def write_report(out_dir, meta, paged, sweep, merge_timings):
     for r in paged:
         ms, merge = r.get("ms"), r.get("merge_ms")
         cells = [r["case"], str(r["kv_tokens"]), fmt(r["kv_bytes"] / 1e6, ".0f"), fmt(ms and ms * 1e3, ".1f"),
-                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"), fmt(r.get("tflops"), ".1f"),
+                 fmt(r.get("bw") and r["bw"] / 1e9, ".0f"), fmt(r.get("bw_frac"), ".0%"),
+                 fmt(r.get("tflops"), ".1f"),
                  fmt(merge and merge * 1e3, ".1f"), fmt(r.get("merge_share"), ".1%"),
                  f"{r['err_out']:.1e} / {r['err_lse']:.1e} {'ok' if r['ok'] else 'MISMATCH'}"]
         lines.append("| " + " | ".join(cells) + " |")
