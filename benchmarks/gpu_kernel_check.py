@@ -11,9 +11,9 @@ with --with-vllm-fa, because importing it imports vLLM, which this script otherw
 the Triton paged attention kernel (paged_attention_lse): small cases in every dtype / layout / mask,
 then decode at 32k, 128k and 1M KV tokens per rank (bf16, Hq=32, Hkv=8, D=128, blocks of 16 and 128,
 batch 1 and 8 requests sharing the rank's tokens) and a 512-query causal prefill over 32k keys, each
-against a float64 reference computed blockwise on the device. Timings replay a CUDA graph of the call
-(which also proves the launch never syncs with the host) after flushing L2, with CUDA events; the
-achieved bandwidth is K/V bytes read / time, against the card's peak (H100 SXM 3.35e12 B/s, H200
+against a float64 reference computed blockwise on the device. Timings run the call inside a CUDA graph
+(which also proves the launch never syncs with the host) after an L2 flush, launch latency excluded;
+the achieved bandwidth is K/V bytes read / time, against the card's peak (H100 SXM 3.35e12 B/s, H200
 4.8e12 B/s). The merge of 8 partials for the same batch is reported as a share of attention time.
 Prints tables, writes gpu_kernel_check.{json,md} under --out; exits 1 on any mismatch. Without CUDA
 (and without --device cpu) it prints SKIP and exits 0.
@@ -284,27 +284,39 @@ def _small_case(dev, dtype, hq, hkv, bs, block_major, causal, num_splits, name, 
     record("paged_attention", name, ok, f"out {e_out:.1e} lse {e_lse:.1e}")
 
 
-def time_graph(fn, dev, iters, flush_bytes):
-    """Mean ms of one replay of a CUDA graph of fn() (captured after two eager warm-up calls), with
-    L2 flushed before each replay so K/V really comes from HBM."""
+def time_graph(fn, dev, reps, flush_bytes):
+    """Mean ms of fn() as a CUDA graph would run it (which also proves the launch never syncs with
+    the host): one graph holds `reps` copies of [flush L2 by reading a buffer, fn()], another the
+    flushes alone; the difference per copy is fn's GPU time without launch latency, with K/V coming
+    from HBM. Each graph is replayed 5 times; the medians are used."""
     fn()
     fn()
+    flush = torch.empty(max(flush_bytes, 4), dtype=torch.uint8, device=dev)
     torch.cuda.synchronize(dev)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    flush = torch.empty(flush_bytes, dtype=torch.uint8, device=dev) if flush_bytes else None
-    starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
-    graph.replay()
-    for st, en in zip(starts, ends):
-        if flush is not None:
-            flush.zero_()
-        st.record()
+
+    def graph_ms(body):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                body()
         graph.replay()
-        en.record()
-    torch.cuda.synchronize(dev)
-    return sum(st.elapsed_time(en) for st, en in zip(starts, ends)) / iters
+        times = []
+        for _ in range(5):
+            st, en = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            st.record()
+            graph.replay()
+            en.record()
+            torch.cuda.synchronize(dev)
+            times.append(st.elapsed_time(en))
+        return sorted(times)[2]
+
+    if not flush_bytes:
+        return graph_ms(fn) / reps
+
+    def flush_l2():
+        flush.view(torch.int64).sum()  # reading leaves no dirty lines to write back during fn
+
+    return (graph_ms(lambda: (flush_l2(), fn())) - graph_ms(flush_l2)) / reps
 
 
 def bench_paged(dev, quick, peak):
@@ -355,7 +367,7 @@ def _run_case(dev, c, name, max_kv_len, peak, max_query_len=1):
     if dev.type != "cuda":
         return row
     try:
-        ms = time_graph(call, dev, 20, 256 << 20)
+        ms = time_graph(call, dev, 10, 256 << 20)
     except Exception as e:  # noqa: BLE001 - a capture failure means the launch syncs: report it
         record("paged_attention", f"{name} graph capture", False, repr(e)[:80])
         return row
@@ -369,29 +381,35 @@ def _run_case(dev, c, name, max_kv_len, peak, max_query_len=1):
     if max_query_len == 1:  # merge of 8 partials of this batch's decode output
         outs = torch.randn(8, *q.shape, device=dev, dtype=q.dtype)
         lses = torch.randn(8, *q.shape[:2], device=dev)
-        row["merge_ms"] = time_graph(lambda: triton_merge_partials(outs, lses), dev, 20, 0)
+        row["merge_ms"] = time_graph(lambda: triton_merge_partials(outs, lses), dev, 10, 0)
         row["merge_share"] = row["merge_ms"] / ms
     return row
 
 
 def sweep_configs(dev, quick):
-    """A few launch configurations for one decode case, to see how far the defaults are from best."""
+    """A few launch configurations and split counts for two decode cases, to see how far the defaults
+    are from the best of these."""
     if dev.type != "cuda" or quick:
         return []
-    c = paged_case(dev, torch.bfloat16, [131072], [1], 32, 8, 128, 16)
-    q, kv, table, lens, qsl = c[:5]
-    kv_bytes = 131072 * 8 * 256 * 2
     res = []
-    for cfg in (KernelConfig(16, 32, 4, 3), KernelConfig(16, 64, 4, 3), KernelConfig(16, 64, 4, 4),
-                KernelConfig(16, 128, 4, 3), KernelConfig(16, 128, 8, 3), KernelConfig(16, 64, 2, 4)):
-        for splits in (None, 32, 128):
-            try:
-                ms = time_graph(lambda: paged_attention_lse(q, kv, table, lens, qsl, 0.088, max_kv_len=131072,
-                                                            max_query_len=1, num_splits=splits, config=cfg),
-                                dev, 10, 256 << 20)
-                res.append({"config": str(cfg)[12:], "splits": splits, "ms": ms, "bw": kv_bytes / (ms * 1e-3)})
-            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config: skip it
-                res.append({"config": str(cfg)[12:], "splits": splits, "error": repr(e)[:80]})
+    for n_tok, batch in ((32768, 1), (1048576, 8)):
+        c = paged_case(dev, torch.bfloat16, [n_tok // batch] * batch, [1] * batch, 32, 8, 128, 16)
+        q, kv, table, lens, qsl = c[:5]
+        kv_bytes = n_tok * 8 * 256 * 2
+        for cfg in (KernelConfig(16, 64, 4, 3), KernelConfig(16, 64, 4, 4), KernelConfig(16, 128, 4, 3),
+                    KernelConfig(16, 128, 8, 3), KernelConfig(16, 64, 2, 4)):
+            for splits in (None, 16, 32, 64):
+                def call(cfg=cfg, splits=splits):
+                    paged_attention_lse(q, kv, table, lens, qsl, 0.088, max_kv_len=n_tok // batch, max_query_len=1,
+                                        num_splits=splits, config=cfg)
+                row = {"case": f"decode {n_tok // 1024}k B{batch} bs16", "config": str(cfg)[12:], "splits": splits}
+                try:
+                    ms = time_graph(call, dev, 5, 256 << 20)
+                    row.update(ms=ms, bw=kv_bytes / (ms * 1e-3))
+                except Exception as e:  # noqa: BLE001 - e.g. out of shared memory for a config: skip it
+                    row["error"] = repr(e)[:80]
+                res.append(row)
+        del c, q, kv
     return res
 
 
@@ -405,8 +423,8 @@ def write_report(out_dir, meta, paged, sweep, merge_timings):
 
     peak = f", peak HBM {meta['peak_bw']:.3g} B/s" if meta["peak_bw"] else ""
     lines = [f"# gpu_kernel_check: {meta['device']}", "", f"torch {meta['torch']}, triton {meta['triton']}{peak}. "
-             "Paged attention (bf16, Hq=32, Hkv=8, D=128, block-major cache), CUDA-graph replay after an L2 flush; "
-             "merge = triton_merge_partials of 8 partials of the same batch.", "",
+             "Paged attention (bf16, Hq=32, Hkv=8, D=128, block-major cache) timed inside a CUDA graph after an "
+             "L2 flush, launch latency excluded; merge = triton_merge_partials of 8 partials of the same batch.", "",
              "| case | KV tokens | KV MB read | time us | GB/s | of peak | TFLOP/s | merge us | merge share "
              "| max err out / lse |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -419,9 +437,9 @@ def write_report(out_dir, meta, paged, sweep, merge_timings):
                  f"{r['err_out']:.1e} / {r['err_lse']:.1e} {'ok' if r['ok'] else 'MISMATCH'}"]
         lines.append("| " + " | ".join(cells) + " |")
     if sweep:
-        lines += ["", "Launch configurations, decode 128k B1 bs16:", "", "| config | splits | time us | GB/s |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['config']} | {r['splits']} | {fmt(r.get('ms') and r['ms'] * 1e3, '.1f')} | "
+        lines += ["", "Launch configurations (splits None = the heuristic's choice):", "",
+                  "| case | config | splits | time us | GB/s |", "|---|---|---|---|---|"]
+        lines += [f"| {r['case']} | {r['config']} | {r['splits']} | {fmt(r.get('ms') and r['ms'] * 1e3, '.1f')} | "
                   f"{fmt(r.get('bw') and r['bw'] / 1e9, '.0f')} |" for r in sweep]
     lines += ["", f"{failures} mismatch(es) over {len(rows)} checks."]
     with open(os.path.join(out_dir, "gpu_kernel_check.md"), "w") as f:

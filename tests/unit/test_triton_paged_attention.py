@@ -213,3 +213,10 @@ def test_host_code_never_reads_device_values(monkeypatch):
     monkeypatch.undo()
     torch.testing.assert_close(out.double(), ref[0], atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(lse.double(), ref[1], atol=2e-5, rtol=1e-5)
+
+
+def test_more_splits_than_one_combine_tile():
+    """D = 256 leaves the combine tile 32 splits; 35 splits take two tiles."""
+    g = torch.Generator().manual_seed(6)
+    case = make_case(g, [1, 2], [2200, 900], 2, 1, 256, 128, torch.float32, block_major=False, causal=False)
+    check(*case, torch.float32, num_splits=35, max_kv_len=2200)  # 35 splits of 64 keys
