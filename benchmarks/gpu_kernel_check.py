@@ -262,23 +262,25 @@ def guarded(name, case, fn, *args, **kwargs):
 
 
 def check_paged_small(dev, quick):
-    """Compiled-Triton semantics on small cases: every dtype, both layouts, GQA/MQA, empty shards."""
-    cases = [(torch.float32, 8, 2, 16, True, False), (torch.float16, 8, 1, 128, False, True),
-             (torch.bfloat16, 32, 8, 16, True, True), (torch.bfloat16, 4, 4, 128, False, False)]
-    for dtype, hq, hkv, bs, block_major, causal in cases[:2] if quick else cases:
+    """Compiled-Triton semantics on small cases: every dtype, both layouts, GQA/MQA, empty shards,
+    head sizes whose default launch configuration differs (shared-memory budget)."""
+    cases = [(torch.float32, 8, 2, 16, 64, True, False), (torch.float16, 8, 1, 128, 64, False, True),
+             (torch.bfloat16, 32, 8, 16, 64, True, True), (torch.bfloat16, 4, 4, 128, 64, False, False),
+             (torch.float32, 4, 1, 16, 256, False, True), (torch.bfloat16, 8, 2, 16, 256, True, False)]
+    for dtype, hq, hkv, bs, d, block_major, causal in cases[:2] if quick else cases:
         for num_splits in (None, 1):
-            lens, q_lens = [300, 0, 1, 700 if not quick else 40], [1, 2, 3, 5]
             layout = "blk-major" if block_major else "head-major"
-            name = f"{str(dtype)[6:]} Hq{hq}/Hkv{hkv} bs{bs} {layout}{' causal' if causal else ''} splits={num_splits}"
-            guarded("paged_attention", name, _small_case, dev, dtype, hq, hkv, bs, block_major, causal, num_splits,
-                    name, quick)
+            name = (f"{str(dtype)[6:]} Hq{hq}/Hkv{hkv} D{d} bs{bs} {layout}{' causal' if causal else ''} "
+                    f"splits={num_splits}")
+            guarded("paged_attention", name, _small_case, dev, dtype, hq, hkv, d, bs, block_major, causal,
+                    num_splits, name, quick)
 
 
-def _small_case(dev, dtype, hq, hkv, bs, block_major, causal, num_splits, name, quick):
+def _small_case(dev, dtype, hq, hkv, d, bs, block_major, causal, num_splits, name, quick):
     lens, q_lens = [300, 0, 1, 700 if not quick else 40], [1, 2, 3, 5]
-    c = paged_case(dev, dtype, lens, q_lens, hq, hkv, 64, bs, block_major, causal, stripe=2)
-    out, lse = paged_attention_lse(*c[:5], 0.125, *c[5:], num_splits=num_splits)
-    ro, rl = paged_reference(*c[:5], 0.125, *c[5:])
+    c = paged_case(dev, dtype, lens, q_lens, hq, hkv, d, bs, block_major, causal, stripe=2)
+    out, lse = paged_attention_lse(*c[:5], d**-0.5, *c[5:], num_splits=num_splits)
+    ro, rl = paged_reference(*c[:5], d**-0.5, *c[5:])
     e_out, e_lse = err(out, ro), err(lse, rl)
     ok = e_out <= TOL[dtype] and e_lse <= 1e-2 and bool(torch.isneginf(lse[1:3]).all())
     record("paged_attention", name, ok, f"out {e_out:.1e} lse {e_lse:.1e}")
@@ -332,7 +334,8 @@ def bench_paged(dev, quick, peak):
                 results.append(guarded("paged_attention", name, _run_case, dev, c, name, n_tok // batch, peak))
                 del c
                 r = results[-1] or {}
-                print(f"  {name}: {r.get('ms', math.nan) * 1e3:.1f} us, {r.get('bw_frac') or 0:.0%} of peak", flush=True)
+                print(f"  {name}: {r.get('ms', math.nan) * 1e3:.1f} us, {r.get('bw_frac') or 0:.0%} of peak",
+                      flush=True)
     n_tok = sizes[-1] // 8 if len(sizes) > 1 else sizes[0]
     c = paged_case(dev, dtype, [n_tok], [1], hq, hkv, d, 16, block_major=False)  # the CPU (head-major) layout
     name = f"decode {n_tok // 1024}k B1 bs16 head-major"
@@ -387,22 +390,28 @@ def _run_case(dev, c, name, max_kv_len, peak, max_query_len=1):
 
 
 def sweep_configs(dev, quick):
-    """A few launch configurations and split counts for two decode cases, to see how far the defaults
-    are from the best of these."""
+    """A few launch configurations and split counts for two decode cases and the prefill, to see how
+    far the defaults are from the best of these."""
     if dev.type != "cuda" or quick:
         return []
     res = []
-    for n_tok, batch in ((32768, 1), (1048576, 8)):
-        c = paged_case(dev, torch.bfloat16, [n_tok // batch] * batch, [1] * batch, 32, 8, 128, 16)
-        q, kv, table, lens, qsl = c[:5]
+    decode = (KernelConfig(16, 64, 4, 3), KernelConfig(16, 128, 4, 3), KernelConfig(16, 128, 8, 3),
+              KernelConfig(16, 128, 8, 2))
+    prefill = (KernelConfig(128, 64, 8, 2), KernelConfig(128, 64, 8, 3), KernelConfig(128, 128, 8, 2),
+               KernelConfig(64, 64, 4, 3), KernelConfig(128, 32, 4, 3), KernelConfig(64, 128, 4, 2))
+    for n_tok, batch, n_q, configs, split_opts in ((32768, 1, 1, decode, (None, 32, 64)),
+                                                   (1048576, 8, 1, decode, (None, 16, 32)),
+                                                   (32768, 1, 512, prefill, (None, 1))):
+        c = paged_case(dev, torch.bfloat16, [n_tok // batch] * batch, [n_q] * batch, 32, 8, 128, 16, causal=n_q > 1)
+        q, kv, table, lens, qsl, q_pos, block_pos = c
         kv_bytes = n_tok * 8 * 256 * 2
-        for cfg in (KernelConfig(16, 64, 4, 3), KernelConfig(16, 64, 4, 4), KernelConfig(16, 128, 4, 3),
-                    KernelConfig(16, 128, 8, 3), KernelConfig(16, 64, 2, 4)):
-            for splits in (None, 16, 32, 64):
+        for cfg in configs:
+            for splits in split_opts:
                 def call(cfg=cfg, splits=splits):
-                    paged_attention_lse(q, kv, table, lens, qsl, 0.088, max_kv_len=n_tok // batch, max_query_len=1,
-                                        num_splits=splits, config=cfg)
-                row = {"case": f"decode {n_tok // 1024}k B{batch} bs16", "config": str(cfg)[12:], "splits": splits}
+                    paged_attention_lse(q, kv, table, lens, qsl, 0.088, q_pos, block_pos, max_kv_len=n_tok // batch,
+                                        max_query_len=n_q, num_splits=splits, config=cfg)
+                row = {"case": f"{'decode' if n_q == 1 else f'prefill {n_q}q causal'} {n_tok // 1024}k B{batch} bs16",
+                       "config": str(cfg)[12:], "splits": splits}
                 try:
                     ms = time_graph(call, dev, 5, 256 << 20)
                     row.update(ms=ms, bw=kv_bytes / (ms * 1e-3))
