@@ -94,8 +94,13 @@ def apply() -> None:
 
     @functools.wraps(original_create)
     def create_engine_config(self, *a, **kw):
-        resolve_kvp(self)
-        return original_create(self, *a, **kw)
+        kvp = resolve_kvp(self)
+        config = original_create(self, *a, **kw)
+        if kvp.enabled:
+            from vllm_kvp import layout
+
+            layout.check_engine_config(config)
+        return config
 
     for fn in (add_cli_args, from_cli_args, create_engine_config):
         setattr(fn, _MARK, True)

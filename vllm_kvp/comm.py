@@ -76,21 +76,22 @@ def all_gather_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Ten
     return outs, lses
 
 
-def _all_gather_padded(x: torch.Tensor, t_max: int) -> torch.Tensor:
-    """x (rows, F) -> (R * t_max, F): every rank's rows, each padded to t_max, rank-major."""
-    rows = x.shape[0]
-    if rows < t_max:
-        x = torch.cat([x, x.new_zeros((t_max - rows, *x.shape[1:]))])
+def _count(kind: str, x: torch.Tensor) -> None:
+    nbytes = x.numel() * x.element_size()
     STATS.exchanges += 1
-    STATS.exchanged_bytes += x.numel() * x.element_size()
-    return _KVP_GROUP.all_gather(x.contiguous(), dim=0)
+    STATS.exchanged_bytes += nbytes
+    setattr(STATS, kind, getattr(STATS, kind) + nbytes)
 
 
-def gather_rows(x: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-    """This rank's rows x (plan.rows, F) -> every token's row (plan.num_tokens, F), vLLM order."""
+def gather_rows(x: torch.Tensor, plan: StepPlan, kind: str = "query_bytes") -> torch.Tensor:
+    """This rank's rows x (plan.rows, F) -> every token's row (plan.num_tokens, F), vLLM order.
+    `kind` names the counter the traffic is recorded under."""
     if plan.world == 1:
         return x[plan.restore_idx]
-    return _all_gather_padded(x, plan.t_max)[plan.restore_idx]
+    if x.shape[0] < plan.t_max:  # equal sizes on every rank
+        x = torch.cat([x, x.new_zeros((plan.t_max - x.shape[0], *x.shape[1:]))])
+    _count(kind, x)
+    return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[plan.restore_idx]
 
 
 def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan):
@@ -104,8 +105,7 @@ def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan):
     if plan.world == 1:
         gathered = packed.unsqueeze(0)
     else:
-        STATS.exchanges += 1
-        STATS.exchanged_bytes += packed.numel() * packed.element_size()
+        _count("partial_bytes", packed)
         gathered = _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, t, -1)
     mine = gathered[:, plan.row_idx]  # (R, rows, H*D + H)
     return mine[..., : h * d].reshape(plan.world, -1, h, d), mine[..., h * d:].reshape(plan.world, -1, h)

@@ -54,10 +54,30 @@ def _refuse_unsupported(engine_args: Any) -> None:
         raise KVPConfigError("kvp.size > 1 cannot be combined with data_parallel_size > 1 yet")
     if engine_args.speculative_config:
         raise KVPConfigError("kvp.size > 1 cannot be combined with speculative decoding yet")
+    # Owner computes runs each rank's model on its own tokens only; these features index state by
+    # the step's full token list, or move KV that is now spread over ranks.
+    if getattr(engine_args, "enable_lora", False):
+        raise KVPConfigError("kvp.size > 1 cannot be combined with LoRA adapters (enable_lora) yet")
+    if getattr(engine_args, "kv_transfer_config", None):
+        raise KVPConfigError(
+            "kvp.size > 1 cannot be combined with a KV connector (kv_transfer_config): each KV "
+            "rank holds only part of a request's KV cache")
     if (getattr(engine_args, "decode_context_parallel_size", 1) or 1) > 1:
         raise KVPConfigError(
             "kvp.size > 1 replaces decode context parallelism; set decode_context_parallel_size=1"
         )
+
+
+def check_engine_config(vllm_config: Any) -> None:
+    """Refusals that need the resolved model (front-end side, before any worker starts)."""
+    model = vllm_config.model_config
+    if getattr(model, "runner_type", "generate") != "generate":
+        raise KVPConfigError(
+            f"kvp.size > 1 serves generative models; this one runs as {model.runner_type!r}")
+    if getattr(model, "is_multimodal_model", False):
+        raise KVPConfigError(
+            "kvp.size > 1 does not support multimodal models yet (their encoder inputs are "
+            "indexed by the step's full token list)")
 
 
 def cpu_thread_binding(num_workers: int, allowed_cpus: list[int]) -> str:

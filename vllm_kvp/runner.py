@@ -68,7 +68,7 @@ class KVPRunnerMixin:
         STATS.tokens_computed += plan.num_local
         if not isinstance(out, torch.Tensor):  # IntermediateTensors for the next pipeline stage
             return out
-        hidden = comm.gather_rows(out, plan)  # (T, hidden) in vLLM order
+        hidden = comm.gather_rows(out, plan, "hidden_bytes")  # (T, hidden) in vLLM order
         total = positions.shape[-1]  # vLLM may pad the step; padded rows are never read
         if total == plan.num_tokens:
             return hidden

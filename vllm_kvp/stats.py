@@ -16,7 +16,10 @@ import torch
 @dataclass
 class RankStats:
     exchanges: int = 0  # collectives over the KVP group (queries, partials, hidden states)
-    exchanged_bytes: int = 0  # bytes this rank contributed to them
+    exchanged_bytes: int = 0  # bytes this rank contributed to them, of which:
+    query_bytes: int = 0  # queries (each layer)
+    partial_bytes: int = 0  # partial attention outputs (each layer)
+    hidden_bytes: int = 0  # final hidden states (each step)
     tokens_computed: int = 0  # tokens this rank ran through the model (each token on one rank)
     kv_tokens_written: torch.Tensor | int = 0  # K/V entries stored on this rank (all layers)
 

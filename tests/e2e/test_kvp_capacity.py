@@ -3,8 +3,9 @@
 Each KV rank holds P blocks (num_gpu_blocks_override keeps its per-worker meaning). A prompt of
 about 1.8 x P blocks does not fit one rank, is served by two with the tokens of an unconstrained
 single-worker run, and each worker allocates only its own share. The counters of every rank show
-that each new token's K/V is written exactly once and that ranks only exchange partial attention
-outputs, whose size does not depend on the context.
+that each new token's K/V is written exactly once, that each token is computed on one rank, and
+that ranks exchange only queries, partial attention outputs and hidden states, whose size does not
+depend on the context.
 """
 
 import json
@@ -30,6 +31,10 @@ def _model_dims(model_path):
     cfg = json.loads((Path(model_path) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     return cfg["num_hidden_layers"], cfg["num_attention_heads"], cfg["num_key_value_heads"], head_dim
+
+
+def _hidden_size(model_path):
+    return json.loads((Path(model_path) / "config.json").read_text())["hidden_size"]
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +84,18 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     tokens_processed = PROMPT_LEN + MAX_TOKENS - 1
     assert sum(written) == tokens_processed * layers
     assert all(w > 0 for w in written)
-    # ... and the only traffic is one partial (out, lse) per token, head and layer: no KV moves.
-    partial_bytes = q_heads * (head_dim + 1) * 4
-    assert sent == [tokens_processed * layers * partial_bytes] * 2
+    # ... each token is computed on exactly one rank ...
+    computed = [a["tokens_computed"] - b["tokens_computed"] for a, b in zip(after, before)]
+    assert sum(computed) == tokens_processed
+    # ... and the only traffic is queries, partial outputs and final hidden states: no KV moves.
+    # Every rank sends its partial (out, lse) of every token, head and layer; queries (each layer)
+    # and hidden states (each step) travel for the same rows, each rank's padded to the largest.
+    diff = {k: [a[k] - b[k] for a, b in zip(after, before)]
+            for k in ("exchanged_bytes", "query_bytes", "partial_bytes", "hidden_bytes")}
+    hidden_size = _hidden_size(model_path)
+    assert diff["partial_bytes"] == [tokens_processed * layers * q_heads * (head_dim + 1) * 4] * 2
+    query_rows = [q // (layers * q_heads * head_dim * 4) for q in diff["query_bytes"]]
+    assert query_rows == [h // (hidden_size * 4) for h in diff["hidden_bytes"]]
+    assert all(tokens_processed // 2 <= r <= tokens_processed for r in query_rows)
+    assert sent == [q + p + h for q, p, h in zip(diff["query_bytes"], diff["partial_bytes"],
+                                                 diff["hidden_bytes"])]

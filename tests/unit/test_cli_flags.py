@@ -132,6 +132,10 @@ def test_invalid_kvp_fails_in_calling_process_before_engine_starts(model_path, t
     (dict(data_parallel_size=2), "data_parallel_size"),
     (dict(worker_cls="my.Worker"), "worker_cls"),
     (dict(distributed_executor_backend="external_launcher"), "distributed_executor_backend"),
+    (dict(enable_lora=True), "enable_lora"),
+    (dict(kv_transfer_config={"kv_connector": "ExampleConnector", "kv_role": "kv_both"}),
+     "kv_transfer_config"),
+    (dict(runner="pooling", convert="embed"), "pooling"),
 ])
 def test_incompatible_settings_are_refused(model_path, extra, field):
     args = EngineArgs(model=model_path, dtype="float32", additional_config={"kvp": {"size": 2}},
