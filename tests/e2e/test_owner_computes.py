@@ -1,0 +1,81 @@
+"""Owner computes end to end: each token runs on the KV rank that owns its slot, exactly.
+
+- a 61k-token prompt (the embedded model's window is 131072) gives the tokens of one plain worker
+  with 2 `striped` and 3 `onboard` ranks: long-context exactness;
+- with `striped`, a 4k-token prefill is split evenly over the ranks, and over a run every token
+  is computed exactly once (the sum over ranks of `tokens_computed` is the tokens processed);
+- a rank that owns no token of a step (here: of the whole run) still takes part in every
+  collective, so nothing hangs and the tokens are exact.
+"""
+
+import pytest
+
+from engines import assert_same_generation, engine, generate, random_prompts
+
+pytestmark = pytest.mark.e2e
+
+LONG = 61_000
+MAX_TOKENS = 8
+ENGINE = dict(max_model_len=LONG + 64, max_num_batched_tokens=8192)
+BLOCK = 128  # vLLM's CPU block size
+
+
+@pytest.fixture(scope="module")
+def long_prompt():
+    return random_prompts([LONG], 4096, seed=11)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path, long_prompt):
+    with engine(model_path, **ENGINE) as llm:
+        return generate(llm, long_prompt, MAX_TOKENS)
+
+
+def _computed(llm):
+    return [s["tokens_computed"] for s in llm.collective_rpc("kvp_stats")]
+
+
+def test_long_context_striped_and_even_prefill_split(model_path, long_prompt, reference):
+    with engine(model_path, kvp={"size": 2, "placement": "striped"}, **ENGINE) as llm:
+        before = _computed(llm)
+        got = generate(llm, long_prompt, MAX_TOKENS)
+        mid = _computed(llm)
+        generate(llm, random_prompts([4096], 4096, seed=12), 1)
+        after = _computed(llm)
+    assert_same_generation(reference, got, "61k tokens, kvp=2 striped")
+    assert sorted(got.kvp_ranks[0]) == [0, 1]
+    run = [m - b for m, b in zip(mid, before)]
+    assert sum(run) == LONG + MAX_TOKENS - 1, f"each token computed once: {run}"
+    prefill = [a - m for a, m in zip(after, mid)]
+    assert sum(prefill) == 4096
+    assert max(prefill) - min(prefill) <= BLOCK, f"striped prefill split {prefill}"
+
+
+def test_long_context_onboard_three_ranks(model_path, long_prompt, reference):
+    kvp = {"size": 3, "placement": "onboard", "max_tokens_per_rank": 24_576}
+    with engine(model_path, kvp=kvp, **ENGINE) as llm:
+        before = _computed(llm)
+        got = generate(llm, long_prompt, MAX_TOKENS)
+        after = _computed(llm)
+    assert_same_generation(reference, got, "61k tokens, kvp=3 onboard")
+    assert got.kvp_ranks[0] is not None and len(got.kvp_ranks[0]) == 3
+    run = [a - b for a, b in zip(after, before)]
+    assert sum(run) == LONG + MAX_TOKENS - 1
+    # Onboarding fills a rank before the next: the last rank computes the tail and the decode.
+    assert min(run) > 0
+
+
+def test_rank_that_owns_nothing_takes_part_without_hanging(model_path):
+    prompts = random_prompts([50], 4096, seed=13)
+    kw = dict(max_model_len=1024, max_num_batched_tokens=512)
+    with engine(model_path, **kw) as llm:
+        ref = generate(llm, prompts, 16)
+    with engine(model_path, kvp={"size": 2, "placement": "onboard"}, **kw) as llm:
+        stats0 = llm.collective_rpc("kvp_stats")
+        got = generate(llm, prompts, 16)
+        stats1 = llm.collective_rpc("kvp_stats")
+    assert_same_generation(ref, got, "one short request on 2 ranks")
+    computed = sorted(b["tokens_computed"] - a["tokens_computed"] for a, b in zip(stats0, stats1))
+    assert computed == [0, 50 + 16 - 1]
+    exchanges = [b["exchanges"] - a["exchanges"] for a, b in zip(stats0, stats1)]
+    assert exchanges[0] == exchanges[1] > 0  # the idle rank joined every collective
