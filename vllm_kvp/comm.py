@@ -57,25 +57,6 @@ def kvp_world_size() -> int:
     return 1 if _KVP_GROUP is None else _KVP_GROUP.world_size
 
 
-def all_gather_partials(out: torch.Tensor, lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gather every rank's partial attention.
-
-    out (T, H, D), lse (T, H) float32 -> outs (R, T, H, D) float32, lses (R, T, H) float32,
-    ordered by KV rank. One collective per call: out and lse travel packed in one buffer.
-    """
-    if kvp_world_size() == 1:
-        return out.float().unsqueeze(0), lse.unsqueeze(0)
-    t, h, d = out.shape
-    packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
-    STATS.exchanges += 1
-    STATS.exchanged_bytes += packed.numel() * packed.element_size()
-    gathered = _KVP_GROUP.all_gather(packed.contiguous(), dim=0)  # (R*T, H*D + H)
-    gathered = gathered.view(kvp_world_size(), t, h * d + h)
-    outs = gathered[..., : h * d].reshape(-1, t, h, d)
-    lses = gathered[..., h * d:].reshape(-1, t, h)
-    return outs, lses
-
-
 def _count(kind: str, x: torch.Tensor) -> None:
     nbytes = x.numel() * x.element_size()
     STATS.exchanges += 1
