@@ -7,12 +7,13 @@
 Both read the same K/V of one layer, fp32, block size 128 (vLLM's CPU default), in their own cache
 layout: vLLM's op (``torch.ops._C.cpu_attention_with_kv_cache``, called exactly as vLLM's CPU_ATTN
 backend calls it, with scheduler metadata from ``cpu_attn_get_scheduler_metadata``) reads
-(num_blocks, Hkv, 2 * block_size, D) with K and V as the two halves of each block;
-``torch_paged_attention`` reads (num_blocks, Hkv, block_size, 2D). Each request decodes one token
-over its whole context (vLLM: causal with the query last; ours: non-causal over kv_lens, the same
-keys). Outputs are checked against each other. Timing: minimum of several calls, each after
-evicting the last-level cache ("cold": one layer's KV is not cache-resident when a multi-layer model
-comes back to it) and, separately, back to back ("warm").
+(num_blocks, Hkv, 2 * block_size, D) with K and V as the two halves of each block, filled by its
+own ``cpu_attn_reshape_and_cache``; ``torch_paged_attention`` reads (num_blocks, Hkv, block_size,
+2D). Each request decodes one token over its whole context (vLLM: causal with the query last; ours:
+non-causal over kv_lens, the same keys). Outputs are checked against each other. Timing: minimum of
+several calls, the two kernels alternating, each after evicting the last-level cache ("cold": one
+layer's KV is not cache-resident when a multi-layer model comes back to it) and, separately, back to
+back ("warm").
 """
 
 from __future__ import annotations
@@ -57,21 +58,41 @@ def vllm_decode_fn(q, cache_vllm, table, lens, scale):
     return call, isa
 
 
-def best_ms(fn, reps, evict):
-    times = []
+def best_ms(fns, reps, evict):
+    """Minimum ms of each function over `reps` rounds; the functions alternate within a round so that
+    both see the same background load on a shared host."""
+    times = [[] for _ in fns]
     for _ in range(reps):
-        if evict is not None:
-            evict.add_(1.0)  # touches 64 MiB: twice the last-level cache
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times) * 1e3
+        for fn, ts in zip(fns, times):
+            if evict is not None:
+                evict.add_(1.0)  # touches 64 MiB: twice the last-level cache
+            t0 = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t0)
+    return [min(ts) * 1e3 for ts in times]
+
+
+def fill_caches(nb, hkv, d, isa, tokens_per_write=1 << 16):
+    """The same random K/V in both layouts: ours written directly, vLLM's through its own cache
+    write (its block interior depends on the ISA)."""
+    from vllm import _custom_ops as ops
+
+    cache = torch.empty(nb, hkv, BLOCK, 2 * d)
+    cache_vllm = torch.empty(nb, hkv, 2 * BLOCK, d)
+    key_cache, value_cache = cache_vllm.chunk(2, dim=2)
+    for s in range(0, nb * BLOCK, tokens_per_write):
+        slots = torch.arange(s, min(nb * BLOCK, s + tokens_per_write))
+        k, v = torch.randn(slots.numel(), hkv, d), torch.randn(slots.numel(), hkv, d)
+        cache[slots // BLOCK, :, slots % BLOCK] = torch.cat([k, v], dim=-1)
+        ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+    return cache, cache_vllm
 
 
 def run_case(hq, hkv, d, batch, ctx, reps, evict):
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
     nb = batch * ctx // BLOCK
-    cache = torch.randn(nb, hkv, BLOCK, 2 * d)
-    cache_vllm = torch.cat([cache[..., :d], cache[..., d:]], dim=2)  # same K/V, vLLM's block layout
+    cache, cache_vllm = fill_caches(nb, hkv, d, _get_attn_isa(torch.float32, BLOCK, d))
     table = torch.randperm(nb, dtype=torch.int32).view(batch, ctx // BLOCK)
     lens = torch.full((batch,), ctx, dtype=torch.int32)
     qsl = torch.arange(batch + 1, dtype=torch.int32)
@@ -86,8 +107,7 @@ def run_case(hq, hkv, d, batch, ctx, reps, evict):
     row = {"Hq": hq, "Hkv": hkv, "D": d, "batch": batch, "context": ctx, "isa": isa, "max_abs_diff": max_err,
            "kv_MB": batch * ctx * hkv * 2 * d * 4 / 1e6}
     for name, ev in (("cold", evict), ("warm", None)):
-        row[f"vllm_ms_{name}"] = best_ms(vllm_call, reps, ev)
-        row[f"ours_ms_{name}"] = best_ms(ours, reps, ev)
+        row[f"vllm_ms_{name}"], row[f"ours_ms_{name}"] = best_ms((vllm_call, ours), reps, ev)
         row[f"ratio_{name}"] = row[f"ours_ms_{name}"] / row[f"vllm_ms_{name}"]
     return row
 
@@ -95,7 +115,7 @@ def run_case(hq, hkv, d, batch, ctx, reps, evict):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--reps", type=int, default=9)
     p.add_argument("--out", default="docs/benchmarks", help="directory for cpu_attention.{json,md}")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -111,8 +131,11 @@ def main() -> int:
             print(f"Hq{hq}/Hkv{hkv} D{d} B{batch} ctx{ctx}: vLLM {r['vllm_ms_cold']:.2f} ms, ours "
                   f"{r['ours_ms_cold']:.2f} ms ({r['ratio_cold']:.2f}x) cold; warm {r['ratio_warm']:.2f}x; "
                   f"max diff {r['max_abs_diff']:.1e}", flush=True)
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = ["# CPU decode attention, one thread: vLLM's kernel vs torch_paged_attention", "",
-             f"{rows[0]['isa']} ISA, fp32, block size {BLOCK}; ratio = ours / vLLM (target <= 1.15).", "",
+             f"{rows[0]['isa']} ISA, fp32, block size {BLOCK}; ratio = ours / vLLM (target <= 1.15). Host load "
+             f"average at the end of the run: {load} on {os.cpu_count()} cores (a shared host: ratios move by "
+             "~0.2 between runs).", "",
              "| Hq/Hkv, D | batch | context | KV MB | vLLM ms cold | ours ms cold | ratio cold | vLLM ms warm "
              "| ours ms warm | ratio warm | max diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
