@@ -4,9 +4,9 @@ Under owner computes (see `runner.py`) each rank runs the layer on its own rows 
 whose KV slots it owns. One step, in every attention layer:
   1. each rank writes its rows' new K/V into its own cache (K/V never moves);
   2. the step's queries are all-gathered, so every rank has every query in vLLM's token order;
-  3. each rank attends every query over what it holds of that query's request: non-causally over
-     its shard of the request's past (everything computed before this step), and causally by
-     position over its own new tokens of this step -> one (out, lse) partial per query;
+  3. each rank attends every query over what it holds of that query's request, causally by
+     position: its shard of the request's past and its own new tokens of this step, all read in
+     place from its cache through a compacted local block table -> one (out, lse) per query;
   4. the partials are exchanged and each rank merges, in rank order, those of its own rows.
 A rank holding nothing of a request contributes out = 0, lse = -inf for its queries.
 The KV cache layout (num_blocks, num_kv_heads, block_size, 2 * head_size) is vLLM's CPU one; this
@@ -23,10 +23,11 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, A
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from vllm_kvp import comm
-from vllm_kvp.ops.attention import position_attention, shard_attention, write_kv
-from vllm_kvp.ops.merge import merge_partials, merge_two
+from vllm_kvp.ops.attention import write_kv
+from vllm_kvp.ops.merge import merge_partials
+from vllm_kvp.ops.paged_attention import paged_attention_lse
 from vllm_kvp.plan import StepPlan, build_step_plan
-from vllm_kvp.shard_map import local_shards, local_slots
+from vllm_kvp.shard_map import local_blocks, local_slots
 from vllm_kvp.stats import STATS
 
 
@@ -49,7 +50,9 @@ class KVPAttentionMetadata:
     num_actual_tokens: int
     query_start_loc: torch.Tensor  # (B+1,) int32, offsets of each request's new tokens
     local_block_table: torch.Tensor  # (B, M) int32, this rank's blocks of each request first
-    shard_lens: torch.Tensor  # (B,) int32, past tokens of each request held by this rank
+    shard_lens: torch.Tensor  # (B,) int32, tokens of each request held by this rank (this step's too)
+    block_pos: torch.Tensor  # (B, M) int32, position of the first token of each local block
+    token_pos: torch.Tensor  # (T,) int32, position of each query of the step
     plan: StepPlan  # who computes which token of this step (shared by every layer)
 
 
@@ -61,20 +64,19 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
-        n = cm.num_reqs
+        n, t = cm.num_reqs, cm.num_actual_tokens
         qsl = cm.query_start_loc[: n + 1]
-        num_past = cm.seq_lens[:n] - (qsl[1:] - qsl[:-1])
         # Per-worker block count: the executor handed this worker its own rank's share.
         blocks_per_rank = self.vllm_config.cache_config.num_gpu_blocks
         rank = comm.kvp_rank()
-        table, shard_lens = local_shards(
-            cm.block_table_tensor[:n], num_past, self.block_size, rank, blocks_per_rank
-        )
-        t = cm.num_actual_tokens
+        # Every token up to the end of the step: owners write this step's K/V before attending.
+        table, lens, block_pos = local_blocks(cm.block_table_tensor[:n], cm.seq_lens[:n],
+                                              self.block_size, rank, blocks_per_rank)
         plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank,
                                comm.kvp_world_size(), blocks_per_rank * self.block_size)
         return KVPAttentionMetadata(num_actual_tokens=t, query_start_loc=qsl,
-                                    local_block_table=table, shard_lens=shard_lens, plan=plan)
+                                    local_block_table=table, shard_lens=lens, block_pos=block_pos,
+                                    token_pos=plan.token_pos.to(torch.int32), plan=plan)
 
 
 class KVPAttentionImpl(AttentionImpl):
@@ -118,18 +120,14 @@ class KVPAttentionImpl(AttentionImpl):
         md = attn_metadata
         plan = md.plan
         rows, t = plan.rows, plan.num_tokens
-        k = key[:rows].view(rows, self.num_kv_heads, self.head_size)
-        v = value[:rows].view(rows, self.num_kv_heads, self.head_size)
-        # 2. Every query of the step, in vLLM order.
+        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.)
         q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, self.num_heads,
                                                                           self.head_size)
         # 3. This rank's partial for every query. Partials stay float32 until the last merge.
-        past_out, past_lse = shard_attention(q, kv_cache, md.local_block_table, md.shard_lens,
-                                             md.query_start_loc, self.scale, out_dtype=torch.float32)
-        new_out, new_lse = position_attention(q, plan.token_req, plan.token_pos, k, v,
-                                              plan.row_req, plan.row_pos, self.scale,
-                                              out_dtype=torch.float32)
-        part_out, part_lse = merge_two(past_out, past_lse, new_out, new_lse)
+        part_out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        part_out, part_lse = paged_attention_lse(
+            q, kv_cache, md.local_block_table, md.shard_lens, md.query_start_loc, self.scale,
+            q_pos=md.token_pos, block_pos=md.block_pos, out=part_out)
         # 4. Every rank's partials of this rank's rows, merged in rank order.
         outs, lses = comm.partials_to_owners(part_out, part_lse, plan)  # (R, rows, H, D), (R, rows, H)
         out, _ = merge_partials(outs, lses)

@@ -36,9 +36,11 @@ def init_kvp_group(kvp_size: int) -> None:
 
     world = get_world_group()
     backend = "gloo" if current_platform.is_cpu() else current_platform.dist_backend
+    # vLLM's CPU communicator moves the collectives of groups whose name starts with "tp" or "pp"
+    # over shared memory instead of gloo's sockets; the name has no other effect.
     _KVP_GROUP = init_model_parallel_group(
         kvp_group_ranks(world.world_size, kvp_size), world.local_rank, backend,
-        group_name="kvp",
+        group_name="tp_kvp",
     )
 
 

@@ -22,13 +22,22 @@ def local_slots(slot_mapping: torch.Tensor, block_size: int, rank: int,
 
 def local_shards(block_table: torch.Tensor, num_past: torch.Tensor, block_size: int, rank: int,
                  blocks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(local_table, shard_lens) of :func:`local_blocks`."""
+    table, lens, _ = local_blocks(block_table, num_past, block_size, rank, blocks_per_rank)
+    return table, lens
+
+
+def local_blocks(block_table: torch.Tensor, num_past: torch.Tensor, block_size: int, rank: int,
+                 blocks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The part of each request's past context held by `rank`.
 
     block_table (B, M) int logical block ids (entries past a request's blocks are ignored);
-    num_past (B,) int tokens each request had computed before this step.
-    Returns local_table (B, M) int32 local block ids, the held blocks first in logical order, and
+    num_past (B,) int tokens of each request to cover (those computed before this step, or all
+    of them including this step's, whose K/V the owners have written before attending).
+    Returns local_table (B, M) int32 local block ids, the held blocks first in logical order,
     shard_lens (B,) int32: request i's shard is the first shard_lens[i] tokens of
-    local_table[i]'s blocks. Only the last past block can be partly filled, and it is the last one
+    local_table[i]'s blocks, and block_pos (B, M) int32: the position in its request of the first
+    token of each local_table block. Only the last past block can be partly filled, and it is the last one
     this rank holds if it holds it, so the held tokens always form a prefix of those blocks.
     """
     b, m = block_table.shape
@@ -43,4 +52,4 @@ def local_shards(block_table: torch.Tensor, num_past: torch.Tensor, block_size: 
     local = (block_table.to(torch.int64) - rank * blocks_per_rank).gather(1, order)
     local = torch.where(held.gather(1, order), local, torch.zeros_like(local))
     shard_lens = (tokens * held).sum(dim=1)
-    return local.to(torch.int32), shard_lens.to(torch.int32)
+    return local.to(torch.int32), shard_lens.to(torch.int32), (order * block_size).to(torch.int32)

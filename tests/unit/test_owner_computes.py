@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from test_attention import ref_attention
 
-from vllm_kvp.ops.attention import position_attention, shard_attention, write_kv
-from vllm_kvp.ops.merge import merge_partials, merge_two
+from vllm_kvp.ops.attention import position_attention, write_kv
+from vllm_kvp.ops.merge import merge_partials
+from vllm_kvp.ops.paged_attention import paged_attention_lse
 from vllm_kvp.plan import build_step_plan
-from vllm_kvp.shard_map import local_shards, local_slots
+from vllm_kvp.shard_map import local_blocks, local_slots
 
 
 @st.composite
@@ -117,7 +118,6 @@ def test_one_layer_on_simulated_ranks_matches_full_attention(step, heads):
                                for i, p in enumerate(past) for pos in range(p)], dtype=torch.int64)
     past_k = torch.cat([k[:p] for k, p in zip(ks, past)])
     past_v = torch.cat([v[:p] for v, p in zip(vs, past)])
-    num_past = torch.tensor(past)
 
     plans = [build_step_plan(slots, qsl, seq_lens, r, world, per_rank * bs) for r in range(world)]
     partials = []
@@ -126,13 +126,12 @@ def test_one_layer_on_simulated_ranks_matches_full_attention(step, heads):
         write_kv(cache, past_k, past_v, local_slots(past_slots, bs, r, per_rank))  # earlier steps
         k_rows, v_rows = new_k[plan.row_idx], new_v[plan.row_idx]  # this rank's rows only
         write_kv(cache, k_rows, v_rows, local_slots(plan.row_slots, bs, r, per_rank))
-        local_table, shard_lens = local_shards(table, num_past, bs, r, per_rank)
+        # Past and this step's tokens alike, read in place, causal by position.
+        local_table, lens, block_pos = local_blocks(table, seq_lens, bs, r, per_rank)
         q_all = query  # what the query all-gather delivers
-        po, pl = shard_attention(q_all, cache, local_table, shard_lens, qsl, scale,
-                                 out_dtype=torch.float32)
-        no, nl = position_attention(q_all, plan.token_req, plan.token_pos, k_rows, v_rows,
-                                    plan.row_req, plan.row_pos, scale)
-        partials.append(merge_two(po, pl, no, nl))
+        partials.append(paged_attention_lse(q_all, cache, local_table, lens, qsl, scale,
+                                            q_pos=plan.token_pos.to(torch.int32),
+                                            block_pos=block_pos))
     result = torch.zeros(t, hq, d)
     for plan in plans:
         if plan.num_local == 0:

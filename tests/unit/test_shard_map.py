@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vllm_kvp.shard_map import local_shards, local_slots
+from vllm_kvp.shard_map import local_blocks, local_shards, local_slots
 
 
 @st.composite
@@ -32,6 +32,11 @@ def test_local_shards_hold_exactly_the_past_tokens_of_each_rank(layout):
                         for t in range(past[i].item()) if table[i, t // bs].item() // per_rank == rank]
             got = [(local[i, k // bs].item(), k % bs) for k in range(lens[i].item())]
             assert got == expected
+            # Each held block's first position in its request (what causal-by-position reads).
+            _, _, block_pos = local_blocks(table, past, bs, rank, per_rank)
+            held_pos = [t - t % bs for t in range(past[i].item())
+                        if t % bs == 0 and table[i, t // bs].item() // per_rank == rank]
+            assert block_pos[i, : len(held_pos)].tolist() == held_pos
             assert all(0 <= b < per_rank for b, _ in got)
             seen[i] += expected
     # Together the ranks hold every past token exactly once.
