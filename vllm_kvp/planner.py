@@ -169,7 +169,8 @@ def rank_key(row: dict) -> tuple:
 
 
 def plan(m: cm.ModelShape, hw: cm.Hardware, peak: cm.Hardware, model: str, contexts: list[int],
-         gpu_counts: list[int], slo: SLO = SLO(), chunk: int = 8192) -> list[dict]:
+         gpu_counts: list[int], slo: SLO = SLO(), chunk: int = 8192,
+         modes: tuple[str, ...] = cm.MODES) -> list[dict]:
     """Every candidate layout x mode x context, each context's rows best first (contexts in the
     order given). Raises PlanError for a context beyond the model's window or one nothing fits."""
     for c in contexts:
@@ -178,10 +179,10 @@ def plan(m: cm.ModelShape, hw: cm.Hardware, peak: cm.Hardware, model: str, conte
                             f"{m.max_context:,})")
     rows = []
     for c in contexts:
-        # With one KV rank both modes are the same engine: score it once, as "replicated".
+        # With one KV rank both modes are the same engine: score it once.
         scored = [evaluate(m, hw, peak, layout, mode, c, chunk, slo, model)
                   for g in gpu_counts for layout in candidate_layouts(m, hw, g, c)
-                  for mode in (cm.MODES if layout.kvp > 1 else cm.MODES[:1])]
+                  for mode in (modes if layout.kvp > 1 else modes[:1])]
         if not any(r["fits"] for r in scored):
             raise PlanError(no_fit_message(m, hw, c, max(gpu_counts), chunk))
         rows += sorted(scored, key=rank_key)
@@ -214,8 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", metavar="BENCH.json",
                    help="fit bandwidth and collective latency to benchmarks/decode_step.py output")
     p.add_argument("--calibrate-model", help="model the benchmark ran (default: the embedded one)")
-    p.add_argument("--calibrate-mode", choices=cm.MODES, default="replicated",
-                   help="execution mode the benchmark ran in (default: replicated)")
+    p.add_argument("--calibrate-mode", choices=cm.MODES, default="owner",
+                   help="execution mode the benchmark ran in (default: owner, what the plugin runs)")
+    p.add_argument("--mode", choices=(*cm.MODES, "all"), default="owner",
+                   help="execution mode to predict: owner (each token computed on the rank that "
+                        "holds its KV: what the plugin runs, the default), replicated (every KV "
+                        "rank runs every token: for comparison) or all")
     p.add_argument("--json", action="store_true", help="print every candidate as JSON, best first")
     p.add_argument("--all", action="store_true", help="table: every candidate, not the best per budget")
     p.add_argument("--plot", metavar="FILE.png", help="time per token against context, per layout")
@@ -264,7 +269,8 @@ def main(argv: list[str] | None = None) -> int:
                   ttft=parse_duration(args.ttft_slo, "--ttft-slo") if args.ttft_slo else None)
         chunk = parse_count(args.prefill_chunk, "--prefill-chunk")
         hw, peak, note = hardware(args)
-        rows = plan(m, hw, peak, args.model, contexts, gpu_counts, slo, chunk)
+        modes = cm.MODES if args.mode == "all" else (args.mode,)
+        rows = plan(m, hw, peak, args.model, contexts, gpu_counts, slo, chunk, modes)
         if args.plot:
             planner_report.plot(rows, m, hw, args.plot)
     except (PlanError, CalibrationError, gpu_catalogue.GPUSpecError) as e:

@@ -67,7 +67,8 @@ def table(rows: list[dict], m: cm.ModelShape, gpu_note: str, slo, every: bool = 
                 continue
             verdict = "best" if best["meets_slo"] else "no layout meets the SLO; fastest of the fewest GPUs"
             lines.append(f"{verdict} ({MODE_NAMES[mode]}): {best['command']}")
-    lines.append("(the serve line selects no mode: it runs the one the installed plugin implements)")
+    if len({r["mode"] for r in rows}) > 1:
+        lines.append("(the plugin runs owner computes; replicated rows are for comparison)")
     return "\n".join(lines)
 
 

@@ -112,8 +112,12 @@ def test_text_report_and_plot(tmp_path, capsys):
     assert cli_main(["plan", LLAMA70B, "--context", "10M", "--gpus", "64,128", "--tbt-slo", "30ms",
                      "--plot", str(png)]) == 0
     out = capsys.readouterr().out
-    assert "best (replicated): vllm-kvp serve" in out and "owner computes" in out
+    # By default the planner predicts the mode the plugin runs; --mode all adds the other.
+    assert "best (owner computes): vllm-kvp serve" in out and "replicated" not in out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert cli_main(["plan", LLAMA70B, "--context", "10M", "--gpus", "64", "--mode", "all"]) == 0
+    out = capsys.readouterr().out
+    assert "best (replicated): vllm-kvp serve" in out and "best (owner computes)" in out
 
 
 def test_calibrated_plan(capsys):
