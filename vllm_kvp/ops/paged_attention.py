@@ -2,7 +2,10 @@
 
 The contract is :func:`vllm_kvp.ops.triton_paged_attention.paged_attention_lse`'s (same arguments,
 shapes, masking, and out = 0 / lse = -inf for a query with no visible key). CUDA tensors go to that
-Triton kernel. CPU tensors go to :func:`torch_paged_attention`, written for one core's caches:
+Triton kernel. CPU tensors go to the C++ kernel of :mod:`vllm_kvp.ops.cpu_kernel` (built on first
+use; it reads each block in place, one pass per request and kv head). Where that kernel cannot be
+built or does not cover the inputs (a head dim it has no vector split for, a cache whose last dim
+is strided), they go to :func:`torch_paged_attention`, written for one core's caches:
 
 * no loop over requests: requests are sorted by KV length, longest first, so the ones that still
   have keys at block-table column c form a prefix of the batch and each step is one batched op;
@@ -36,6 +39,12 @@ def paged_attention_lse(q, kv_cache, block_table, kv_lens, query_start_loc, scal
 
         return triton_paged_attention(q, kv_cache, block_table, kv_lens, query_start_loc, scale, q_pos, block_pos,
                                       out, lse, max_kv_len=max_kv_len, max_query_len=max_query_len)
+    from vllm_kvp.ops.cpu_kernel import paged_attention_lse_cpu
+
+    res = paged_attention_lse_cpu(q, kv_cache, block_table, kv_lens, query_start_loc, scale, q_pos, block_pos,
+                                  out, lse)
+    if res is not None:
+        return res
     return torch_paged_attention(q, kv_cache, block_table, kv_lens, query_start_loc, scale, q_pos, block_pos,
                                  out, lse)
 

@@ -1,0 +1,565 @@
+// Paged attention with LSE on the CPU, reading the KV cache in place through the block table.
+//
+// Contract: vllm_kvp.ops.triton_paged_attention.paged_attention_lse (see its docstring). Built at
+// run time by vllm_kvp/ops/cpu_kernel.py with -O3 -march=native -fopenmp.
+//
+// Work items are (request, kv head, query tile, key split). An item keeps the tile's query rows
+// (query tokens x the kv head's group of query heads) in float32 and walks its keys in chunks of
+// kChunk: scores of every row against the chunk, an online-softmax update, then P @ V. Each key's
+// K/V row is read where it lies in the cache (no gather copy) and converted to float on load.
+//
+// Vectors are GCC vector extensions rather than intrinsics so that one source builds for any x86
+// level (-march=native picks AVX-512, AVX2 or SSE code for the same types). Q.K is vectorised over
+// the head dimension; the W partial dot products of W keys are then summed by a shuffle tree that
+// leaves key j's score in lane j, so the softmax and the mask are vectorised over keys.
+//
+// Threads: at::parallel_for (ATen's pool, sized by torch.set_num_threads) with items taken from an
+// atomic counter, longest first, since request lengths differ by orders of magnitude. When there
+// are fewer items than threads the key range is split and the partials are combined with their LSE.
+
+// Only the headers the kernel uses: <torch/extension.h> would triple the build time.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <utility>
+#include <vector>
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kW = 16;  // float lanes of the widest vector the build targets
+#else
+constexpr int kW = 8;
+#endif
+
+template <int W>
+struct V {
+  typedef float f __attribute__((vector_size(4 * W)));
+  typedef float fu __attribute__((vector_size(4 * W), aligned(4)));  // unaligned access
+  typedef int32_t i __attribute__((vector_size(4 * W)));
+  typedef int32_t iu __attribute__((vector_size(4 * W), aligned(4)));
+  typedef uint32_t u __attribute__((vector_size(4 * W)));
+  typedef uint16_t h __attribute__((vector_size(2 * W)));
+  typedef uint16_t hu __attribute__((vector_size(2 * W), aligned(2)));
+};
+
+constexpr int kChunk = 128;   // keys per online-softmax step (scores of a 64-row tile: 32 KiB)
+constexpr int kTileRows = 64;  // query rows (tokens x group heads) per work item
+constexpr int kMinSplitKeys = 1024;  // below this a split's combine costs more than it saves
+constexpr float kFloor = -1e30f;  // running max floor: an all-masked row gives alpha = 1, p = 0
+
+// ---- loads: K/V/Q elements of any supported dtype to float vectors ----
+
+template <int W>
+inline typename V<W>::f load(const float* p) {
+  return *reinterpret_cast<const typename V<W>::fu*>(p);
+}
+
+template <int W>
+inline typename V<W>::f load(const at::BFloat16* p) {
+  using T = V<W>;
+  typename T::h x = *reinterpret_cast<const typename T::hu*>(p);
+  typename T::u w = __builtin_convertvector(x, typename T::u) << 16;  // bf16 is float's top half
+  return reinterpret_cast<typename T::f&>(w);
+}
+
+template <int W>
+inline typename V<W>::f load(const at::Half* p) {
+  // IEEE half -> float by moving exponent and mantissa into place and rescaling by 2^112, which also
+  // turns subnormal halves into the right normal floats; inf / nan keep an all-ones exponent.
+  using T = V<W>;
+  typename T::h x = *reinterpret_cast<const typename T::hu*>(p);
+  typename T::u w = __builtin_convertvector(x, typename T::u);
+  typename T::u em = (w & 0x7fffu) << 13;
+  typename T::f f = reinterpret_cast<typename T::f&>(em) * 0x1p112f;
+  typename T::u fb = reinterpret_cast<typename T::u&>(f);
+  typename T::u infnan = (typename T::u)((w & 0x7c00u) == 0x7c00u);  // all ones where true
+  fb = (fb & ~infnan) | ((em | 0x7f800000u) & infnan);
+  fb |= (w & 0x8000u) << 16;
+  return reinterpret_cast<typename T::f&>(fb);
+}
+
+// ---- exp and lane reductions ----
+
+template <int W>
+inline typename V<W>::f vexp(typename V<W>::f x) {
+  // exp(x) = 2^n * exp(r), n = round(x / ln 2), |r| <= ln2 / 2, degree-6 polynomial (float
+  // accuracy, ~1 ulp). Inputs below -87.3 (masked scores are -inf) give exactly 0.
+  using T = V<W>;
+  const typename T::f lo = x < -87.3f ? (typename T::f){} + -87.3f : x;
+  const typename T::f xc = lo > 88.3f ? (typename T::f){} + 88.3f : lo;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer in the low bits
+  typename T::f t = xc * 1.44269504088896341f + magic;
+  typename T::f n = t - magic;
+  typename T::f r = xc - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  typename T::f p = 1.9875691500e-4f * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  typename T::i ni = reinterpret_cast<typename T::i&>(t) - reinterpret_cast<const int32_t&>(magic);
+  typename T::i e = (ni + 127) << 23;
+  typename T::f res = p * reinterpret_cast<typename T::f&>(e);
+  return x < -87.3f ? (typename T::f){} : res;
+}
+
+template <int W, int... L>
+constexpr typename V<W>::i make_mask(bool second, int s, std::integer_sequence<int, L...>) {
+  // Level s of the pair-sum tree: lanes [base, base + s) of the result take a's pairs, the next s
+  // lanes b's; `second` selects the upper element of each pair.
+  return typename V<W>::i{(((L % (2 * s)) < s) ? (second ? L + s : L) : (second ? W + L : W + L - s))...};
+}
+
+template <int W, int S>
+inline void pair_sum_level(typename V<W>::f* v) {
+  constexpr typename V<W>::i m1 = make_mask<W>(false, S, std::make_integer_sequence<int, W>{});
+  constexpr typename V<W>::i m2 = make_mask<W>(true, S, std::make_integer_sequence<int, W>{});
+  for (int i = 0; i < S; ++i) {
+    v[i] = __builtin_shuffle(v[i], v[i + S], m1) + __builtin_shuffle(v[i], v[i + S], m2);
+  }
+  if constexpr (S > 1) pair_sum_level<W, S / 2>(v);
+}
+
+// v[0..W-1] -> one vector whose lane j is the sum of v[j]'s lanes (3(W-1) shuffles and adds).
+template <int W>
+inline typename V<W>::f lane_sums(typename V<W>::f* v) {
+  pair_sum_level<W, W / 2>(v);
+  return v[0];
+}
+
+template <int W>
+inline float hmax(typename V<W>::f v) {
+  float m = v[0];
+  for (int j = 1; j < W; ++j) m = std::max(m, v[j]);
+  return m;
+}
+
+template <int W>
+inline float hsum(typename V<W>::f v) {
+  float s = 0.f;
+  for (int j = 0; j < W; ++j) s += v[j];
+  return s;
+}
+
+// ---- problem description shared by all items ----
+
+struct Problem {
+  const void* q;
+  at::ScalarType q_dtype, out_dtype;
+  int64_t sq_t, sq_h;  // q strides (elements); the last dimension is contiguous (checked)
+  const void* kv;
+  int64_t skb, skh, skt;  // kv_cache strides; d stride 1
+  const int32_t* table;
+  int64_t stb, stm;
+  const int32_t* lens;
+  const int32_t* qsl;
+  const int32_t* qpos;  // nullptr: not causal
+  const int32_t* bpos;
+  int64_t spb, spm;
+  int hq, hkv, g, d, bs;
+  float scale;
+  // outputs: either the final (out, lse) or the float32 split workspace
+  void* out;
+  int64_t so_t, so_h, so_d;
+  float* lse;
+  int64_t sl_t, sl_h;
+  float* ws_out;  // (S, T, Hq, D)
+  float* ws_lse;  // (S, T, Hq)
+  int64_t T;
+};
+
+struct Item {
+  int b, h, tok0, ntok, split, k_lo, k_hi;
+  int64_t cost;
+};
+
+// q rows and out rows are touched once per item, so their dtype is a run-time switch rather than
+// one more template parameter (which would multiply the instantiations and the build time).
+inline void load_row(const void* src, at::ScalarType dt, int d, float mul, float* dst) {
+  switch (dt) {
+    case at::kFloat: for (int x = 0; x < d; ++x) dst[x] = static_cast<const float*>(src)[x] * mul; break;
+    case at::kBFloat16:
+      for (int x = 0; x < d; ++x) dst[x] = static_cast<float>(static_cast<const at::BFloat16*>(src)[x]) * mul;
+      break;
+    default:
+      for (int x = 0; x < d; ++x) dst[x] = static_cast<float>(static_cast<const at::Half*>(src)[x]) * mul;
+      break;
+  }
+}
+
+inline void store_row(void* dst, at::ScalarType dt, int64_t stride, const float* src, int d, float mul) {
+  switch (dt) {
+    case at::kFloat:
+      for (int x = 0; x < d; ++x) static_cast<float*>(dst)[x * stride] = src[x] * mul;
+      break;
+    case at::kBFloat16:
+      for (int x = 0; x < d; ++x) static_cast<at::BFloat16*>(dst)[x * stride] = static_cast<at::BFloat16>(src[x] * mul);
+      break;
+    default:
+      for (int x = 0; x < d; ++x) static_cast<at::Half*>(dst)[x * stride] = static_cast<at::Half>(src[x] * mul);
+      break;
+  }
+}
+
+inline size_t elem_size(at::ScalarType dt) { return dt == at::kFloat ? 4 : 2; }
+
+// acc[r] += sum_k s[r][k] * V[k] for rows [r0, r1), RB rows per pass (their accumulators stay in
+// registers while each V row is loaded once), the remainder in passes of RB / 2, ... 1 rows.
+template <typename KT, int W, int NV, int RB>
+inline void pv_rows(typename V<W>::f (*acc)[NV], const float (*s)[kChunk], const bool* live, const KT* const* kp,
+                    int r0, int r1, int nk) {
+  using VF = typename V<W>::f;
+  constexpr int D = W * NV;
+  for (; r0 + RB <= r1; r0 += RB) {
+    bool any = false;
+    for (int i = 0; i < RB; ++i) any |= live[r0 + i];
+    if (!any) continue;
+    VF a[RB][NV];
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < NV; ++v) a[i][v] = acc[r0 + i][v];
+    for (int k = 0; k < nk; ++k) {
+      const KT* vr = kp[k] + D;
+      VF vv[NV];
+      for (int v = 0; v < NV; ++v) vv[v] = load<W>(vr + v * W);
+      for (int i = 0; i < RB; ++i) {
+        const float p = s[r0 + i][k];  // 0 for a row that is not live (set by the caller)
+        for (int v = 0; v < NV; ++v) a[i][v] += p * vv[v];
+      }
+    }
+    for (int i = 0; i < RB; ++i)
+      for (int v = 0; v < NV; ++v) acc[r0 + i][v] = a[i][v];
+  }
+  if constexpr (RB > 1) pv_rows<KT, W, NV, RB / 2>(acc, s, live, kp, r0, r1, nk);
+}
+
+// One work item: rows of query tokens [tok0, tok0 + ntok) x group heads of kv head h, keys
+// [k_lo, k_hi) of request b. NV vectors of W floats span the head dimension.
+template <typename KT, int W, int NV>
+void run_item(const Problem& P, const Item& it, bool to_workspace) {
+  using VF = typename V<W>::f;
+  using VI = typename V<W>::i;
+  constexpr int D = W * NV;
+  const int g = P.g, rows = it.ntok * g;
+  alignas(64) VF qv[kTileRows][NV];
+  alignas(64) VF acc[kTileRows][NV];
+  alignas(64) float s[kTileRows][kChunk];
+  float m[kTileRows], l[kTileRows];
+  int32_t qp[kTileRows];
+  bool live[kTileRows];
+  alignas(64) int32_t kpos[kChunk];
+  const KT* kp[kChunk];
+
+  const size_t qsize = elem_size(P.q_dtype);
+  for (int r = 0; r < rows; ++r) {
+    const int64_t tok = it.tok0 + r / g, head = it.h * g + r % g;
+    alignas(64) float tmp[D];
+    load_row(static_cast<const char*>(P.q) + (tok * P.sq_t + head * P.sq_h) * qsize, P.q_dtype, D, P.scale, tmp);
+    for (int v = 0; v < NV; ++v) {
+      qv[r][v] = load<W>(tmp + v * W);
+      acc[r][v] = VF{};
+    }
+    m[r] = kFloor;
+    l[r] = 0.f;
+    qp[r] = P.qpos ? P.qpos[tok] : 0;
+  }
+  const bool causal = P.qpos != nullptr;
+  const KT* kv = static_cast<const KT*>(P.kv) + it.h * P.skh;
+  const int32_t* trow = P.table + it.b * P.stb;
+  const int32_t* prow = causal ? P.bpos + it.b * P.spb : nullptr;
+  const VI lane = [] { VI x; for (int j = 0; j < W; ++j) x[j] = j; return x; }();
+
+  for (int c0 = it.k_lo; c0 < it.k_hi; c0 += kChunk) {
+    const int nk = std::min(kChunk, it.k_hi - c0);
+    const int ng = (nk + W - 1) / W;
+    int32_t pmin = std::numeric_limits<int32_t>::max(), pmax = std::numeric_limits<int32_t>::min();
+    for (int k = 0; k < nk; ++k) {
+      const int t = c0 + k, blk = t / P.bs, off = t - blk * P.bs;
+      kp[k] = kv + static_cast<int64_t>(trow[blk * P.stm]) * P.skb + off * P.skt;
+      if (causal) {
+        kpos[k] = prow[blk * P.spm] + off;
+        pmin = std::min(pmin, kpos[k]);
+        pmax = std::max(pmax, kpos[k]);
+      }
+    }
+    for (int k = nk; k < ng * W; ++k) {  // pad the last group with a real row; its lanes are masked
+      kp[k] = kp[0];
+      kpos[k] = std::numeric_limits<int32_t>::max();
+    }
+
+    // Scores and the softmax update, row by row.
+    for (int r = 0; r < rows; ++r) {
+      live[r] = !causal || qp[r] >= pmin;
+      if (!live[r]) {  // sees no key of this chunk: p = 0 (P @ V may still multiply it with a live row)
+        std::memset(s[r], 0, sizeof(float) * nk);
+        continue;
+      }
+      const bool mask_pos = causal && qp[r] < pmax;
+      const VI qpv = VI{} + qp[r];
+      VF vmax = VF{} + kFloor;
+      for (int gi = 0; gi < ng; ++gi) {
+        VF part[W];
+        for (int j = 0; j < W; ++j) {
+          const KT* kr = kp[gi * W + j];
+          VF a = qv[r][0] * load<W>(kr);
+          for (int v = 1; v < NV; ++v) a += qv[r][v] * load<W>(kr + v * W);
+          part[j] = a;
+        }
+        VF sc = lane_sums<W>(part);
+        const VF ninf = VF{} - std::numeric_limits<float>::infinity();
+        if ((gi + 1) * W > nk) sc = (lane + gi * W) < nk ? sc : ninf;
+        if (mask_pos) sc = *reinterpret_cast<const typename V<W>::iu*>(kpos + gi * W) > qpv ? ninf : sc;
+        *reinterpret_cast<VF*>(&s[r][gi * W]) = sc;
+        vmax = sc > vmax ? sc : vmax;
+      }
+      const float m_new = std::max(m[r], hmax<W>(vmax));
+      const VF mv = VF{} + m_new;
+      VF sum = VF{};
+      for (int gi = 0; gi < ng; ++gi) {
+        VF p = vexp<W>(*reinterpret_cast<VF*>(&s[r][gi * W]) - mv);
+        *reinterpret_cast<VF*>(&s[r][gi * W]) = p;
+        sum += p;
+      }
+      if (m_new != m[r]) {
+        const float alpha = std::exp(m[r] - m_new);
+        l[r] *= alpha;
+        for (int v = 0; v < NV; ++v) acc[r][v] *= alpha;
+        m[r] = m_new;
+      }
+      l[r] += hsum<W>(sum);
+    }
+
+    // P @ V, a few rows at a time so each V row loaded serves all of them from registers.
+    pv_rows<KT, W, NV, NV >= 8 ? 2 : (NV >= 4 ? 4 : 8)>(acc, s, live, kp, 0, rows, nk);
+  }
+
+  // Normalise and store: out = acc / l, lse = m + log l; a row with no visible key gets 0 / -inf.
+  for (int r = 0; r < rows; ++r) {
+    const int64_t tok = it.tok0 + r / g, head = it.h * g + r % g;
+    const bool nonempty = l[r] > 0.f;
+    const float inv = nonempty ? 1.f / l[r] : 0.f;
+    const float lse_r = nonempty ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
+    alignas(64) float tmp[D];
+    for (int v = 0; v < NV; ++v) *reinterpret_cast<VF*>(tmp + v * W) = acc[r][v];
+    if (to_workspace) {
+      float* dst = P.ws_out + ((it.split * P.T + tok) * P.hq + head) * D;
+      for (int x = 0; x < D; ++x) dst[x] = tmp[x] * inv;
+      P.ws_lse[(it.split * P.T + tok) * P.hq + head] = lse_r;
+    } else {
+      store_row(static_cast<char*>(P.out) + (tok * P.so_t + head * P.so_h) * elem_size(P.out_dtype), P.out_dtype,
+                P.so_d, tmp, D, inv);
+      P.lse[tok * P.sl_t + head * P.sl_h] = lse_r;
+    }
+  }
+}
+
+void combine_splits(const Problem& P, int64_t tok, int nsplit) {
+  for (int head = 0; head < P.hq; ++head) {
+    float mx = -std::numeric_limits<float>::infinity();
+    for (int sp = 0; sp < nsplit; ++sp) mx = std::max(mx, P.ws_lse[(sp * P.T + tok) * P.hq + head]);
+    const float shift = std::isinf(mx) ? 0.f : mx;  // every split empty: weights exp(-inf) = 0
+    std::vector<float> acc(P.d, 0.f);
+    float den = 0.f;
+    for (int sp = 0; sp < nsplit; ++sp) {
+      const float w = std::exp(P.ws_lse[(sp * P.T + tok) * P.hq + head] - shift);
+      if (w == 0.f) continue;
+      const float* src = P.ws_out + ((sp * P.T + tok) * P.hq + head) * P.d;
+      for (int x = 0; x < P.d; ++x) acc[x] += w * src[x];
+      den += w;
+    }
+    const bool nonempty = den > 0.f;
+    store_row(static_cast<char*>(P.out) + (tok * P.so_t + head * P.so_h) * elem_size(P.out_dtype), P.out_dtype,
+              P.so_d, acc.data(), P.d, nonempty ? 1.f / den : 0.f);
+    P.lse[tok * P.sl_t + head * P.sl_h] = nonempty ? shift + std::log(den) : -std::numeric_limits<float>::infinity();
+  }
+}
+
+using ItemFn = void (*)(const Problem&, const Item&, bool);
+
+template <typename KT, int W>
+ItemFn pick_nv(int nv) {
+  switch (nv) {
+    case 1: return run_item<KT, W, 1>;
+    case 2: return run_item<KT, W, 2>;
+    case 3: return run_item<KT, W, 3>;
+    case 4: return run_item<KT, W, 4>;
+    case 8: return run_item<KT, W, 8>;
+    default: return nullptr;
+  }
+}
+
+// Head dims that are 1, 2, 3, 4 or 8 vectors of the build's widest width, or 8 and 24 (one or three
+// 8-float vectors): 8, 16, 24, 32, 48, 64, 128 with AVX-512. Others go to the torch implementation.
+template <typename KT>
+ItemFn pick(int d) {
+  if (d % kW == 0) {
+    if (ItemFn f = pick_nv<KT, kW>(d / kW)) return f;
+  }
+  if (kW != 8 && (d == 8 || d == 24)) return pick_nv<KT, 8>(d / 8);
+  return nullptr;
+}
+
+bool io_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+
+ItemFn dispatch(at::ScalarType kt, at::ScalarType qt, at::ScalarType ot, int d) {
+  if (!io_dtype(qt) || !io_dtype(ot)) return nullptr;
+  switch (kt) {
+    case at::kFloat: return pick<float>(d);
+    case at::kBFloat16: return pick<at::BFloat16>(d);
+    case at::kHalf: return pick<at::Half>(d);
+    default: return nullptr;
+  }
+}
+
+}  // namespace
+
+// True when the kernel covers this combination of dtypes and head dim (the caller falls back to
+// the torch implementation otherwise).
+bool supports(at::ScalarType kv_dtype, at::ScalarType q_dtype, at::ScalarType out_dtype, int64_t d) {
+  return dispatch(kv_dtype, q_dtype, out_dtype, static_cast<int>(d)) != nullptr;
+}
+
+void paged_attention_lse_cpu(const at::Tensor& q, const at::Tensor& kv_cache, const at::Tensor& block_table,
+                             const at::Tensor& kv_lens, const at::Tensor& query_start_loc, double scale,
+                             const c10::optional<at::Tensor>& q_pos, const c10::optional<at::Tensor>& block_pos,
+                             at::Tensor& out, at::Tensor& lse, int64_t num_splits) {
+  const int64_t T = q.size(0), hq = q.size(1), d = q.size(2);
+  const int64_t hkv = kv_cache.size(1), bs = kv_cache.size(2);
+  const int64_t B = block_table.size(0);
+  TORCH_CHECK(kv_cache.size(3) == 2 * d && hq % hkv == 0, "q / kv_cache shapes do not fit");
+  TORCH_CHECK(q.stride(2) == 1 && kv_cache.stride(3) == 1, "q and kv_cache need a contiguous last dim");
+  TORCH_CHECK(lse.scalar_type() == at::kFloat, "lse must be float32");
+  ItemFn fn = dispatch(kv_cache.scalar_type(), q.scalar_type(), out.scalar_type(), static_cast<int>(d));
+  TORCH_CHECK(fn != nullptr, "unsupported dtype / head_dim combination");
+  const bool causal = q_pos.has_value();
+  at::Tensor table = block_table.to(at::kInt);
+  at::Tensor lens = kv_lens.to(at::kInt).contiguous();
+  at::Tensor qsl = query_start_loc.to(at::kInt).contiguous();
+  at::Tensor qp, bp;
+  if (causal) {
+    qp = q_pos->to(at::kInt).contiguous();
+    bp = block_pos->to(at::kInt);
+  }
+  Problem P{};
+  P.q = q.data_ptr();
+  P.q_dtype = q.scalar_type();
+  P.out_dtype = out.scalar_type();
+  P.sq_t = q.stride(0);
+  P.sq_h = q.stride(1);
+  P.kv = kv_cache.data_ptr();
+  P.skb = kv_cache.stride(0);
+  P.skh = kv_cache.stride(1);
+  P.skt = kv_cache.stride(2);
+  P.table = table.data_ptr<int32_t>();
+  P.stb = table.stride(0);
+  P.stm = table.stride(1);
+  P.lens = lens.data_ptr<int32_t>();
+  P.qsl = qsl.data_ptr<int32_t>();
+  P.qpos = causal ? qp.data_ptr<int32_t>() : nullptr;
+  P.bpos = causal ? bp.data_ptr<int32_t>() : nullptr;
+  P.spb = causal ? bp.stride(0) : 0;
+  P.spm = causal ? bp.stride(1) : 0;
+  P.hq = hq;
+  P.hkv = hkv;
+  P.g = hq / hkv;
+  P.d = d;
+  P.bs = bs;
+  P.scale = static_cast<float>(scale);
+  P.out = out.data_ptr();
+  P.so_t = out.stride(0);
+  P.so_h = out.stride(1);
+  P.so_d = out.stride(2);
+  P.lse = lse.data_ptr<float>();
+  P.sl_t = lse.stride(0);
+  P.sl_h = lse.stride(1);
+  P.T = T;
+
+  // Query tiles: as many tokens as fit kTileRows rows (a group wider than the tile is not built).
+  const int g = P.g;
+  TORCH_CHECK(g <= kTileRows, "query heads per kv head above ", kTileRows);
+  const int tile_tok = kTileRows / g;
+  std::vector<Item> items;
+  int64_t base_items = 0, max_len = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t q0 = P.qsl[b], q1 = P.qsl[b + 1];
+    if (q1 > q0) {
+      base_items += hkv * ((q1 - q0 + tile_tok - 1) / tile_tok);
+      max_len = std::max<int64_t>(max_len, P.lens[b]);
+    }
+  }
+  // Splits only when the unsplit items cannot keep every thread busy.
+  const int nthreads = at::get_num_threads();
+  int64_t splits = num_splits > 0 ? num_splits : 1;
+  if (num_splits <= 0 && base_items > 0 && base_items < nthreads) {
+    splits = std::min<int64_t>((nthreads + base_items - 1) / base_items,
+                               std::max<int64_t>(1, max_len / kMinSplitKeys));
+  }
+  std::vector<int> req_splits(B, 1);
+  for (int64_t b = 0; b < B; ++b) {
+    const int32_t q0 = P.qsl[b], q1 = P.qsl[b + 1], n = P.lens[b];
+    if (q1 <= q0) continue;
+    // Split length in whole chunks, so every split but the last walks full chunks.
+    int64_t split_len = (n + splits - 1) / splits;
+    split_len = std::max<int64_t>(kChunk, (split_len + kChunk - 1) / kChunk * kChunk);
+    const int ns = n > 0 ? static_cast<int>((n + split_len - 1) / split_len) : 1;
+    req_splits[b] = ns;
+    for (int32_t t0 = q0; t0 < q1; t0 += tile_tok) {
+      const int ntok = std::min<int32_t>(tile_tok, q1 - t0);
+      for (int h = 0; h < hkv; ++h) {
+        for (int sp = 0; sp < ns; ++sp) {
+          const int lo = static_cast<int>(sp * split_len), hi = static_cast<int>(std::min<int64_t>(n, lo + split_len));
+          items.push_back(Item{static_cast<int>(b), h, t0, ntok, sp, lo, hi,
+                               static_cast<int64_t>(ntok) * (hi - lo + kChunk)});
+        }
+      }
+    }
+  }
+  const bool any_split = *std::max_element(req_splits.begin(), req_splits.end()) > 1;
+  at::Tensor ws_out, ws_lse;
+  if (any_split) {
+    const int64_t smax = *std::max_element(req_splits.begin(), req_splits.end());
+    ws_out = at::empty({smax, T, hq, d}, q.options().dtype(at::kFloat));
+    ws_lse = at::empty({smax, T, hq}, q.options().dtype(at::kFloat));
+    P.ws_out = ws_out.data_ptr<float>();
+    P.ws_lse = ws_lse.data_ptr<float>();
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Item& a, const Item& b) { return a.cost > b.cost; });
+
+  auto work = [&](const Item& it) { fn(P, it, req_splits[it.b] > 1); };
+  const int64_t n_items = static_cast<int64_t>(items.size());
+  if (nthreads <= 1 || n_items <= 1) {
+    for (const Item& it : items) work(it);
+  } else {
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(nthreads, n_items), 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t w = lo; w < hi; ++w) {
+        for (int64_t i = next.fetch_add(1); i < n_items; i = next.fetch_add(1)) work(items[i]);
+      }
+    });
+  }
+  if (any_split) {
+    at::parallel_for(0, B, 1, [&](int64_t lo, int64_t hi) {
+      for (int64_t b = lo; b < hi; ++b) {
+        if (req_splits[b] <= 1) continue;
+        for (int64_t tok = P.qsl[b]; tok < P.qsl[b + 1]; ++tok) {
+          combine_splits(P, tok, req_splits[b]);
+        }
+      }
+    });
+  }
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("paged_attention_lse", &paged_attention_lse_cpu, "paged attention with LSE (CPU)",
+        py::call_guard<py::gil_scoped_release>());
+  m.def("supports", &supports);
+}
