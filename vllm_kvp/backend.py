@@ -79,21 +79,26 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
                                     token_pos=plan.token_pos.to(torch.int32), plan=plan)
 
 
+def refuse_unsupported_layer(attn_type: str, **features: object) -> None:
+    """Raise for a layer that is not plain causal decoder attention. `features` are the layer's
+    optional attention features (ALiBi slopes, sliding window, soft cap, sinks, KV sharing); any
+    that is not None is refused. Shared by the CPU and CUDA backends."""
+    given = [k for k, v in features.items() if v is not None]
+    if given or attn_type != AttentionType.DECODER:
+        raise NotImplementedError(
+            f"vllm_kvp attention supports plain causal decoder attention; this model's layers "
+            f"use {given or attn_type}")
+
+
 class KVPAttentionImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,
                  alibi_slopes=None, sliding_window=None, kv_cache_dtype: str = "auto",
                  logits_soft_cap=None, attn_type: str = AttentionType.DECODER,
                  kv_sharing_target_layer_name=None, sinks=None, **_: object) -> None:
-        unsupported = {
-            "alibi_slopes": alibi_slopes, "sliding_window": sliding_window,
-            "logits_soft_cap": logits_soft_cap or None, "sinks": sinks,
-            "kv_sharing_target_layer_name": kv_sharing_target_layer_name,
-        }
-        given = [k for k, v in unsupported.items() if v is not None]
-        if given or attn_type != AttentionType.DECODER:
-            raise NotImplementedError(
-                f"vllm_kvp attention supports plain causal decoder attention; this model's layers "
-                f"use {given or attn_type}")
+        refuse_unsupported_layer(
+            attn_type, alibi_slopes=alibi_slopes, sliding_window=sliding_window,
+            logits_soft_cap=logits_soft_cap or None, sinks=sinks,
+            kv_sharing_target_layer_name=kv_sharing_target_layer_name)
         if kv_cache_dtype not in ("auto", None):
             raise NotImplementedError(f"vllm_kvp does not support kv_cache_dtype={kv_cache_dtype!r} yet")
         self.num_heads, self.head_size = num_heads, head_size

@@ -29,12 +29,31 @@ def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
-        # Workers override this backend with the KVP one; pin it so the platform cannot pick
-        # another whose kernels would read logical block ids as local ones.
-        engine_args.attention_backend = "FLASH_ATTN"
-        engine_args.enforce_eager = True  # the per-layer exchange is not captured in CUDA graphs
+        _apply_cuda_settings(engine_args)
     # Normalise so every process (engine core, workers) parses the same validated dict.
     engine_args.additional_config = {**engine_args.additional_config, "kvp": kvp.to_dict()}
+
+
+def _apply_cuda_settings(engine_args: Any) -> None:
+    """The KVP backend in vLLM's CUSTOM slot (every worker registers it), eager execution, and
+    Model Runner V1, whose `_model_forward` is the hook owner computes runs the model through."""
+    chosen = getattr(engine_args.attention_backend, "name", engine_args.attention_backend)
+    if chosen not in (None, "CUSTOM"):
+        raise KVPConfigError(
+            f"kvp.size > 1 runs its own attention backend; attention_backend={chosen!r} cannot be "
+            f"combined with it (leave it unset)")
+    engine_args.attention_backend = "CUSTOM"
+    # CUDA graphs are off: docs/design.md, "CUDA graphs under owner computes", says what blocks them.
+    engine_args.enforce_eager = True
+    # vLLM reads this variable whenever it asks which runner to use (front end, engine core and
+    # workers); they all start from this process's environment, Ray actors included (vLLM copies
+    # its registered variables to them).
+    current = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
+    if current not in (None, "") and current.strip() != "0":
+        raise KVPConfigError(
+            f"kvp.size > 1 runs on vLLM's Model Runner V1; VLLM_USE_V2_MODEL_RUNNER={current!r} "
+            f"selects V2 (unset it or set it to 0)")
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
 
 
 def _refuse_unsupported(engine_args: Any) -> None:

@@ -27,11 +27,18 @@ def _base_worker():
 
 
 def register_kvp_backend() -> None:
-    """Point the platform's attention backend at the KVP one, in this (worker) process."""
+    """Point the attention backend the engine selects at the KVP one, in this (worker) process.
+
+    CPU: the platform's only backend, CPU_ATTN, is overridden. CUDA: `layout.apply_to_engine_args`
+    selects vLLM's CUSTOM slot, so other lookups of FLASH_ATTN in the worker (vision encoders,
+    drafters, backend probing) still get vLLM's own class."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
 
-    member = AttentionBackendEnum.CPU_ATTN if current_platform.is_cpu() else AttentionBackendEnum.FLASH_ATTN
-    register_backend(member, "vllm_kvp.backend.KVPAttentionBackend")
+    if current_platform.is_cpu():
+        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_kvp.backend.KVPAttentionBackend")
+    else:
+        register_backend(AttentionBackendEnum.CUSTOM,
+                         "vllm_kvp.backend_cuda.KVPFlashAttentionBackend")
 
 
 class KVPWorker(_base_worker()):
