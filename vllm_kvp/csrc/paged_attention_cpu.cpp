@@ -54,6 +54,8 @@ struct V {
 constexpr int kChunk = 128;   // keys per online-softmax step (scores of a 64-row tile: 32 KiB)
 constexpr int kTileRows = 64;  // query rows (tokens x group heads) per work item
 constexpr int kMinSplitKeys = 1024;  // below this a split's combine costs more than it saves
+constexpr int kGemmMinRows = 16;  // from this many rows a chunk's K is transposed once for all rows
+constexpr int kGemmRows = 4, kGemmVecs = 4;  // score tile of the transposed path: rows x W-key vectors
 constexpr float kFloor = -1e30f;  // running max floor: an all-masked row gives alpha = 1, p = 0
 
 // ---- loads: K/V/Q elements of any supported dtype to float vectors ----
@@ -137,11 +139,20 @@ inline typename V<W>::f lane_sums(typename V<W>::f* v) {
   return v[0];
 }
 
-template <int W>
-inline float hmax(typename V<W>::f v) {
-  float m = v[0];
-  for (int j = 1; j < W; ++j) m = std::max(m, v[j]);
-  return m;
+template <int W, int S, int... L>
+constexpr typename V<W>::i swap_mask(std::integer_sequence<int, L...>) {
+  return typename V<W>::i{(L ^ S)...};
+}
+
+// Max over the lanes, in every lane: log2(W) shuffle + max steps (a scalar loop over the lanes is a
+// W-long dependency chain, paid per row and chunk).
+template <int W, int S = W / 2>
+inline typename V<W>::f hmax_all(typename V<W>::f v) {
+  constexpr typename V<W>::i m = swap_mask<W, S>(std::make_integer_sequence<int, W>{});
+  const typename V<W>::f o = __builtin_shuffle(v, m);
+  v = o > v ? o : v;
+  if constexpr (S > 1) return hmax_all<W, S / 2>(v);
+  return v;
 }
 
 template <int W>
@@ -213,11 +224,40 @@ inline void store_row(void* dst, at::ScalarType dt, int64_t stride, const float*
 
 inline size_t elem_size(at::ScalarType dt) { return dt == at::kFloat ? 4 : 2; }
 
+// s[r][k] = q[r] . kt[:, k] for rows [r0, r1) and groups [0, ng) of W keys (ng a multiple of
+// kGemmVecs): RB rows x kGemmVecs key vectors of accumulators, one FMA per (row, vector, dim).
+template <int W, int NV, int RB>
+inline void scores_gemm(const float* q, const float (*kt)[kChunk], float (*s)[kChunk], int r0, int r1, int ng) {
+  using VF = typename V<W>::f;
+  constexpr int D = W * NV, KV = kGemmVecs;
+  for (; r0 + RB <= r1; r0 += RB) {
+    for (int g0 = 0; g0 < ng; g0 += KV) {
+      VF a[RB][KV] = {};
+      for (int x = 0; x < D; ++x) {
+        VF kv[KV];
+        for (int j = 0; j < KV; ++j) kv[j] = *reinterpret_cast<const VF*>(&kt[x][(g0 + j) * W]);
+        for (int i = 0; i < RB; ++i) {
+          const float qx = q[(r0 + i) * D + x];
+          for (int j = 0; j < KV; ++j) a[i][j] += qx * kv[j];
+        }
+      }
+      for (int i = 0; i < RB; ++i)
+        for (int j = 0; j < KV; ++j) *reinterpret_cast<VF*>(&s[r0 + i][(g0 + j) * W]) = a[i][j];
+    }
+  }
+  if constexpr (RB > 1) scores_gemm<W, NV, RB / 2>(q, kt, s, r0, r1, ng);
+}
+
+template <typename KT, int D>
+inline void prefetch_row(const KT* p) {
+  for (size_t o = 0; o < 2 * D * sizeof(KT); o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + o, 0, 3);
+}
+
 // acc[r] += sum_k s[r][k] * V[k] for rows [r0, r1), RB rows per pass (their accumulators stay in
 // registers while each V row is loaded once), the remainder in passes of RB / 2, ... 1 rows.
 template <typename KT, int W, int NV, int RB>
 inline void pv_rows(typename V<W>::f (*acc)[NV], const float (*s)[kChunk], const bool* live, const KT* const* kp,
-                    int r0, int r1, int nk) {
+                    int r0, int r1, int nk, const KT* const* pf, int npf) {
   using VF = typename V<W>::f;
   constexpr int D = W * NV;
   for (; r0 + RB <= r1; r0 += RB) {
@@ -229,6 +269,7 @@ inline void pv_rows(typename V<W>::f (*acc)[NV], const float (*s)[kChunk], const
       for (int v = 0; v < NV; ++v) a[i][v] = acc[r0 + i][v];
     for (int k = 0; k < nk; ++k) {
       const KT* vr = kp[k] + D;
+      if (k < npf) prefetch_row<KT, D>(pf[k]);  // the next chunk's key k, spread over this loop
       VF vv[NV];
       for (int v = 0; v < NV; ++v) vv[v] = load<W>(vr + v * W);
       for (int i = 0; i < RB; ++i) {
@@ -238,8 +279,9 @@ inline void pv_rows(typename V<W>::f (*acc)[NV], const float (*s)[kChunk], const
     }
     for (int i = 0; i < RB; ++i)
       for (int v = 0; v < NV; ++v) acc[r0 + i][v] = a[i][v];
+    npf = 0;  // prefetched once
   }
-  if constexpr (RB > 1) pv_rows<KT, W, NV, RB / 2>(acc, s, live, kp, r0, r1, nk);
+  if constexpr (RB > 1) pv_rows<KT, W, NV, RB / 2>(acc, s, live, kp, r0, r1, nk, pf, npf);
 }
 
 // One work item: rows of query tokens [tok0, tok0 + ntok) x group heads of kv head h, keys
@@ -253,11 +295,12 @@ void run_item(const Problem& P, const Item& it, bool to_workspace) {
   alignas(64) VF qv[kTileRows][NV];
   alignas(64) VF acc[kTileRows][NV];
   alignas(64) float s[kTileRows][kChunk];
-  float m[kTileRows], l[kTileRows];
+  float m[kTileRows];
+  alignas(64) VF l[kTileRows];
   int32_t qp[kTileRows];
   bool live[kTileRows];
-  alignas(64) int32_t kpos[kChunk];
-  const KT* kp[kChunk];
+  const bool gemm = rows >= kGemmMinRows;
+  alignas(64) float kt[D][kChunk];  // transposed keys (only with gemm)
 
   const size_t qsize = elem_size(P.q_dtype);
   for (int r = 0; r < rows; ++r) {
@@ -269,7 +312,7 @@ void run_item(const Problem& P, const Item& it, bool to_workspace) {
       acc[r][v] = VF{};
     }
     m[r] = kFloor;
-    l[r] = 0.f;
+    l[r] = VF{};
     qp[r] = P.qpos ? P.qpos[tok] : 0;
   }
   const bool causal = P.qpos != nullptr;
@@ -278,22 +321,56 @@ void run_item(const Problem& P, const Item& it, bool to_workspace) {
   const int32_t* prow = causal ? P.bpos + it.b * P.spb : nullptr;
   const VI lane = [] { VI x; for (int j = 0; j < W; ++j) x[j] = j; return x; }();
 
-  for (int c0 = it.k_lo; c0 < it.k_hi; c0 += kChunk) {
+  // Key row pointers (and positions) of a chunk, double-buffered: the next chunk's are built before
+  // the current chunk is multiplied, so its rows can be prefetched while P @ V runs (cold caches:
+  // the table order jumps between blocks, which the hardware prefetcher cannot follow).
+  const KT* kpbuf[2][kChunk];
+  alignas(64) int32_t kposbuf[2][kChunk];
+  int32_t pminb[2], pmaxb[2];
+  auto build = [&](int c0, int slot) {
+    const int nk = std::min(kChunk, it.k_hi - c0);
+    int32_t pmin = std::numeric_limits<int32_t>::max(), pmax = std::numeric_limits<int32_t>::min();
+    // One division per chunk, then whole runs of a block: a division per key cost as much as its
+    // dot products at D = 32.
+    int blk = c0 / P.bs, off = c0 - blk * P.bs;
+    for (int k = 0; k < nk; ++blk, off = 0) {
+      const int run = std::min(P.bs - off, nk - k);
+      const KT* base = kv + static_cast<int64_t>(trow[blk * P.stm]) * P.skb + off * P.skt;
+      for (int j = 0; j < run; ++j) kpbuf[slot][k + j] = base + j * P.skt;
+      if (causal) {
+        const int32_t p0 = prow[blk * P.spm] + off;
+        for (int j = 0; j < run; ++j) kposbuf[slot][k + j] = p0 + j;
+        pmin = std::min(pmin, p0);
+        pmax = std::max(pmax, p0 + run - 1);
+      }
+      k += run;
+    }
+    pminb[slot] = pmin;
+    pmaxb[slot] = pmax;
+  };
+  int cur = 0;
+  if (it.k_lo < it.k_hi) build(it.k_lo, 0);
+  for (int c0 = it.k_lo; c0 < it.k_hi; c0 += kChunk, cur ^= 1) {
     const int nk = std::min(kChunk, it.k_hi - c0);
     const int ng = (nk + W - 1) / W;
-    int32_t pmin = std::numeric_limits<int32_t>::max(), pmax = std::numeric_limits<int32_t>::min();
-    for (int k = 0; k < nk; ++k) {
-      const int t = c0 + k, blk = t / P.bs, off = t - blk * P.bs;
-      kp[k] = kv + static_cast<int64_t>(trow[blk * P.stm]) * P.skb + off * P.skt;
-      if (causal) {
-        kpos[k] = prow[blk * P.spm] + off;
-        pmin = std::min(pmin, kpos[k]);
-        pmax = std::max(pmax, kpos[k]);
-      }
-    }
-    for (int k = nk; k < ng * W; ++k) {  // pad the last group with a real row; its lanes are masked
+    const KT** kp = kpbuf[cur];
+    int32_t* kpos = kposbuf[cur];
+    const int32_t pmin = pminb[cur], pmax = pmaxb[cur];
+    const int n_next = std::max(0, std::min(kChunk, it.k_hi - c0 - kChunk));
+    if (n_next > 0) build(c0 + kChunk, cur ^ 1);
+    const int ngp = gemm ? (ng + kGemmVecs - 1) / kGemmVecs * kGemmVecs : ng;
+    for (int k = nk; k < ngp * W; ++k) {  // pad the last group(s) with a real row; their lanes are masked
       kp[k] = kp[0];
       kpos[k] = std::numeric_limits<int32_t>::max();
+    }
+    if (gemm) {
+      // Many rows: transpose the chunk's keys once (kt[x][k] = K[k][x]) so that every row's scores
+      // are plain FMAs over keys, with no per-score lane reduction.
+      for (int k = 0; k < ngp * W; ++k) {
+        const KT* kr = kp[k];
+        for (int x = 0; x < D; ++x) kt[x][k] = static_cast<float>(kr[x]);
+      }
+      scores_gemm<W, NV, kGemmRows>(reinterpret_cast<const float*>(qv), kt, s, 0, rows, ngp);
     }
 
     // Scores and the softmax update, row by row.
@@ -305,49 +382,56 @@ void run_item(const Problem& P, const Item& it, bool to_workspace) {
       }
       const bool mask_pos = causal && qp[r] < pmax;
       const VI qpv = VI{} + qp[r];
-      VF vmax = VF{} + kFloor;
+      VF vmax = VF{} + m[r];
       for (int gi = 0; gi < ng; ++gi) {
-        VF part[W];
-        for (int j = 0; j < W; ++j) {
-          const KT* kr = kp[gi * W + j];
-          VF a = qv[r][0] * load<W>(kr);
-          for (int v = 1; v < NV; ++v) a += qv[r][v] * load<W>(kr + v * W);
-          part[j] = a;
+        VF sc;
+        if (gemm) {
+          sc = *reinterpret_cast<const VF*>(&s[r][gi * W]);
+        } else {
+          VF part[W];
+          for (int j = 0; j < W; ++j) {
+            const KT* kr = kp[gi * W + j];
+            VF a = qv[r][0] * load<W>(kr);
+            for (int v = 1; v < NV; ++v) a += qv[r][v] * load<W>(kr + v * W);
+            part[j] = a;
+          }
+          sc = lane_sums<W>(part);
         }
-        VF sc = lane_sums<W>(part);
         const VF ninf = VF{} - std::numeric_limits<float>::infinity();
         if ((gi + 1) * W > nk) sc = (lane + gi * W) < nk ? sc : ninf;
         if (mask_pos) sc = *reinterpret_cast<const typename V<W>::iu*>(kpos + gi * W) > qpv ? ninf : sc;
         *reinterpret_cast<VF*>(&s[r][gi * W]) = sc;
         vmax = sc > vmax ? sc : vmax;
       }
-      const float m_new = std::max(m[r], hmax<W>(vmax));
-      const VF mv = VF{} + m_new;
-      VF sum = VF{};
+      const VF mv = hmax_all<W>(vmax);  // >= kFloor, so also the new running max
+      const float m_new = mv[0];
+      // l is kept per lane (summed once at the end): no horizontal sum per row and chunk.
+      VF sum = l[r];
+      if (m_new != m[r]) {
+        const float alpha = std::exp(m[r] - m_new);
+        sum *= alpha;
+        for (int v = 0; v < NV; ++v) acc[r][v] *= alpha;
+        m[r] = m_new;
+      }
       for (int gi = 0; gi < ng; ++gi) {
         VF p = vexp<W>(*reinterpret_cast<VF*>(&s[r][gi * W]) - mv);
         *reinterpret_cast<VF*>(&s[r][gi * W]) = p;
         sum += p;
       }
-      if (m_new != m[r]) {
-        const float alpha = std::exp(m[r] - m_new);
-        l[r] *= alpha;
-        for (int v = 0; v < NV; ++v) acc[r][v] *= alpha;
-        m[r] = m_new;
-      }
-      l[r] += hsum<W>(sum);
+      l[r] = sum;
     }
 
     // P @ V, a few rows at a time so each V row loaded serves all of them from registers.
-    pv_rows<KT, W, NV, NV >= 8 ? 2 : (NV >= 4 ? 4 : 8)>(acc, s, live, kp, 0, rows, nk);
+    pv_rows<KT, W, NV, NV >= 8 ? 2 : (NV >= 4 ? 4 : 8)>(acc, s, live, kp, 0, rows, nk, kpbuf[cur ^ 1], n_next);
   }
 
   // Normalise and store: out = acc / l, lse = m + log l; a row with no visible key gets 0 / -inf.
   for (int r = 0; r < rows; ++r) {
     const int64_t tok = it.tok0 + r / g, head = it.h * g + r % g;
-    const bool nonempty = l[r] > 0.f;
-    const float inv = nonempty ? 1.f / l[r] : 0.f;
-    const float lse_r = nonempty ? m[r] + std::log(l[r]) : -std::numeric_limits<float>::infinity();
+    const float lr = hsum<W>(l[r]);
+    const bool nonempty = lr > 0.f;
+    const float inv = nonempty ? 1.f / lr : 0.f;
+    const float lse_r = nonempty ? m[r] + std::log(lr) : -std::numeric_limits<float>::infinity();
     alignas(64) float tmp[D];
     for (int v = 0; v < NV; ++v) *reinterpret_cast<VF*>(tmp + v * W) = acc[r][v];
     if (to_workspace) {
@@ -385,26 +469,24 @@ void combine_splits(const Problem& P, int64_t tok, int nsplit) {
 
 using ItemFn = void (*)(const Problem&, const Item&, bool);
 
-template <typename KT, int W>
-ItemFn pick_nv(int nv) {
-  switch (nv) {
-    case 1: return run_item<KT, W, 1>;
-    case 2: return run_item<KT, W, 2>;
-    case 3: return run_item<KT, W, 3>;
-    case 4: return run_item<KT, W, 4>;
-    case 8: return run_item<KT, W, 8>;
-    default: return nullptr;
-  }
-}
-
-// Head dims that are 1, 2, 3, 4 or 8 vectors of the build's widest width, or 8 and 24 (one or three
-// 8-float vectors): 8, 16, 24, 32, 48, 64, 128 with AVX-512. Others go to the torch implementation.
+// Head dims of one to four 8-float vectors (8, 16, 24, 32) use 8-float vectors, wider ones (48, 64,
+// 128) 16-float vectors where the build has them. Other head dims go to the torch implementation.
+// Head dims of 8 and 24 use 8-float vectors, 16 to 128 the build's widest (16 floats with AVX-512:
+// measured faster than 8 at D = 32 on a Zen 4 core). Other head dims go to the torch implementation.
 template <typename KT>
 ItemFn pick(int d) {
-  if (d % kW == 0) {
-    if (ItemFn f = pick_nv<KT, kW>(d / kW)) return f;
+  switch (d) {
+    case 8: return run_item<KT, 8, 1>;
+    case 24: return run_item<KT, 8, 3>;
   }
-  if (kW != 8 && (d == 8 || d == 24)) return pick_nv<KT, 8>(d / 8);
+  if (d % kW) return nullptr;
+  switch (d / kW) {
+    case 1: return run_item<KT, kW, 1>;
+    case 2: return run_item<KT, kW, 2>;
+    case 3: return run_item<KT, kW, 3>;
+    case 4: return run_item<KT, kW, 4>;
+    case 8: return run_item<KT, kW, 8>;
+  }
   return nullptr;
 }
 
