@@ -44,7 +44,9 @@ def token_requests(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tens
     """query_start_loc (B+1,) int -> (T,) int64 index of the request each token belongs to."""
     qsl = query_start_loc.to(torch.int64)
     tokens = torch.arange(num_tokens, device=qsl.device)
-    return torch.searchsorted(qsl[1:], tokens, right=True)
+    # Padding tokens past the last request (a padded step) count as the last request's; they own
+    # no slot, so nothing reads what they are assigned.
+    return torch.searchsorted(qsl[1:], tokens, right=True).clamp(max=max(qsl.numel() - 2, 0))
 
 
 def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,

@@ -149,3 +149,14 @@ def test_one_layer_on_simulated_ranks_matches_full_attention(step, heads):
         ref_out, _ = ref_attention(query[rows], ks[i], vs[i], scale, mask)
         torch.testing.assert_close(result[rows].double(), ref_out, atol=2e-5, rtol=2e-5)
     assert math.isclose(sum(p.num_local for p in plans), t)
+
+
+def test_padded_step_tokens_belong_to_no_rank():
+    # Two requests (3 + 2 tokens) and 3 padding tokens (slot -1), 2 ranks of 4 one-token blocks.
+    slots = torch.tensor([0, 5, 1, 6, 2, -1, -1, -1])
+    qsl = torch.tensor([0, 3, 5], dtype=torch.int32)
+    seq_lens = torch.tensor([3, 2], dtype=torch.int32)
+    plans = [build_step_plan(slots, qsl, seq_lens, r, 2, 4) for r in range(2)]
+    assert plans[0].counts == [3, 2]
+    assert plans[0].row_idx.tolist() == [0, 2, 4] and plans[1].row_idx.tolist() == [1, 3]
+    assert plans[0].token_req.tolist()[:5] == [0, 0, 0, 1, 1]
