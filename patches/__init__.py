@@ -14,6 +14,7 @@ def apply_all() -> None:
     if _applied:
         return
     _applied = True
-    from vllm_kvp.patches import engine_args
+    from vllm_kvp.patches import cpu_pipeline, engine_args
 
     engine_args.apply()
+    cpu_pipeline.apply()

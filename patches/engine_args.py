@@ -3,14 +3,17 @@
 Why: vLLM 0.32 has no extension point for a general plugin to add CLI flags or to choose the
 executor / worker / scheduler classes from its own config. Everything else in vllm_kvp uses vLLM's
 pluggable classes; this is the one place that connects them to the user's `kvp` settings.
-What: wraps three `EngineArgs` methods.
+What: wraps four `EngineArgs` methods.
   - `add_cli_args`: adds the "KV parallelism" group (`--kvp-size`, `--kvp-placement`,
-    `--kvp-max-tokens-per-rank`).
+    `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`).
   - `from_cli_args`: folds those flags into `additional_config["kvp"]`, so a flag and the
     equivalent `additional_config` are the same thing from here on.
   - `create_engine_config`: validates the `kvp` config (in the front-end process, before any worker
-    starts) and, when `size > 1`, selects vllm_kvp's executor, worker and scheduler classes.
-Without a `kvp` config (or with size 1) nothing is changed.
+    starts) and, when `size > 1`, selects vllm_kvp's executor, worker and scheduler classes; with
+    `size == 1` and `prefill_chunking="adaptive"`, only vllm_kvp's scheduler.
+  - `_check_feature_supported`: lets pipeline parallelism through for vllm_kvp's executors, which
+    vLLM's check does not recognise by their qualnames (they extend its "mp" and "ray" ones).
+Without a `kvp` config (or with size 1 and fixed chunking) nothing is changed.
 Remove when: vLLM offers a plugin hook for CLI flags and for config post-processing.
 """
 
@@ -20,13 +23,14 @@ import argparse
 import functools
 from typing import Any
 
-from vllm_kvp.config import CONFIG_KEY, PLACEMENTS, KVPConfig, KVPConfigError
+from vllm_kvp.config import CHUNKINGS, CONFIG_KEY, PLACEMENTS, KVPConfig, KVPConfigError
 
 _FLAGS = {
     # flag dest -> KVPConfig field
     "kvp_size": "size",
     "kvp_placement": "placement",
     "kvp_max_tokens_per_rank": "max_tokens_per_rank",
+    "kvp_prefill_chunking": "prefill_chunking",
 }
 
 _MARK = "_vllm_kvp_wrapped"
@@ -47,6 +51,10 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--kvp-max-tokens-per-rank", type=int, default=None,
                        help="Tokens of one request a rank holds before the request onboards "
                             "another rank (placement 'onboard'). Default: a rank's capacity.")
+    group.add_argument("--kvp-prefill-chunking", type=str, default=None, choices=CHUNKINGS,
+                       help="Prefill chunk sizes: 'fixed' (vLLM's token budget) or 'adaptive' "
+                            "(later chunks of a long prompt shrink so each takes about as long "
+                            "as the first). Works with any --kvp-size. Default 'fixed'.")
     return parser
 
 
@@ -65,11 +73,12 @@ def merge_kvp_flags(args: argparse.Namespace, additional_config: dict | None) ->
 def resolve_kvp(engine_args: Any) -> KVPConfig:
     """Validate the `kvp` config and point vLLM at vllm_kvp's classes when it is enabled."""
     kvp = KVPConfig.from_additional_config(engine_args.additional_config)
-    if not kvp.enabled:
-        return kvp
     from vllm_kvp import layout
 
-    layout.apply_to_engine_args(engine_args, kvp)
+    if kvp.enabled:
+        layout.apply_to_engine_args(engine_args, kvp)
+    elif kvp.adaptive_chunking:
+        layout.apply_chunking_to_engine_args(engine_args, kvp)
     return kvp
 
 
@@ -81,6 +90,7 @@ def apply() -> None:
     original_add = EngineArgs.add_cli_args
     original_from = EngineArgs.from_cli_args.__func__
     original_create = EngineArgs.create_engine_config
+    original_check = EngineArgs._check_feature_supported
 
     @functools.wraps(original_add)
     def add_cli_args(parser, *a, **kw):
@@ -102,11 +112,29 @@ def apply() -> None:
             layout.check_engine_config(config)
         return config
 
-    for fn in (add_cli_args, from_cli_args, create_engine_config):
+    @functools.wraps(original_check)
+    def check_feature_supported(self, *a, **kw):
+        # vLLM admits pipeline parallelism only for executors it knows by name ("mp", "ray") or
+        # for classes flagged `supports_pp`; ours are named by qualname and subclass those two,
+        # so the check sees the name of the executor they extend.
+        from vllm_kvp import layout
+
+        backend = self.distributed_executor_backend
+        stands_for = {layout.EXECUTOR: "mp", layout.RAY_EXECUTOR: "ray"}.get(backend)
+        if stands_for is None:
+            return original_check(self, *a, **kw)
+        self.distributed_executor_backend = stands_for
+        try:
+            return original_check(self, *a, **kw)
+        finally:
+            self.distributed_executor_backend = backend
+
+    for fn in (add_cli_args, from_cli_args, create_engine_config, check_feature_supported):
         setattr(fn, _MARK, True)
     EngineArgs.add_cli_args = staticmethod(add_cli_args)
     EngineArgs.from_cli_args = classmethod(from_cli_args)
     EngineArgs.create_engine_config = create_engine_config
+    EngineArgs._check_feature_supported = check_feature_supported
 
 
 __all__ = ["apply", "add_kvp_args", "merge_kvp_flags", "resolve_kvp", "KVPConfigError"]

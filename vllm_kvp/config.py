@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 PLACEMENTS = ("onboard", "striped")
+CHUNKINGS = ("fixed", "adaptive")
 CONFIG_KEY = "kvp"
 
 
@@ -31,11 +32,17 @@ class KVPConfig:
         "striped": block i of a request goes to rank i % size (balances decode attention work).
     max_tokens_per_rank: onboarding threshold in tokens per request per rank. None: the rank's
         whole KV capacity.
+    prefill_chunking: how a long prompt is cut into prefill chunks.
+        "fixed": vLLM's own chunks (the step's token budget, `max_num_batched_tokens`).
+        "adaptive": each chunk is sized so its predicted time (dense work plus attention over the
+        context so far) stays near the first chunk's; later chunks of a long prompt get shorter.
+        Works with any `size`, including 1 (then only the scheduler is vllm_kvp's).
     """
 
     size: int = 1
     placement: str = "onboard"
     max_tokens_per_rank: int | None = None
+    prefill_chunking: str = "fixed"
 
     def __post_init__(self) -> None:
         _check_int("size", self.size, minimum=1)
@@ -46,10 +53,20 @@ class KVPConfig:
             )
         if self.max_tokens_per_rank is not None:
             _check_int("max_tokens_per_rank", self.max_tokens_per_rank, minimum=1)
+        if self.prefill_chunking not in CHUNKINGS:
+            raise KVPConfigError(
+                f"kvp.prefill_chunking must be one of {', '.join(map(repr, CHUNKINGS))}, "
+                f"got {self.prefill_chunking!r}"
+            )
 
     @property
     def enabled(self) -> bool:
+        """KV ranks are on: vllm_kvp's executor, worker and scheduler run the engine."""
         return self.size > 1
+
+    @property
+    def adaptive_chunking(self) -> bool:
+        return self.prefill_chunking == "adaptive"
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "KVPConfig":

@@ -11,6 +11,7 @@ EXECUTOR = "vllm_kvp.executor.KVPExecutor"
 RAY_EXECUTOR = "vllm_kvp.ray_executor.KVPRayExecutor"
 WORKER = "vllm_kvp.worker.KVPWorker"
 SCHEDULER = "vllm_kvp.scheduler.KVPScheduler"
+CHUNK_SCHEDULER = "vllm_kvp.chunk_scheduler.AdaptiveChunkScheduler"
 
 
 def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
@@ -20,6 +21,7 @@ def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     worker process exists.
     """
     _refuse_unsupported(engine_args)
+    _refuse_fixed_prefill(engine_args, kvp)
     ray = engine_args.distributed_executor_backend in ("ray", RAY_EXECUTOR)
     engine_args.distributed_executor_backend = RAY_EXECUTOR if ray else EXECUTOR
     engine_args.worker_cls = WORKER
@@ -54,6 +56,27 @@ def _apply_cuda_settings(engine_args: Any) -> None:
             f"kvp.size > 1 runs on vLLM's Model Runner V1; VLLM_USE_V2_MODEL_RUNNER={current!r} "
             f"selects V2 (unset it or set it to 0)")
     os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+
+
+def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
+    """`size == 1` with adaptive chunking: vLLM's engine with vllm_kvp's scheduler only."""
+    if engine_args.scheduler_cls not in (None, CHUNK_SCHEDULER):
+        raise KVPConfigError(
+            f"kvp.prefill_chunking='adaptive' runs on vllm_kvp's scheduler; scheduler_cls="
+            f"{engine_args.scheduler_cls!r} cannot be combined with it"
+        )
+    _refuse_fixed_prefill(engine_args, kvp)
+    engine_args.scheduler_cls = CHUNK_SCHEDULER
+    engine_args.additional_config = {**engine_args.additional_config, "kvp": kvp.to_dict()}
+
+
+def _refuse_fixed_prefill(engine_args: Any, kvp: KVPConfig) -> None:
+    # Without chunked prefill vLLM schedules whole prompts, which a chunk cap would silently undo.
+    if kvp.adaptive_chunking and engine_args.enable_chunked_prefill is False:
+        raise KVPConfigError(
+            "kvp.prefill_chunking='adaptive' sizes prefill chunks and needs chunked prefill; "
+            "enable_chunked_prefill=False cannot be combined with it (use prefill_chunking='fixed')"
+        )
 
 
 def _refuse_unsupported(engine_args: Any) -> None:

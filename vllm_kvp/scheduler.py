@@ -15,6 +15,7 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
+from vllm_kvp.chunk_scheduler import AdaptiveChunkingMixin
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.metrics import KVPMetrics
 from vllm_kvp.placement import RankPlacement
@@ -23,7 +24,7 @@ from vllm_kvp.rank_pool import RankedFreeQueue, most_free_first
 logger = logging.getLogger("vllm.vllm_kvp")
 
 
-class KVPScheduler(Scheduler):
+class KVPScheduler(AdaptiveChunkingMixin, Scheduler):
     def __init__(self, vllm_config, kv_cache_config, *args: Any, **kwargs: Any) -> None:
         self.kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
         kv_cache_config = copy.deepcopy(kv_cache_config)
