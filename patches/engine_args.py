@@ -104,12 +104,13 @@ def apply() -> None:
 
     @functools.wraps(original_create)
     def create_engine_config(self, *a, **kw):
+        from vllm_kvp import layout
+
         kvp = resolve_kvp(self)
         config = original_create(self, *a, **kw)
         if kvp.enabled:
-            from vllm_kvp import layout
-
             layout.check_engine_config(config)
+        layout.finish_engine_config(config)
         return config
 
     @functools.wraps(original_check)

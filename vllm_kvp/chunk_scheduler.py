@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvp.chunking import attention_ratio_from_hf_config, chunk_tokens
@@ -62,3 +63,8 @@ class AdaptiveChunkingMixin:
 class AdaptiveChunkScheduler(AdaptiveChunkingMixin, Scheduler):
     """vLLM's scheduler with adaptive prefill chunks: what `kvp.size == 1` with
     `prefill_chunking="adaptive"` runs (no other vllm_kvp class is involved then)."""
+
+
+class AdaptiveChunkAsyncScheduler(AdaptiveChunkingMixin, AsyncScheduler):
+    """The same over vLLM's asynchronous scheduler, which vLLM picks for itself when no pipeline
+    or KV ranks are involved (see `layout.finish_engine_config`)."""

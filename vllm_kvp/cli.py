@@ -17,13 +17,17 @@ OWN_COMMANDS = ("make-model", "model-margins", "plan")
 
 
 def _own_parser() -> argparse.ArgumentParser:
-    from vllm_kvp.model import DEFAULT_MODEL_DIR
+    from vllm_kvp.model import DEFAULT_MODEL_DIR, SIZES
 
     parser = argparse.ArgumentParser(prog="vllm-kvp", description="vllm_kvp tools (other commands: vLLM's CLI)")
     sub = parser.add_subparsers(dest="command", required=True)
     make = sub.add_parser("make-model", help="build the embedded default model (seeded random Llama)")
-    make.add_argument("path", nargs="?", default=str(DEFAULT_MODEL_DIR))
+    make.add_argument("path", nargs="?", default=None,
+                      help=f"default: {DEFAULT_MODEL_DIR} (another --size: its name beside it)")
     make.add_argument("--seed", type=int, default=0)
+    make.add_argument("--size", choices=sorted(SIZES), default="default",
+                      help="'default': the tiny test model; 'bench': hidden 1024, 4 layers, "
+                           "8 query / 2 KV heads of 128, MLP 4096 (benchmarks)")
     make.add_argument("--force", action="store_true", help="rebuild even if a complete build exists")
     margins = sub.add_parser("model-margins", help="top-1/top-2 logit margins of greedy decoding (transformers)")
     margins.add_argument("path", nargs="?", default=str(DEFAULT_MODEL_DIR))
@@ -41,7 +45,8 @@ def _run_own(argv: list[str]) -> int:
 
     if args.command == "make-model":
         t0 = time.perf_counter()
-        path = model.build_default_model(args.path, seed=args.seed, force=args.force)
+        path = model.build_default_model(args.path, seed=args.seed, force=args.force,
+                                         size=args.size)
         print(f"{path}  ({time.perf_counter() - t0:.1f}s)")
         return 0
     t0 = time.perf_counter()

@@ -12,6 +12,7 @@ RAY_EXECUTOR = "vllm_kvp.ray_executor.KVPRayExecutor"
 WORKER = "vllm_kvp.worker.KVPWorker"
 SCHEDULER = "vllm_kvp.scheduler.KVPScheduler"
 CHUNK_SCHEDULER = "vllm_kvp.chunk_scheduler.AdaptiveChunkScheduler"
+ASYNC_CHUNK_SCHEDULER = "vllm_kvp.chunk_scheduler.AdaptiveChunkAsyncScheduler"
 
 
 def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
@@ -60,7 +61,7 @@ def _apply_cuda_settings(engine_args: Any) -> None:
 
 def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     """`size == 1` with adaptive chunking: vLLM's engine with vllm_kvp's scheduler only."""
-    if engine_args.scheduler_cls not in (None, CHUNK_SCHEDULER):
+    if engine_args.scheduler_cls not in (None, CHUNK_SCHEDULER, ASYNC_CHUNK_SCHEDULER):
         raise KVPConfigError(
             f"kvp.prefill_chunking='adaptive' runs on vllm_kvp's scheduler; scheduler_cls="
             f"{engine_args.scheduler_cls!r} cannot be combined with it"
@@ -68,6 +69,27 @@ def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     _refuse_fixed_prefill(engine_args, kvp)
     engine_args.scheduler_cls = CHUNK_SCHEDULER
     engine_args.additional_config = {**engine_args.additional_config, "kvp": kvp.to_dict()}
+
+
+def finish_engine_config(config: Any) -> None:
+    """Checks and choices that need vLLM's resolved config (still before any worker starts).
+
+    vLLM decides asynchronous scheduling only while it builds the config (on unless PP, the
+    executor or speculative decoding rule it out), so the adaptive scheduler's asynchronous twin is
+    chosen here. With KV ranks every pipeline stage must hold attention layers: a stage without
+    any would have no KV cache for the ranks to share.
+    """
+    kvp = KVPConfig.from_additional_config(config.additional_config)
+    pp = config.parallel_config.pipeline_parallel_size
+    layers = config.model_config.get_total_num_hidden_layers()
+    if kvp.enabled and pp > layers:
+        raise KVPConfigError(
+            f"kvp.size > 1 needs attention layers on every pipeline stage; "
+            f"pipeline_parallel_size={pp} exceeds the model's {layers} layers"
+        )
+    sched = config.scheduler_config
+    if sched.scheduler_cls == CHUNK_SCHEDULER and sched.async_scheduling:
+        sched.scheduler_cls = ASYNC_CHUNK_SCHEDULER
 
 
 def _refuse_fixed_prefill(engine_args: Any, kvp: KVPConfig) -> None:

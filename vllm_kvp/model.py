@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -31,6 +32,11 @@ ARCH = dict(
     num_attention_heads=8, num_key_value_heads=2, head_dim=32,
     max_position_embeddings=131072, rope_theta=1e6, vocab_size=4096,
 )
+# Benchmark size: dense work per token large enough that step times are compute, not overhead,
+# and an even layer count that splits over 2 or 4 pipeline stages. Same tokenizer and init recipe.
+BENCH_ARCH = dict(ARCH, hidden_size=1024, intermediate_size=4096, num_hidden_layers=4,
+                  head_dim=128)
+SIZES = {"default": ARCH, "bench": BENCH_ARCH}
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -101,7 +107,7 @@ def _suppressed_ids(tok) -> list[int]:
     return ids
 
 
-def _init_weights(model, seed: int, suppressed: list[int]) -> None:
+def _init_weights(model, seed: int, suppressed: list[int], arch: dict = ARCH) -> None:
     """Explicit seeded init, independent of transformers' own init order.
 
     Scales (hidden 256, inputs RMS-normed to ~1): embeddings N(0,1) keep the residual O(1); q/k std
@@ -109,12 +115,15 @@ def _init_weights(model, seed: int, suppressed: list[int]) -> None:
     v/o/mlp ~1/sqrt(fan_in) so every layer moves the residual; lm_head std 1 gives logits of std ~16,
     so top-1/top-2 margins are O(1) (median ~3). Float noise in the logits grows with the same scale,
     so the margin/noise ratio is set by the vocabulary's Gaussian order statistics, not by this std.
+    Other sizes scale the same way with their hidden and MLP widths (exactly the numbers above at
+    hidden 256, MLP 768).
     """
     import torch
 
     gen = torch.Generator().manual_seed(seed)
-    std = {"q_proj": 0.125, "k_proj": 0.125, "v_proj": 1 / 16, "o_proj": 1 / 16,
-           "gate_proj": 1 / 16, "up_proj": 1 / 16, "down_proj": 768 ** -0.5,
+    fan_in = 1 / math.sqrt(arch["hidden_size"])
+    std = {"q_proj": 2 * fan_in, "k_proj": 2 * fan_in, "v_proj": fan_in, "o_proj": fan_in,
+           "gate_proj": fan_in, "up_proj": fan_in, "down_proj": arch["intermediate_size"] ** -0.5,
            "embed_tokens": 1.0, "lm_head": 1.0}
     with torch.no_grad():
         for name, p in sorted(model.named_parameters()):
@@ -130,22 +139,22 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _is_complete(path: Path, seed: int) -> bool:
+def _is_complete(path: Path, seed: int, arch: dict = ARCH) -> bool:
     try:
         marker = json.loads((path / MARKER).read_text())
         return (marker.get("format_version") == FORMAT_VERSION and marker.get("seed") == seed
-                and marker.get("arch") == ARCH
+                and marker.get("arch") == arch
                 and all(_sha256(path / f) == h for f, h in marker["files"].items()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
 
 
-def _write_model(out: Path, seed: int) -> None:
+def _write_model(out: Path, seed: int, base_arch: dict = ARCH) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok = _train_tokenizer(ARCH["vocab_size"])
-    arch = dict(ARCH, vocab_size=tok.get_vocab_size())  # exact: every id the model emits decodes
+    tok = _train_tokenizer(base_arch["vocab_size"])
+    arch = dict(base_arch, vocab_size=tok.get_vocab_size())  # exact: every id the model emits decodes
     rope_theta = arch.pop("rope_theta")
     config = LlamaConfig(
         **arch, rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
@@ -155,23 +164,27 @@ def _write_model(out: Path, seed: int) -> None:
     )
     torch.manual_seed(seed)  # transformers' own init is overwritten, but keep it reproducible anyway
     model = LlamaForCausalLM(config).to(torch.float32)
-    _init_weights(model, seed, _suppressed_ids(tok))
+    _init_weights(model, seed, _suppressed_ids(tok), base_arch)
     model.save_pretrained(out, safe_serialization=True)
     hf_tok = PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-        chat_template=CHAT_TEMPLATE, model_max_length=ARCH["max_position_embeddings"],
+        chat_template=CHAT_TEMPLATE, model_max_length=base_arch["max_position_embeddings"],
     )
     hf_tok.save_pretrained(out)
 
 
-def build_default_model(path: str | os.PathLike | None = None, seed: int = 0, force: bool = False) -> Path:
-    """Build (or reuse) the default model at `path`; returns the path.
+def build_default_model(path: str | os.PathLike | None = None, seed: int = 0, force: bool = False,
+                        size: str = "default") -> Path:
+    """Build (or reuse) the default model (or another of `SIZES`) at `path`; returns the path.
 
     A complete build (marker present, same seed and format version, file hashes match) is reused.
     The build happens in a sibling temp dir renamed into place, so a killed build never looks complete.
     """
-    path = Path(path if path is not None else DEFAULT_MODEL_DIR).expanduser().resolve()
-    if not force and _is_complete(path, seed):
+    arch = SIZES[size]
+    if path is None:
+        path = DEFAULT_MODEL_DIR if size == "default" else DEFAULT_MODEL_DIR.parent / size
+    path = Path(path).expanduser().resolve()
+    if not force and _is_complete(path, seed, arch):
         return path
     if path.exists():
         ours = {MARKER, "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -179,14 +192,14 @@ def build_default_model(path: str | os.PathLike | None = None, seed: int = 0, fo
         foreign = [p.name for p in path.iterdir() if p.name not in ours]
         if foreign:  # never delete what we did not write
             raise FileExistsError(f"{path} exists and holds files not written by vllm_kvp: {foreign[:5]}")
-    print(f"vllm_kvp: building default model (seed {seed}) at {path} ...", file=sys.stderr, flush=True)
+    print(f"vllm_kvp: building {size} model (seed {seed}) at {path} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.build-", dir=path.parent))
     try:
-        _write_model(tmp, seed)
+        _write_model(tmp, seed, arch)
         files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-        marker = {"format_version": FORMAT_VERSION, "seed": seed, "arch": ARCH, "files": files}
+        marker = {"format_version": FORMAT_VERSION, "seed": seed, "arch": arch, "files": files}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2, sort_keys=True) + "\n")
         if path.exists():
             shutil.rmtree(path)

@@ -15,7 +15,8 @@ vllm_kvp.register()
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
-FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096"]
+FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096",
+        "--kvp-prefill-chunking", "adaptive"]
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +34,8 @@ def test_flags_fold_into_additional_config(parser):
     args = _engine_args(parser, FULL)
     assert isinstance(args, AsyncEngineArgs)
     assert args.additional_config["kvp"] == {"size": 2, "placement": "striped",
-                                             "max_tokens_per_rank": 4096}
+                                             "max_tokens_per_rank": 4096,
+                                             "prefill_chunking": "adaptive"}
 
 
 def test_only_given_flags_are_folded(parser):
@@ -64,13 +66,15 @@ def test_no_flags_leave_additional_config_unchanged(parser):
 
 def test_flag_defaults_are_unset(parser):
     ns = parser.parse_args(["--model", "x"])
-    assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank) == (None, None, None)
+    assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank,
+            ns.kvp_prefill_chunking) == (None, None, None, None)
 
 
 @pytest.mark.parametrize("argv", [
     ["--kvp-placement", "bogus"],
     ["--kvp-size", "two"],
     ["--kvp-max-tokens-per-rank", "1.5"],
+    ["--kvp-prefill-chunking", "medha"],
 ])
 def test_argparse_rejects_malformed_flags(parser, argv, capsys):
     with pytest.raises(SystemExit) as info:
@@ -81,7 +85,8 @@ def test_argparse_rejects_malformed_flags(parser, argv, capsys):
 
 def test_flags_are_in_help(parser):
     text = parser.format_help()
-    for flag in ("--kvp-size", "--kvp-placement", "--kvp-max-tokens-per-rank"):
+    for flag in ("--kvp-size", "--kvp-placement", "--kvp-max-tokens-per-rank",
+                 "--kvp-prefill-chunking"):
         assert flag in text
 
 
@@ -167,7 +172,8 @@ def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
     assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
     # the validated, normalised dict is what every process will read
     assert config.additional_config["kvp"] == {"placement": "onboard",
-                                                "max_tokens_per_rank": None, **kvp}
+                                                "max_tokens_per_rank": None,
+                                                "prefill_chunking": "fixed", **kvp}
     assert config.scheduler_config.async_scheduling is False
 
 
@@ -176,7 +182,8 @@ def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
     config = args.create_engine_config()
     assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
     assert config.additional_config["kvp"] == {"size": 2, "placement": "striped",
-                                                "max_tokens_per_rank": 4096}
+                                                "max_tokens_per_rank": 4096,
+                                                "prefill_chunking": "adaptive"}
 
 
 @pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])
@@ -191,3 +198,60 @@ def test_without_kvp_vllm_defaults_are_kept(model_path, additional_config):
     assert _selected(hooked) == _selected(stock)
     for value in _selected(hooked):
         assert "vllm_kvp" not in str(value)
+
+
+# --- adaptive chunking with one KV rank, pipeline parallelism --------------------------------------
+
+def test_adaptive_chunking_alone_selects_only_the_scheduler(parser, model_path):
+    args = _engine_args(parser, ["--kvp-prefill-chunking", "adaptive", "--dtype", "float32"],
+                        model=model_path)
+    config = args.create_engine_config()
+    stock = EngineArgs.create_engine_config.__wrapped__(EngineArgs(model=model_path, dtype="float32"))
+    executor, worker, scheduler = _selected(config)
+    assert (executor, worker) == _selected(stock)[:2]
+    assert config.additional_config["kvp"]["prefill_chunking"] == "adaptive"
+    # vLLM's CPU platform always schedules synchronously; where vLLM schedules asynchronously
+    # (CUDA, one worker) the adaptive scheduler's asynchronous twin is chosen instead.
+    assert config.scheduler_config.async_scheduling is False
+    assert scheduler == layout.CHUNK_SCHEDULER
+    config.scheduler_config.async_scheduling = True
+    layout.finish_engine_config(config)
+    assert _selected(config)[2] == layout.ASYNC_CHUNK_SCHEDULER
+
+
+@pytest.mark.parametrize("kvp", [{"prefill_chunking": "adaptive"},
+                                 {"size": 2, "prefill_chunking": "adaptive"}])
+def test_adaptive_chunking_needs_chunked_prefill(model_path, kvp):
+    before = _children()
+    args = EngineArgs(model=model_path, dtype="float32", enable_chunked_prefill=False,
+                      additional_config={"kvp": kvp})
+    with pytest.raises(KVPConfigError, match="enable_chunked_prefill") as info:
+        args.create_engine_config()
+    assert "kvp.prefill_chunking" in str(info.value)
+    assert _children() == before
+
+
+def test_adaptive_chunking_refuses_a_foreign_scheduler(model_path):
+    args = EngineArgs(model=model_path, dtype="float32", scheduler_cls="my.Sched",
+                      additional_config={"kvp": {"prefill_chunking": "adaptive"}})
+    with pytest.raises(KVPConfigError, match="scheduler_cls"):
+        args.create_engine_config()
+
+
+def test_kv_ranks_with_pipeline_parallelism_are_accepted(model_path):
+    # vLLM admits PP only for executors it knows; the KVP executor extends its "mp" one.
+    config = EngineArgs(model=model_path, dtype="float32", pipeline_parallel_size=2,
+                        additional_config={"kvp": {"size": 2}}).create_engine_config()
+    assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
+    assert config.parallel_config.pipeline_parallel_size == 2
+
+
+def test_more_stages_than_layers_is_refused_with_kv_ranks(model_path):
+    before = _children()
+    args = EngineArgs(model=model_path, dtype="float32", pipeline_parallel_size=3,
+                      additional_config={"kvp": {"size": 2}})
+    with pytest.raises(KVPConfigError, match="pipeline_parallel_size=3") as info:
+        args.create_engine_config()
+    assert "2 layers" in str(info.value)
+    assert _children() == before
+

@@ -4,7 +4,7 @@ import pytest
 
 import vllm_kvp
 from vllm_kvp import layout
-from vllm_kvp.config import PLACEMENTS, KVPConfig, KVPConfigError
+from vllm_kvp.config import CHUNKINGS, PLACEMENTS, KVPConfig, KVPConfigError
 
 
 def test_error_is_a_value_error():
@@ -27,6 +27,9 @@ def test_error_is_a_value_error():
     ({"size": 2, "max_tokens_per_rank": "4096"}, "kvp.max_tokens_per_rank", "integer"),
     ({"size": 2, "max_tokens_per_rank": 4096.0}, "kvp.max_tokens_per_rank", "integer"),
     ({"size": 2, "max_tokens_per_rank": True}, "kvp.max_tokens_per_rank", "integer"),
+    ({"prefill_chunking": "medha"}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
+    ({"size": 2, "prefill_chunking": None}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
+    ({"prefill_chunking": "Adaptive"}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_invalid_value_names_field_and_accepted_values(raw, field, accepted):
     with pytest.raises(KVPConfigError) as info:
@@ -49,7 +52,7 @@ def test_unknown_key_is_named_with_the_accepted_keys():
         KVPConfig.from_dict({"size": 2, "sizee": 3})
     message = str(info.value)
     assert "sizee" in message
-    for key in ("size", "placement", "max_tokens_per_rank"):
+    for key in ("size", "placement", "max_tokens_per_rank", "prefill_chunking"):
         assert key in message.split("accepted")[-1]
 
 
@@ -70,13 +73,15 @@ def test_non_mapping_is_rejected(raw):
     {"size": 2, "placement": "striped"},
     {"size": 3, "placement": "onboard", "max_tokens_per_rank": 2048},
     {"size": 8, "placement": "striped", "max_tokens_per_rank": 1},
+    {"prefill_chunking": "adaptive"},
+    {"size": 2, "placement": "striped", "prefill_chunking": "fixed"},
 ])
 def test_valid_config_round_trips(raw):
     config = KVPConfig.from_dict(raw)
     for key, value in raw.items():
         assert getattr(config, key) == value
     as_dict = config.to_dict()
-    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank"}
+    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "prefill_chunking"}
     assert {k: as_dict[k] for k in raw} == raw
     again = KVPConfig.from_dict(as_dict)
     assert again == config
@@ -86,9 +91,17 @@ def test_valid_config_round_trips(raw):
 
 def test_defaults():
     config = KVPConfig()
-    assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None}
+    assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None,
+                                "prefill_chunking": "fixed"}
     assert not config.enabled
+    assert not config.adaptive_chunking
     assert set(PLACEMENTS) == {"onboard", "striped"}
+    assert set(CHUNKINGS) == {"fixed", "adaptive"}
+
+
+def test_adaptive_chunking_does_not_turn_kv_ranks_on():
+    config = KVPConfig.from_dict({"prefill_chunking": "adaptive"})
+    assert config.adaptive_chunking and not config.enabled
 
 
 @pytest.mark.parametrize("additional_config", [None, {}, {"other": {"size": 4}}, {"kvp": None}])
