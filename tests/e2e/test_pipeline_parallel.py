@@ -1,7 +1,7 @@
 """Pipeline parallelism on CPU, alone and with KV ranks, with fixed and adaptive prefill chunks:
 greedy tokens equal those of one plain worker. A stage that dies fails the engine, never hangs it.
 
-Prompts up to 2,100 tokens in 256-token chunks, so every long prompt is prefilled in several chunks
+Prompts up to 1,500 tokens in 256-token chunks, so every long prompt is prefilled in several chunks
 in flight on both stages, and adaptive chunking really shrinks the later ones.
 """
 
@@ -18,9 +18,9 @@ from vllm_kvp import layout
 
 pytestmark = pytest.mark.e2e
 
-LENGTHS = [5, 300, 1200, 2100]
+LENGTHS = [5, 600, 1500]
 ENGINE = dict(max_model_len=4096, max_num_batched_tokens=256)
-MAX_TOKENS = 16
+MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
@@ -55,43 +55,39 @@ def cpu_workers_bound(num_workers: int):
 def test_plain_pipeline_matches_single_worker(model_path, prompts, reference, kvp):
     with cpu_workers_bound(2), engine(model_path, kvp=kvp, pipeline_parallel_size=2,
                                       **ENGINE) as llm:
-        expected = layout.CHUNK_SCHEDULER if kvp else None
-        assert llm.llm_engine.vllm_config.scheduler_config.scheduler_cls == expected
+        config = llm.llm_engine.vllm_config
+        # Adaptive chunks with one KV rank: vLLM's workers, only the scheduler is vllm_kvp's.
+        assert config.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
+        assert config.scheduler_config.scheduler_cls == (layout.CHUNK_SCHEDULER if kvp else None)
         got = generate(llm, prompts, MAX_TOKENS)
     assert_same_generation(reference, got, f"pp=2 kvp={kvp}")
 
 
-def test_adaptive_chunking_without_pipeline_matches_fixed(model_path, prompts, reference):
-    """One worker, only the scheduler is vllm_kvp's (vLLM's CPU platform schedules synchronously;
-    with asynchronous scheduling the adaptive scheduler's asynchronous twin runs)."""
-    with engine(model_path, kvp={"prefill_chunking": "adaptive"}, **ENGINE) as llm:
-        config = llm.llm_engine.vllm_config
-        assert config.parallel_config.worker_cls == "vllm.v1.worker.cpu_worker.CPUWorker"
-        sched = config.scheduler_config
-        assert sched.scheduler_cls == (layout.ASYNC_CHUNK_SCHEDULER if sched.async_scheduling
-                                       else layout.CHUNK_SCHEDULER)
-        got = generate(llm, prompts, MAX_TOKENS)
-    assert_same_generation(reference, got, "adaptive chunking")
-
-
-def _kvp_pipeline_run(model_path, prompts, kvp):
-    with engine(model_path, kvp=kvp, pipeline_parallel_size=2, **ENGINE) as llm:
-        got = generate(llm, prompts, MAX_TOKENS)
-        stats = llm.collective_rpc("kvp_stats")
-    return got, stats
-
-
-@pytest.mark.parametrize("kvp", [
-    {"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024},
-    {"size": 2, "placement": "striped", "prefill_chunking": "adaptive"},
-], ids=["onboard", "striped-adaptive"])
-def test_kv_ranks_x_pipeline_match_single_worker(model_path, prompts, reference, kvp):
-    got, stats = _kvp_pipeline_run(model_path, prompts, kvp)
-    assert_same_generation(reference, got, f"kvp={kvp} x pp=2")
-    assert sorted(got.kvp_ranks[3]) == [0, 1]  # 2,100 tokens span both ranks either way
+def _check_kvp_pipeline(llm, prompts, reference, label):
+    got = generate(llm, prompts, MAX_TOKENS)
+    assert_same_generation(reference, got, label)
+    assert sorted(got.kvp_ranks[-1]) == [0, 1]  # 1,500 tokens span both ranks either way
     # Four workers: each KV rank is a two-stage pipeline, and each worker holds one rank's share.
+    stats = llm.collective_rpc("kvp_stats")
     assert sorted(s["kvp_rank"] for s in stats) == [0, 0, 1, 1]
     assert len({s["num_blocks"] for s in stats}) == 1
+
+
+def test_kv_ranks_x_pipeline_striped_adaptive(model_path, prompts, reference):
+    kvp = {"size": 2, "placement": "striped", "prefill_chunking": "adaptive"}
+    with engine(model_path, kvp=kvp, pipeline_parallel_size=2, **ENGINE) as llm:
+        _check_kvp_pipeline(llm, prompts, reference, "kvp=2 striped adaptive x pp=2")
+
+
+@pytest.fixture(scope="module")
+def onboard_pipeline(model_path):
+    kvp = {"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024}
+    with engine(model_path, kvp=kvp, pipeline_parallel_size=2, **ENGINE) as llm:
+        yield llm
+
+
+def test_kv_ranks_x_pipeline_onboard(onboard_pipeline, prompts, reference):
+    _check_kvp_pipeline(onboard_pipeline, prompts, reference, "kvp=2 onboard x pp=2")
 
 
 def _stage_workers(stage: int) -> list[psutil.Process]:
@@ -100,16 +96,15 @@ def _stage_workers(stage: int) -> list[psutil.Process]:
             if any(title in part for part in p.cmdline())]
 
 
-def test_dead_stage_fails_the_engine(model_path, prompts):
-    """Kill one last-stage worker of a KV ranks x PP engine: the next request raises at once."""
+def test_dead_stage_fails_the_engine(onboard_pipeline, prompts):
+    """Kill one last-stage worker (of the engine above, after its run): the next request raises
+    at once instead of waiting for a stage that will never answer."""
     from vllm.v1.engine.exceptions import EngineDeadError
 
-    with engine(model_path, kvp={"size": 2}, pipeline_parallel_size=2, **ENGINE) as llm:
-        generate(llm, prompts[:1], 2)
-        victims = _stage_workers(1)
-        assert len(victims) == 2, [p.cmdline() for p in psutil.Process().children(recursive=True)]
-        os.kill(victims[0].pid, signal.SIGKILL)
-        start = time.monotonic()
-        with pytest.raises(EngineDeadError):
-            generate(llm, prompts[1:2], 2)
-        assert time.monotonic() - start < 60
+    victims = _stage_workers(1)
+    assert len(victims) == 2, [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    os.kill(victims[0].pid, signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(EngineDeadError):
+        generate(onboard_pipeline, prompts[1:2], 2)
+    assert time.monotonic() - start < 60

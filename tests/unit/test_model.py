@@ -103,3 +103,20 @@ def test_make_model_cli_does_not_import_vllm(tmp_path):
     env = dict(os.environ, VLLM_PLUGINS="")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], check=True, env=env, timeout=120)
     assert (tmp_path / "m" / kvp_model.MARKER).exists()
+
+
+def test_bench_size_is_a_separate_even_layered_build(built, tmp_path):
+    from vllm_kvp.chunking import attention_ratio_from_hf_config
+    from transformers import AutoConfig
+
+    path = kvp_model.build_default_model(tmp_path / "bench", seed=0, size="bench")
+    cfg = json.loads((path / "config.json").read_text())
+    assert {k: cfg[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                "num_key_value_heads", "head_dim", "intermediate_size")} == {
+        "hidden_size": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
+        "num_key_value_heads": 2, "head_dim": 128, "intermediate_size": 4096}
+    assert _hashes(path)["tokenizer.json"] == _hashes(built)["tokenizer.json"]
+    # A build of one size is never taken for the other.
+    assert not kvp_model._is_complete(path, 0, kvp_model.ARCH)
+    ratio = attention_ratio_from_hf_config(AutoConfig.from_pretrained(path))
+    assert ratio == pytest.approx(2048 / 15_204_352)
