@@ -45,7 +45,10 @@ def chunk_tokens(context: int, first_chunk: int, ratio: float, align: int = ALIG
     target = chunk_time(first_chunk, 0, ratio)
     b = 1.0 + ratio * context
     exact = 2.0 * target / (b + math.sqrt(b * b + 2.0 * ratio * target))
-    # The tiny slack absorbs float rounding at exact solutions (context 0 gives first_chunk).
+    # The tiny slack absorbs float rounding at exact solutions: context 0 gives first_chunk even
+    # when that is not a multiple of `align`.
+    if exact >= first_chunk * (1 - 1e-9):
+        return first_chunk
     aligned = math.floor(exact / align + 1e-9) * align
     return max(align, min(first_chunk, aligned))
 

@@ -22,7 +22,7 @@ def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
     worker process exists.
     """
     _refuse_unsupported(engine_args)
-    _refuse_fixed_prefill(engine_args, kvp)
+    _refuse_unchunked_prefill(engine_args, kvp)
     ray = engine_args.distributed_executor_backend in ("ray", RAY_EXECUTOR)
     engine_args.distributed_executor_backend = RAY_EXECUTOR if ray else EXECUTOR
     engine_args.worker_cls = WORKER
@@ -66,7 +66,7 @@ def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
             f"kvp.prefill_chunking='adaptive' runs on vllm_kvp's scheduler; scheduler_cls="
             f"{engine_args.scheduler_cls!r} cannot be combined with it"
         )
-    _refuse_fixed_prefill(engine_args, kvp)
+    _refuse_unchunked_prefill(engine_args, kvp)
     engine_args.scheduler_cls = CHUNK_SCHEDULER
     engine_args.additional_config = {**engine_args.additional_config, "kvp": kvp.to_dict()}
 
@@ -74,10 +74,10 @@ def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
 def finish_engine_config(config: Any) -> None:
     """Checks and choices that need vLLM's resolved config (still before any worker starts).
 
-    vLLM decides asynchronous scheduling only while it builds the config (on unless PP, the
-    executor or speculative decoding rule it out), so the adaptive scheduler's asynchronous twin is
-    chosen here. With KV ranks every pipeline stage must hold attention layers: a stage without
-    any would have no KV cache for the ranks to share.
+    vLLM decides asynchronous scheduling only while it builds the config (off on CPU and with PP,
+    on for one CUDA worker), so the adaptive scheduler's asynchronous twin is chosen here. With KV
+    ranks every pipeline stage must hold attention layers: a stage without any would have no KV
+    cache for the ranks to share.
     """
     kvp = KVPConfig.from_additional_config(config.additional_config)
     pp = config.parallel_config.pipeline_parallel_size
@@ -92,7 +92,7 @@ def finish_engine_config(config: Any) -> None:
         sched.scheduler_cls = ASYNC_CHUNK_SCHEDULER
 
 
-def _refuse_fixed_prefill(engine_args: Any, kvp: KVPConfig) -> None:
+def _refuse_unchunked_prefill(engine_args: Any, kvp: KVPConfig) -> None:
     # Without chunked prefill vLLM schedules whole prompts, which a chunk cap would silently undo.
     if kvp.adaptive_chunking and engine_args.enable_chunked_prefill is False:
         raise KVPConfigError(

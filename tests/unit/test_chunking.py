@@ -17,7 +17,7 @@ def test_chunk_time_by_hand():
 
 
 def test_context_zero_gives_the_first_chunk():
-    for first in (32, 512, 2048):
+    for first in (32, 500, 512, 2048):
         for ratio in (0.0, 1e-5, 1.35e-4, 1e-2):
             assert chunk_tokens(0, first, ratio) == first
 
