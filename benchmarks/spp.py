@@ -2,17 +2,17 @@
 
 For every PP size and chunking (`fixed`: vLLM's token budget; `adaptive`: kvp.prefill_chunking)
 one engine runs in its own process, one core per pipeline stage, and prefills one prompt of each
-length (`max_tokens=1`, prefix cache off): its wall time is the TTFT. Separately, with PP = 1 and
-the engine core in the benchmark's process, every step of one long prompt is timed: those are the
-per-chunk times whose spread adaptive chunking is meant to flatten, and they also fit the cost
-model's attention/dense ratio (`chunking.fit_attention_ratio`) to compare with the one derived
-from the model config.
+length (`max_tokens=1`, prefix cache off): its wall time is the TTFT. Then every worker times each
+`execute_model` of one more long prompt: on the first stage (or with PP = 1) that is one chunk's
+forward pass, the per-chunk time whose spread adaptive chunking is meant to flatten. Those times
+also fit the cost model's attention/dense ratio (`chunking.fit_attention_ratio`), to compare with
+the one adaptive chunking derives from the model config.
 
     python benchmarks/spp.py                        # bench model, 8k prompt, PP 1/2 x fixed/adaptive
     python benchmarks/spp.py --smoke               # tiny model and prompts: checks the script only
     python benchmarks/spp.py --plot-only           # redraw table and PNG from the JSON
 
-Outputs (in --out, default bench_results/spp): spp.json, spp.md (tables), spp.png.
+Outputs (in --out, default bench_results/spp): spp.json, spp.md (tables), spp.png, a log per run.
 """
 
 from __future__ import annotations
@@ -44,9 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="default (tiny) model, lengths 256,640, budget 128: seconds, not numbers")
     p.add_argument("--plot-only", action="store_true")
-    p.add_argument("--child", choices=["ttft", "chunks"], help=argparse.SUPPRESS)
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-pp", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--child-chunking", default="fixed", help=argparse.SUPPRESS)
+    p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
         args.lengths, args.max_num_batched_tokens = "256,640", 128
@@ -67,7 +69,8 @@ def _engine(args, pp: int, chunking: str):
     cores = sorted(os.sched_getaffinity(0))[: pp * args.cores_per_stage]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(pp, cores))
     extra = {"additional_config": {"kvp": {"prefill_chunking": chunking}}} if chunking != "fixed" else {}
-    return LLM(model=args.model, enforce_eager=True, seed=0, pipeline_parallel_size=pp,
+    return LLM(model=args.model, dtype=args.dtype, enforce_eager=True, seed=0,
+               pipeline_parallel_size=pp,
                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
                max_model_len=max(args.lengths + [args.chunk_prompt_len]) + 16,
                kv_cache_memory_bytes=1 << 30, **extra)
@@ -86,105 +89,115 @@ def _first_token(llm, prompt) -> float:
     return time.perf_counter() - start
 
 
-def child_ttft(args) -> dict:
-    llm = _engine(args, args.child_pp, args.child_chunking)
-    _first_token(llm, _prompt(2 * args.max_num_batched_tokens, seed=1))  # warm-up, both stages
-    ttft = {n: statistics.median(_first_token(llm, _prompt(n, seed=n * 100 + r))
-                                 for r in range(args.repeats)) for n in args.lengths}
-    return {"pp": args.child_pp, "chunking": args.child_chunking, "ttft_s": ttft}
+def _install_chunk_timer(wrapper) -> None:
+    """Runs in each worker: time every `execute_model` (one chunk of the prompt when it is the
+    only request) with the chunk's size and the tokens of its request computed before it."""
+    worker = getattr(wrapper, "worker", wrapper)
+    execute, done = worker.execute_model, {}
+    worker.spp_chunks = []
 
-
-def child_chunks(args) -> dict:
-    """Time every engine step of one prompt: the engine core runs in this process (PP = 1), so a
-    step is exactly one chunk's schedule, forward pass and sampling."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    llm = _engine(args, 1, args.child_chunking)
-    core = llm.llm_engine.engine_core.engine_core
-    sched, records, scheduled = core.scheduler, [], []
-    schedule, step = sched.schedule, core.step_fn
-
-    def recording_schedule(*a, **kw):
-        context = {rid: r.num_computed_tokens for rid, r in sched.requests.items()}
-        out = schedule(*a, **kw)
-        scheduled.append([(context.get(rid, 0), n) for rid, n in out.num_scheduled_tokens.items()])
+    def timed(scheduler_output, *a, **kw):
+        start = time.perf_counter()
+        out = execute(scheduler_output, *a, **kw)
+        seconds = time.perf_counter() - start
+        for rid, n in scheduler_output.num_scheduled_tokens.items():
+            worker.spp_chunks.append({"context": done.get(rid, 0), "tokens": n,
+                                      "seconds": seconds})
+            done[rid] = done.get(rid, 0) + n
         return out
 
-    def timed_step(*a, **kw):
-        start = time.perf_counter()
-        result = step(*a, **kw)
-        if scheduled:
-            for context, tokens in scheduled.pop():
-                records.append({"context": context, "tokens": tokens,
-                                "seconds": time.perf_counter() - start})
-        return result
+    worker.execute_model = timed
 
-    sched.schedule, core.step_fn = recording_schedule, timed_step
-    _first_token(llm, _prompt(2 * args.max_num_batched_tokens, seed=1))  # warm-up
-    records.clear()
-    ttft = _first_token(llm, _prompt(args.chunk_prompt_len, seed=7))
+
+def _chunk_log(wrapper) -> list[dict]:
+    return getattr(getattr(wrapper, "worker", wrapper), "spp_chunks", [])
+
+
+def child_run(args) -> dict:
+    # The chunk timer is a function shipped to the workers (collective_rpc), which vLLM allows
+    # only with this opt-in; the benchmark's engines are local and its own.
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    llm = _engine(args, args.child_pp, args.child_chunking)
+    _first_token(llm, _prompt(2 * args.max_num_batched_tokens, seed=1))  # warm-up, all stages
+    ttft = {n: statistics.median(_first_token(llm, _prompt(n, seed=n * 100 + r))
+                                 for r in range(args.repeats)) for n in args.lengths}
+    llm.collective_rpc(_install_chunk_timer)
+    chunk_ttft = _first_token(llm, _prompt(args.chunk_prompt_len, seed=7))
     from vllm_kvp.chunking import attention_ratio_from_hf_config
 
-    ratio = attention_ratio_from_hf_config(llm.llm_engine.vllm_config.model_config.hf_text_config)
-    return {"chunking": args.child_chunking, "ttft_s": ttft, "chunks": records,
-            "config_ratio": ratio}
+    config = llm.llm_engine.vllm_config
+    return {"pp": args.child_pp, "chunking": args.child_chunking, "ttft_s": ttft,
+            "dtype": str(config.model_config.dtype),
+            "chunk_prompt_ttft_s": chunk_ttft,
+            # one list per worker, in stage order; a later stage's time includes its wait for the
+            # stage before it, so the first stage's (or PP = 1's) list is the chunk's own time
+            "chunks_per_stage": llm.collective_rpc(_chunk_log),
+            "config_ratio": attention_ratio_from_hf_config(config.model_config.hf_text_config)}
 
 
 # --- driver ---------------------------------------------------------------------------------------
 
-def _run_child(args, mode: str, pp: int, chunking: str) -> dict:
-    cmd = [sys.executable, __file__, "--child", mode, "--child-pp", str(pp),
+def _run_child(args, pp: int, chunking: str) -> dict:
+    cmd = [sys.executable, __file__, "--child", "--child-pp", str(pp), "--dtype", args.dtype,
            "--child-chunking", chunking, "--model", args.model,
            "--lengths", ",".join(map(str, args.lengths)),
            "--chunk-prompt-len", str(args.chunk_prompt_len),
            "--max-num-batched-tokens", str(args.max_num_batched_tokens),
            "--cores-per-stage", str(args.cores_per_stage), "--repeats", str(args.repeats)]
-    log = Path(args.out) / f"{mode}_pp{pp}_{chunking}.log"
-    print(f"[spp] {mode} pp={pp} chunking={chunking} (log {log})", flush=True)
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=f, text=True,
-                              timeout=args.run_timeout)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{mode} pp={pp} {chunking} failed ({proc.returncode}); see {log}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    name = Path(args.out) / f"pp{pp}_{chunking}"
+    log, result = name.with_suffix(".log"), name.with_suffix(".json")
+    result.unlink(missing_ok=True)
+    print(f"[spp] pp={pp} chunking={chunking} (log {log})", flush=True)
+    with open(log, "w") as f:  # vLLM logs to stdout: the result travels in its own file
+        proc = subprocess.run([*cmd, "--child-result", str(result)], stdout=f,
+                              stderr=subprocess.STDOUT, timeout=args.run_timeout)
+    if proc.returncode != 0 or not result.exists():
+        raise RuntimeError(f"pp={pp} {chunking} failed ({proc.returncode}); see {log}")
+    return json.loads(result.read_text())
 
 
 def chunk_summary(run: dict) -> dict:
-    """Spread of per-chunk times; the prompt's last chunk is a remainder and is left out."""
+    """Spread of the first stage's per-chunk times; the prompt's last chunk is a remainder (and
+    also samples), so it is left out."""
     from vllm_kvp.chunking import fit_attention_ratio
 
-    full = run["chunks"][:-1] or run["chunks"]
-    times = [c["seconds"] for c in full]
+    chunks = run["chunks_per_stage"][0]
+    times = [c["seconds"] for c in (chunks[:-1] or chunks)]
     try:
-        fitted = fit_attention_ratio((c["tokens"], c["context"], c["seconds"]) for c in run["chunks"])
+        fitted = fit_attention_ratio((c["tokens"], c["context"], c["seconds"]) for c in chunks)
     except ValueError:
         fitted = None
-    return {"num_chunks": len(run["chunks"]), "chunk_tokens": [c["tokens"] for c in run["chunks"]],
-            "max_s": max(times), "min_s": min(times), "max_over_min": max(times) / min(times),
-            "fitted_ratio": fitted, "config_ratio": run["config_ratio"]}
+    return {"pp": run["pp"], "chunking": run["chunking"], "num_chunks": len(chunks),
+            "chunk_tokens": [c["tokens"] for c in chunks], "max_s": max(times),
+            "min_s": min(times), "max_over_min": max(times) / min(times),
+            "fitted_ratio": fitted, "config_ratio": run["config_ratio"],
+            "ttft_s": run["chunk_prompt_ttft_s"]}
 
 
 def write_report(result: dict, out: Path) -> str:
     lengths = result["config"]["lengths"]
-    runs = result["ttft"]
+    runs = result["runs"]
     label = lambda r: f"PP={r['pp']} {r['chunking']}"  # noqa: E731
     lines = ["## TTFT (s) by prompt length", "",
              "| prompt tokens | " + " | ".join(label(r) for r in runs) + " |",
              "|---:|" + "---:|" * len(runs)]
-    for n in lengths:
+    for n in lengths:  # JSON object keys are strings
         lines.append(f"| {n} | " + " | ".join(f"{r['ttft_s'][str(n)]:.2f}" for r in runs) + " |")
     base = {r["chunking"]: r for r in runs if r["pp"] == 1}
+    longest = str(lengths[-1])
     for r in runs:
         if r["pp"] > 1 and r["chunking"] in base:
-            n = str(lengths[-1])
-            lines.append(f"\n{label(r)} / PP=1 {r['chunking']} at {n} tokens: "
-                         f"{r['ttft_s'][n] / base[r['chunking']]['ttft_s'][n]:.3f}x")
-    lines += ["", f"## Per-chunk times, {result['config']['chunk_prompt_len']}-token prompt, PP=1",
-              "", "| chunking | chunks | min s | max s | max/min | fitted r | config r |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
-    for name, s in result["chunk_summary"].items():
-        fitted = f"{s['fitted_ratio']:.3g}" if s["fitted_ratio"] is not None else "-"
-        lines.append(f"| {name} | {s['num_chunks']} | {s['min_s']:.3f} | {s['max_s']:.3f} | "
-                     f"{s['max_over_min']:.2f} | {fitted} | {s['config_ratio']:.3g} |")
+            ratio = r["ttft_s"][longest] / base[r["chunking"]]["ttft_s"][longest]
+            lines.append(f"\n{label(r)} / PP=1 {r['chunking']} at {longest} tokens: {ratio:.3f}x")
+    lines += ["", f"## Per-chunk times of one {result['config']['chunk_prompt_len']}-token prompt "
+              "(first stage)", "",
+              "| run | chunks | min s | max s | max/min | TTFT s | fitted r | config r |",
+              "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for c in result["chunk_summary"]:
+        fitted = f"{c['fitted_ratio']:.3g}" if c["fitted_ratio"] is not None else "-"
+        lines.append(f"| {label(c)} | {c['num_chunks']} | {c['min_s']:.3f} | {c['max_s']:.3f} | "
+                     f"{c['max_over_min']:.2f} | {c['ttft_s']:.2f} | {fitted} | "
+                     f"{c['config_ratio']:.3g} |")
     text = "\n".join(lines) + "\n"
     (out / "spp.md").write_text(text)
     _plot(result, out / "spp.png")
@@ -199,14 +212,13 @@ def _plot(result: dict, path: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     lengths = result["config"]["lengths"]
-    for r in result["ttft"]:
-        left.plot(lengths, [r["ttft_s"][str(n)] for n in lengths], marker="o",
-                  label=f"PP={r['pp']} {r['chunking']}")
+    for r in result["runs"]:
+        name = f"PP={r['pp']} {r['chunking']}"
+        left.plot(lengths, [r["ttft_s"][str(n)] for n in lengths], marker="o", label=name)
+        right.plot([c["seconds"] for c in r["chunks_per_stage"][0]], marker=".", label=name)
     left.set(xlabel="prompt tokens", ylabel="TTFT (s)", title="Time to first token")
+    right.set(xlabel="chunk", ylabel="seconds", title="Per-chunk time (first stage)")
     left.legend()
-    for name, run in result["chunks"].items():
-        right.plot([c["seconds"] for c in run["chunks"]], marker=".", label=name)
-    right.set(xlabel="chunk", ylabel="seconds", title="Per-chunk time (PP=1)")
     right.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -215,8 +227,7 @@ def _plot(result: dict, path: Path) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child:
-        run = child_ttft(args) if args.child == "ttft" else child_chunks(args)
-        print(json.dumps(run), flush=True)
+        Path(args.child_result).write_text(json.dumps(child_run(args)))
         return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -227,15 +238,14 @@ def main(argv=None) -> int:
         from vllm_kvp.model import build_default_model
 
         args.model = str(build_default_model(size="default" if args.smoke else "bench"))
-    ttft = [_run_child(args, "ttft", pp, ch) for pp in args.pp for ch in args.chunking]
-    chunks = {ch: _run_child(args, "chunks", 1, ch) for ch in args.chunking}
-    result = {"config": {"model": args.model, "lengths": args.lengths, "pp": args.pp,
-                         "chunking": args.chunking, "chunk_prompt_len": args.chunk_prompt_len,
+    runs = [_run_child(args, pp, ch) for pp in args.pp for ch in args.chunking]
+    result = {"config": {"model": args.model, "dtype": runs[0]["dtype"], "lengths": args.lengths,
+                         "pp": args.pp, "chunking": args.chunking,
+                         "chunk_prompt_len": args.chunk_prompt_len,
                          "max_num_batched_tokens": args.max_num_batched_tokens,
                          "cores_per_stage": args.cores_per_stage, "repeats": args.repeats},
-              "ttft": json.loads(json.dumps(ttft)),  # str keys, as read back from the file
-              "chunks": chunks,
-              "chunk_summary": {ch: chunk_summary(run) for ch, run in chunks.items()}}
+              "runs": runs,
+              "chunk_summary": [chunk_summary(run) for run in runs]}
     (out / "spp.json").write_text(json.dumps(result, indent=2) + "\n")
     print(write_report(result, out))
     return 0
