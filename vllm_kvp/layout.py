@@ -72,21 +72,9 @@ def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
 
 
 def finish_engine_config(config: Any) -> None:
-    """Checks and choices that need vLLM's resolved config (still before any worker starts).
-
-    vLLM decides asynchronous scheduling only while it builds the config (off on CPU and with PP,
-    on for one CUDA worker), so the adaptive scheduler's asynchronous twin is chosen here. With KV
-    ranks every pipeline stage must hold attention layers: a stage without any would have no KV
-    cache for the ranks to share.
-    """
-    kvp = KVPConfig.from_additional_config(config.additional_config)
-    pp = config.parallel_config.pipeline_parallel_size
-    layers = config.model_config.get_total_num_hidden_layers()
-    if kvp.enabled and pp > layers:
-        raise KVPConfigError(
-            f"kvp.size > 1 needs attention layers on every pipeline stage; "
-            f"pipeline_parallel_size={pp} exceeds the model's {layers} layers"
-        )
+    """Choices that need vLLM's resolved config (still before any worker starts): vLLM decides
+    asynchronous scheduling only while it builds the config (off on CPU and with PP, on for one
+    CUDA worker), so the adaptive scheduler's asynchronous twin is chosen here."""
     sched = config.scheduler_config
     if sched.scheduler_cls == CHUNK_SCHEDULER and sched.async_scheduling:
         sched.scheduler_cls = ASYNC_CHUNK_SCHEDULER
@@ -142,6 +130,14 @@ def check_engine_config(vllm_config: Any) -> None:
         raise KVPConfigError(
             "kvp.size > 1 does not support multimodal models yet (their encoder inputs are "
             "indexed by the step's full token list)")
+    # Every pipeline stage must hold attention layers: a stage without any would have no KV
+    # cache for the ranks to share.
+    pp = vllm_config.parallel_config.pipeline_parallel_size
+    layers = model.get_total_num_hidden_layers()
+    if pp > layers:
+        raise KVPConfigError(
+            f"kvp.size > 1 needs attention layers on every pipeline stage; "
+            f"pipeline_parallel_size={pp} exceeds the model's {layers} layers")
 
 
 def cpu_thread_binding(num_workers: int, allowed_cpus: list[int]) -> str:
