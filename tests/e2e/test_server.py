@@ -54,3 +54,22 @@ def test_openai_completions_match_and_metrics(model_path, prompts, reference_tex
         # Buckets le=1, le=2, le=+Inf: two requests stayed on one rank, two used both.
         assert metric_values(base, "vllm_kvp:ranks_per_request_bucket") == [2.0, 4.0, 4.0]
         assert metric_values(base, "vllm:num_requests_running"), "vLLM's own metrics are gone"
+
+
+def _completions(base, model_path, prompts):
+    import openai
+
+    client = openai.OpenAI(base_url=base + "/v1", api_key="none")
+    return [client.completions.create(model=model_path, prompt=p, max_tokens=MAX_TOKENS,
+                                      temperature=0, extra_body={"ignore_eos": True})
+            .choices[0].text for p in prompts]
+
+
+def test_kv_ranks_x_pipeline_server_matches(model_path, prompts, reference_texts):
+    """Two KV ranks of two pipeline stages each, striped, adaptive chunks: every flag on the
+    command line, plain vLLM's text back."""
+    with serve(model_path, "--kvp-size", "2", "--kvp-placement", "striped",
+               "--pipeline-parallel-size", "2", "--kvp-prefill-chunking", "adaptive",
+               "--max-model-len", "4096", "--max-num-batched-tokens", "512") as srv:
+        assert _completions(srv.url, model_path, prompts) == reference_texts
+        assert "adaptive prefill chunking" in srv.log()
