@@ -66,5 +66,5 @@ class AdaptiveChunkScheduler(AdaptiveChunkingMixin, Scheduler):
 
 
 class AdaptiveChunkAsyncScheduler(AdaptiveChunkingMixin, AsyncScheduler):
-    """The same over vLLM's asynchronous scheduler, which vLLM picks for itself when no pipeline
-    or KV ranks are involved (see `layout.finish_engine_config`)."""
+    """The same over vLLM's asynchronous scheduler, which vLLM picks for one CUDA worker without
+    pipeline stages (never on CPU; see `layout.finish_engine_config`)."""
