@@ -8,9 +8,9 @@ forward pass, the per-chunk time whose spread adaptive chunking is meant to flat
 also fit the cost model's attention/dense ratio (`chunking.fit_attention_ratio`), to compare with
 the one adaptive chunking derives from the model config.
 
-    python benchmarks/spp.py                        # bench model, 8k prompt, PP 1/2 x fixed/adaptive
-    python benchmarks/spp.py --smoke               # tiny model and prompts: checks the script only
-    python benchmarks/spp.py --plot-only           # redraw table and PNG from the JSON
+    python benchmarks/spp.py               # bench model, 8k prompt, PP 1/2 x fixed/adaptive
+    python benchmarks/spp.py --smoke       # tiny model and prompts: checks the script only
+    python benchmarks/spp.py --plot-only   # redraw table and PNG from the JSON
 
 Outputs (in --out, default bench_results/spp): spp.json, spp.md (tables), spp.png, a log per run.
 """
@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chunking", default="fixed,adaptive")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--cores-per-stage", type=int, default=1)
-    p.add_argument("--repeats", type=int, default=1, help="prompts per length (median TTFT)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="prompts per length (median TTFT: one slow outlier does not count)")
     p.add_argument("--run-timeout", type=float, default=1800, help="seconds per engine run")
     p.add_argument("--out", default="bench_results/spp")
     p.add_argument("--smoke", action="store_true",
@@ -51,7 +52,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--child-result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.smoke:
-        args.lengths, args.max_num_batched_tokens = "256,640", 128
+        args.lengths, args.max_num_batched_tokens, args.repeats = "256,640", 128, 1
     args.lengths = [int(x) for x in args.lengths.split(",")]
     args.pp = [int(x) for x in args.pp.split(",")]
     args.chunking = args.chunking.split(",")
@@ -68,7 +69,8 @@ def _engine(args, pp: int, chunking: str):
 
     cores = sorted(os.sched_getaffinity(0))[: pp * args.cores_per_stage]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(pp, cores))
-    extra = {"additional_config": {"kvp": {"prefill_chunking": chunking}}} if chunking != "fixed" else {}
+    extra = ({"additional_config": {"kvp": {"prefill_chunking": chunking}}}
+             if chunking != "fixed" else {})
     return LLM(model=args.model, dtype=args.dtype, enforce_eager=True, seed=0,
                pipeline_parallel_size=pp,
                max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False,
@@ -126,13 +128,15 @@ def child_run(args) -> dict:
     from vllm_kvp.chunking import attention_ratio_from_hf_config
 
     config = llm.llm_engine.vllm_config
-    return {"pp": args.child_pp, "chunking": args.child_chunking, "ttft_s": ttft,
-            "dtype": str(config.model_config.dtype),
-            "chunk_prompt_ttft_s": chunk_ttft,
-            # one list per worker, in stage order; a later stage's time includes its wait for the
-            # stage before it, so the first stage's (or PP = 1's) list is the chunk's own time
-            "chunks_per_stage": llm.collective_rpc(_chunk_log),
-            "config_ratio": attention_ratio_from_hf_config(config.model_config.hf_text_config)}
+    run = {"pp": args.child_pp, "chunking": args.child_chunking, "ttft_s": ttft,
+           "dtype": str(config.model_config.dtype),
+           "chunk_prompt_ttft_s": chunk_ttft,
+           # one list per worker, in stage order; a later stage's time includes its wait for the
+           # stage before it, so the first stage's (or PP = 1's) list is the chunk's own time
+           "chunks_per_stage": llm.collective_rpc(_chunk_log),
+           "config_ratio": attention_ratio_from_hf_config(config.model_config.hf_text_config)}
+    llm.llm_engine.engine_core.shutdown()  # workers stop now, not after vLLM's exit grace period
+    return run
 
 
 # --- driver ---------------------------------------------------------------------------------------

@@ -51,7 +51,8 @@ def _step(sched) -> dict[str, int]:
     for rid in ids:
         req = sched.requests[rid]
         sampled.append([7] if req.num_computed_tokens >= req.num_tokens else [])
-    sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+    index = {r: i for i, r in enumerate(ids)}
+    sched.update_from_output(out, ModelRunnerOutput(req_ids=ids, req_id_to_index=index,
                                                     sampled_token_ids=sampled))
     return counts
 

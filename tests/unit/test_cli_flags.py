@@ -200,13 +200,14 @@ def test_without_kvp_vllm_defaults_are_kept(model_path, additional_config):
         assert "vllm_kvp" not in str(value)
 
 
-# --- adaptive chunking with one KV rank, pipeline parallelism --------------------------------------
+# --- adaptive chunking with one KV rank, pipeline parallelism ------------------------------------
 
 def test_adaptive_chunking_alone_selects_only_the_scheduler(parser, model_path):
     args = _engine_args(parser, ["--kvp-prefill-chunking", "adaptive", "--dtype", "float32"],
                         model=model_path)
     config = args.create_engine_config()
-    stock = EngineArgs.create_engine_config.__wrapped__(EngineArgs(model=model_path, dtype="float32"))
+    stock = EngineArgs.create_engine_config.__wrapped__(EngineArgs(model=model_path,
+                                                                   dtype="float32"))
     executor, worker, scheduler = _selected(config)
     assert (executor, worker) == _selected(stock)[:2]
     assert config.additional_config["kvp"]["prefill_chunking"] == "adaptive"
