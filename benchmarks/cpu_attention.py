@@ -144,7 +144,8 @@ def fmt(r, key, spec):
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--reps", type=int, default=15, help="rounds per decode case (median)")
+    p.add_argument("--prefill-reps", type=int, default=5, help="rounds per prefill case (each ~1 s per kernel)")
     p.add_argument("--out", default="docs/benchmarks", help="directory for cpu_attention.{json,md}")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -159,7 +160,9 @@ def main() -> int:
     evict = torch.zeros(16 << 20)
     rows = []
     for hq, hkv, d, batch, ctx, queries in cases:
-        rows.append(run_case(hq, hkv, d, batch, ctx, queries, args.reps, evict))
+        reps = args.reps if queries == 1 else args.prefill_reps
+        rows.append(run_case(hq, hkv, d, batch, ctx, queries, reps, evict))
+        rows[-1]["reps"] = reps
         r = rows[-1]
         print(f"Hq{hq}/Hkv{hkv} D{d} B{batch} ctx{ctx} q{queries}: vLLM {r['vllm_ms_cold']:.2f} ms, C++ "
               f"{r['cpp_ms_cold']:.2f} ms ({r['ratio_cpp_cold']:.2f}x), torch {fmt(r, 'torch_ms_cold', '.2f')} ms "
@@ -169,7 +172,7 @@ def main() -> int:
     lines = ["# CPU attention, one thread: vLLM's kernel vs the plugin's C++ kernel and torch path", "",
              f"{rows[0]['isa']} ISA, fp32, block size {BLOCK}, Hq/Hkv = 8/2. Ratio = time / vLLM's time (target for the "
              "C++ kernel at decode: <= 1.15). Median of "
-             f"{args.reps} rounds, the three kernels interleaved in each round; cold = last-level cache evicted "
+             f"{args.reps} rounds (prefill: {args.prefill_reps}), the three kernels interleaved in each round; cold = last-level cache evicted "
              f"before each call. Host load average at the end of the run: {load} on {os.cpu_count()} cores (a "
              "shared host: ratios move by ~0.1-0.2 between runs).", "",
              "| D | batch | context | queries | KV MB | vLLM ms cold | C++ ms cold | C++ / vLLM cold | torch / vLLM cold "

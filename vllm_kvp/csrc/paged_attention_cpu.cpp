@@ -11,7 +11,15 @@
 // Vectors are GCC vector extensions rather than intrinsics so that one source builds for any x86
 // level (-march=native picks AVX-512, AVX2 or SSE code for the same types). Q.K is vectorised over
 // the head dimension; the W partial dot products of W keys are then summed by a shuffle tree that
-// leaves key j's score in lane j, so the softmax and the mask are vectorised over keys.
+// leaves key j's score in lane j, so the softmax and the mask are vectorised over keys. Tiles of
+// kGemmMinRows rows or more (prefill) instead transpose the chunk's keys once and compute the
+// scores as a small matrix product, where the transpose is shared by all rows. The next chunk's
+// rows are prefetched during P @ V: blocks follow the table, not memory order, so the hardware
+// prefetcher loses the stream at every block boundary.
+//
+// Precision: scores, softmax and accumulation in float32; fp16/bf16 K/V are widened on load and
+// the probabilities are not rounded to the input dtype before P @ V (one rounding fewer than the
+// Triton kernel's tensor-core path).
 //
 // Threads: at::parallel_for (ATen's pool, sized by torch.set_num_threads) with items taken from an
 // atomic counter, longest first, since request lengths differ by orders of magnitude. When there
