@@ -8,12 +8,16 @@ inside the attention backend, the one place that reads or writes the KV cache.
 
 from __future__ import annotations
 
+import logging
+
 from vllm.platforms import current_platform
 
 from vllm_kvp import comm
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.runner import install_owner_computes
 from vllm_kvp.stats import STATS
+
+logger = logging.getLogger("vllm.vllm_kvp")
 
 
 def _base_worker():
@@ -48,6 +52,13 @@ class KVPWorker(_base_worker()):
         kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
         comm.init_kvp_group(kvp.size)
         install_owner_computes(self.model_runner)
+        if current_platform.is_cpu():
+            # Build (once per machine, about half a minute) or load the C++ attention kernel now,
+            # at start-up, rather than inside the first request's first layer.
+            from vllm_kvp.ops import cpu_kernel
+
+            if cpu_kernel.load() is not None:
+                logger.info("vllm_kvp: C++ CPU attention kernel ready")
 
     def kvp_stats(self) -> dict:
         """This rank's KV allocation and traffic (for tests, benchmarks and debugging)."""
