@@ -115,6 +115,15 @@ def test_prefill_sized_causal_striped_batch(dtype, threads):
         check(case, dtype)
 
 
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (128, torch.float32)])
+def test_prefill_tiles_with_a_group_of_three(d, dtype):
+    """Group 3: query tiles of 85 tokens (255 rows), score tiles with 3- and 1-row remainders."""
+    g = torch.Generator().manual_seed(d)
+    case = make_case(g, [100, 5, 20], [700, 300, 0], 6, 2, d, 16, dtype, block_major=True, causal=True, stripe=2)
+    check(case, dtype)
+    check(case, dtype, num_splits=3)
+
+
 def test_splits_chosen_for_idle_threads(threads):
     """One decode request and fewer (request, kv head) items than threads: the key range is split
     across threads and the partials combined by their LSE."""
