@@ -14,7 +14,7 @@ block_size, 2D) over a block-major NHD tensor), the block sizes, the cache write
 checks. What does not: FA's metadata and kernels (`KVPCudaMetadataBuilder` builds our own metadata).
 
 Host synchronisation: the metadata builder reads one small tensor per step, the per-rank token
-counts (`device_step_plan`); nothing in `do_kv_cache_update` or `forward` reads a device value on
+counts (`plan.build_step_plan`); nothing in `do_kv_cache_update` or `forward` reads a device value on
 the host (tests/unit/test_backend_cuda.py runs both on `meta` tensors to keep it so).
 """
 
@@ -32,7 +32,7 @@ from vllm_kvp import comm
 from vllm_kvp.backend import KVPAttentionMetadata, refuse_unsupported_layer
 from vllm_kvp.ops.triton_merge import triton_merge_partials
 from vllm_kvp.ops.triton_paged_attention import paged_attention_lse
-from vllm_kvp.plan import StepPlan, token_requests
+from vllm_kvp.plan import build_step_plan
 from vllm_kvp.shard_map import local_blocks, local_slots
 from vllm_kvp.stats import STATS
 
@@ -131,45 +131,6 @@ class KVPCudaAttentionMetadata(KVPAttentionMetadata):
     max_kv_len: int  # host upper bound on shard_lens: min(longest request, this rank's slots)
 
 
-def device_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
-                     seq_lens: torch.Tensor, rank: int, world: int,
-                     tokens_per_rank: int) -> StepPlan:
-    """`plan.build_step_plan`'s plan (same arguments, same fields), with one host read: the
-    per-rank token counts, (world,) ints that size the exchanges. The local rows are found by a
-    stable sort of the ownership flags, whose first `rows` entries are this rank's tokens in vLLM
-    order, instead of `nonzero`, which would read its result's size on the host a second time."""
-    t = slot_mapping.shape[0]
-    dev = slot_mapping.device
-    slots = slot_mapping.to(torch.int64)
-    owner = torch.where(slots >= 0, torch.div(slots, tokens_per_rank, rounding_mode="floor"),
-                        torch.full_like(slots, -1))
-    mine = owner.unsqueeze(0) == torch.arange(world, device=dev).unsqueeze(1)  # (N, T)
-    counts = mine.sum(dim=1).tolist()  # the one host read of the step
-    rows = max(counts[rank], 1)
-    t_max = max(max(counts), 1)
-
-    # Padding tokens (past query_start_loc[B]; no rank owns them) count as the last request's,
-    # so that every index stays in range on the device; their request and position are never read.
-    req = token_requests(query_start_loc, t).clamp_(max=query_start_loc.shape[0] - 2)
-    qsl = query_start_loc.to(torch.int64)
-    num_past = seq_lens.to(torch.int64) - (qsl[1:] - qsl[:-1])
-    pos = num_past[req] + (torch.arange(t, device=dev) - qsl[req])
-    local_pos = (torch.cumsum(mine.to(torch.int64), dim=1) - 1).gather(
-        0, owner.clamp(min=0).unsqueeze(0)).squeeze(0)
-    restore_idx = torch.where(owner >= 0, owner * t_max + local_pos, torch.zeros_like(owner))
-
-    if counts[rank] == 0:  # one dummy row: every rank joins every collective
-        row_idx = torch.zeros(1, dtype=torch.int64, device=dev)
-        return StepPlan(rank, world, t, counts, rows, t_max, row_idx=row_idx,
-                        row_slots=torch.full_like(row_idx, -1), row_req=torch.full_like(row_idx, -1),
-                        row_pos=torch.zeros_like(row_idx), restore_idx=restore_idx,
-                        token_req=req, token_pos=pos)
-    row_idx = torch.argsort((owner != rank).to(torch.int32), stable=True)[:rows]
-    return StepPlan(rank, world, t, counts, rows, t_max, row_idx=row_idx,
-                    row_slots=slots[row_idx], row_req=req[row_idx], row_pos=pos[row_idx],
-                    restore_idx=restore_idx, token_req=req, token_pos=pos)
-
-
 class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata]):
     """The CPU builder's metadata, computed on the device. The tensors `forward` reads (local block
     table, shard lengths, block positions, token positions) are written into buffers allocated
@@ -217,7 +178,7 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
         cols = min(cm.block_table_tensor.shape[1], -(-cm.max_seq_len // self.block_size))
         table, lens, block_pos = local_blocks(cm.block_table_tensor[:n, :cols], cm.seq_lens[:n],
                                               self.block_size, rank, blocks_per_rank)
-        plan = device_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank, world,
+        plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank, world,
                                 blocks_per_rank * self.block_size)
         return KVPCudaAttentionMetadata(
             num_actual_tokens=t, query_start_loc=qsl,
