@@ -20,13 +20,6 @@ def local_slots(slot_mapping: torch.Tensor, block_size: int, rank: int,
     return torch.where(keep, slot_mapping - rank * per_rank, torch.full_like(slot_mapping, -1))
 
 
-def local_shards(block_table: torch.Tensor, num_past: torch.Tensor, block_size: int, rank: int,
-                 blocks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(local_table, shard_lens) of :func:`local_blocks`."""
-    table, lens, _ = local_blocks(block_table, num_past, block_size, rank, blocks_per_rank)
-    return table, lens
-
-
 def local_blocks(block_table: torch.Tensor, num_past: torch.Tensor, block_size: int, rank: int,
                  blocks_per_rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The part of each request's past context held by `rank`.

@@ -3,7 +3,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
-from vllm_kvp.shard_map import local_blocks, local_shards, local_slots
+from vllm_kvp.shard_map import local_blocks, local_slots
 
 
 @st.composite
@@ -25,7 +25,7 @@ def test_local_shards_hold_exactly_the_past_tokens_of_each_rank(layout):
     ranks, per_rank, bs, table, past = layout
     seen = [[] for _ in range(table.shape[0])]
     for rank in range(ranks):
-        local, lens = local_shards(table, past, bs, rank, per_rank)
+        local, lens, block_pos = local_blocks(table, past, bs, rank, per_rank)
         for i in range(table.shape[0]):
             # Reference: walk the request's past tokens; keep those whose block lives on `rank`.
             expected = [(table[i, t // bs].item() - rank * per_rank, t % bs)
@@ -33,7 +33,6 @@ def test_local_shards_hold_exactly_the_past_tokens_of_each_rank(layout):
             got = [(local[i, k // bs].item(), k % bs) for k in range(lens[i].item())]
             assert got == expected
             # Each held block's first position in its request (what causal-by-position reads).
-            _, _, block_pos = local_blocks(table, past, bs, rank, per_rank)
             held_pos = [t - t % bs for t in range(past[i].item())
                         if t % bs == 0 and table[i, t // bs].item() // per_rank == rank]
             assert block_pos[i, : len(held_pos)].tolist() == held_pos
