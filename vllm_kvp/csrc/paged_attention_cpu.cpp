@@ -259,9 +259,12 @@ inline void scores_gemm(const float* q, const float (*kt)[kChunk], float (*s)[kC
   if constexpr (RB > 1) scores_gemm<W, NV, RB / 2>(q, kt, s, r0, r1, ng);
 }
 
+// Into L2, not L1: a chunk's rows are a block (32 KiB at D = 32, fp32, block size 128), as large as
+// the L1 data cache, so fetching the next chunk into L1 evicted the one being multiplied (measured
+// on a Zen 4 core: decode over 60k cold keys 3.7 -> 2.9 ms at D = 32, 14.1 -> 10.3 ms at D = 128).
 template <typename KT, int D>
 inline void prefetch_row(const KT* p) {
-  for (size_t o = 0; o < 2 * D * sizeof(KT); o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + o, 0, 3);
+  for (size_t o = 0; o < 2 * D * sizeof(KT); o += 64) __builtin_prefetch(reinterpret_cast<const char*>(p) + o, 0, 2);
 }
 
 // acc[r] += sum_k s[r][k] * V[k] for rows [r0, r1), RB rows per pass (their accumulators stay in
