@@ -24,7 +24,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from vllm_kvp import comm
 from vllm_kvp.ops.attention import write_kv
-from vllm_kvp.ops.merge import merge_partials
+from vllm_kvp.ops.merge import merge_gathered_rows
 from vllm_kvp.ops.paged_attention import paged_attention_lse
 from vllm_kvp.plan import StepPlan, build_step_plan
 from vllm_kvp.shard_map import local_blocks, local_slots
@@ -128,13 +128,14 @@ class KVPAttentionImpl(AttentionImpl):
         # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.)
         q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, self.num_heads,
                                                                           self.head_size)
-        # 3. This rank's partial for every query. Partials stay float32 until the last merge.
-        part_out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        part_out, part_lse = paged_attention_lse(
-            q, kv_cache, md.local_block_table, md.shard_lens, md.query_start_loc, self.scale,
-            q_pos=md.token_pos, block_pos=md.block_pos, out=part_out)
+        # 3. This rank's partial for every query, written straight into the exchange buffer:
+        # float32 out (H * D) then lse (H) per query.
+        h, d = self.num_heads, self.head_size
+        packed = torch.empty((t, h * d + h), dtype=torch.float32, device=q.device)
+        paged_attention_lse(q, kv_cache, md.local_block_table, md.shard_lens, md.query_start_loc,
+                            self.scale, q_pos=md.token_pos, block_pos=md.block_pos,
+                            out=packed[:, : h * d].view(t, h, d), lse=packed[:, h * d:])
         # 4. Every rank's partials of this rank's rows, merged in rank order.
-        outs, lses = comm.partials_to_owners(part_out, part_lse, plan)  # (R, rows, H, D), (R, rows, H)
-        out, _ = merge_partials(outs, lses)
-        output[:rows].copy_(out.to(output.dtype).reshape(output[:rows].shape))
+        gathered = comm.gather_partials(packed, plan)  # (R, T, H*D + H)
+        merge_gathered_rows(gathered, plan.row_idx, h, d, output[:rows].view(rows, h, d))
         return output

@@ -5,8 +5,8 @@ position across KV ranks. Under owner computes each token is computed on one ran
 exchanges move what the others need (see `plan.StepPlan` for the row conventions):
   - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries; the final hidden
     states, so that every rank samples from the same bits);
-  - `partials_to_owners`: each rank's partial attention of every query, returned to the rank that
-    computes the query, where they are merged in rank order.
+  - `gather_partials` / `partials_to_owners`: each rank's partial attention of every query, returned
+    to the rank that computes the query, where they are merged in rank order.
 All are all-gathers: one collective each, equal sizes on every rank (padded to the plan's t_max),
 which vLLM's CPU communicator also runs over shared memory.
 """
@@ -77,6 +77,15 @@ def gather_rows(x: torch.Tensor, plan: StepPlan, kind: str = "query_bytes") -> t
     return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[plan.restore_idx]
 
 
+def gather_partials(packed: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    """This rank's packed partials for every query (T, H * D + H) float32 (out as H * D values,
+    then the H LSEs, per query, vLLM order) -> every rank's, (R, T, H * D + H), by KV rank."""
+    if plan.world == 1:
+        return packed.unsqueeze(0)
+    _count("partial_bytes", packed)
+    return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, packed.shape[0], -1)
+
+
 def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan):
     """This rank's partials for every query -> every rank's partials for this rank's rows.
 
@@ -85,10 +94,5 @@ def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan):
     """
     t, h, d = out.shape
     packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
-    if plan.world == 1:
-        gathered = packed.unsqueeze(0)
-    else:
-        _count("partial_bytes", packed)
-        gathered = _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, t, -1)
-    mine = gathered[:, plan.row_idx]  # (R, rows, H*D + H)
+    mine = gather_partials(packed, plan)[:, plan.row_idx]  # (R, rows, H*D + H)
     return mine[..., : h * d].reshape(plan.world, -1, h, d), mine[..., h * d:].reshape(plan.world, -1, h)

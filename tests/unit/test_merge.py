@@ -155,3 +155,54 @@ def test_shape_errors():
         merge_partials(torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 5))
     with pytest.raises(ValueError):
         merge_partials(torch.zeros(0, 3, 4, 5), torch.zeros(0, 3, 4))
+
+
+def _packed(outs: torch.Tensor, lses: torch.Tensor) -> torch.Tensor:
+    """(R, T, H, D), (R, T, H) -> the exchange layout (R, T, H * D + H) float32."""
+    r, t, h, d = outs.shape
+    return torch.cat([outs.float().reshape(r, t, h * d), lses.float()], dim=2).contiguous()
+
+
+@pytest.mark.parametrize("path", ["cpp", "torch"])
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_merge_gathered_rows_against_float64(path, out_dtype, monkeypatch):
+    """Selected rows of the packed exchange buffer, merged into a strided output view, against a
+    float64 softmax over the ranks' LSEs; empty shards and all-empty rows included."""
+    from vllm_kvp.ops import cpu_kernel
+    from vllm_kvp.ops.merge import merge_gathered_rows
+
+    if path == "cpp" and cpu_kernel.load() is None:
+        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
+    if path == "torch":
+        monkeypatch.setattr(cpu_kernel, "merge_gathered_rows_cpu", lambda *a: False)
+    g = torch.Generator().manual_seed(4)
+    r, t, h, d = 3, 9, 4, 32
+    outs = torch.randn(r, t, h, d, generator=g)
+    lses = torch.randn(r, t, h, generator=g) * 5
+    lses[1, 2] = -math.inf  # one rank empty for token 2
+    lses[:, 5] = -math.inf  # every rank empty for token 5
+    lses[0, 7] += 3e4  # far from the others: only the max shift keeps exp() finite
+    rows = torch.tensor([7, 0, 5, 2, 2], dtype=torch.int64)  # any order, repeats allowed
+    backing = torch.full((rows.numel(), h * d + 8), 7.0, dtype=out_dtype)  # strided (n, H, D) view
+    out = backing[:, : h * d].view(rows.numel(), h, d)
+    merge_gathered_rows(_packed(outs, lses), rows, h, d, out)
+    w = torch.softmax(lses.double(), dim=0).nan_to_num(0.0)  # all -inf -> NaN -> 0
+    ref = (w.unsqueeze(-1) * outs.double()).sum(0)[rows]
+    atol, rtol = OUT_TOL[out_dtype]
+    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+    assert (out[2] == 0).all()  # token 5: nothing to attend
+    assert (backing[:, h * d:] == 7.0).all()  # nothing written outside the view
+
+
+def test_merge_gathered_rows_cpp_matches_torch_merge():
+    from vllm_kvp.ops import cpu_kernel
+    from vllm_kvp.ops.merge import merge_gathered_rows
+
+    if cpu_kernel.load() is None:
+        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
+    g = torch.Generator().manual_seed(5)
+    outs, lses = torch.randn(4, 6, 8, 128, generator=g), torch.randn(4, 6, 8, generator=g)
+    rows = torch.arange(6)
+    out = merge_gathered_rows(_packed(outs, lses), rows, 8, 128, torch.empty(6, 8, 128))
+    ref, _ = merge_partials(outs, lses)
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=2e-6)

@@ -665,7 +665,48 @@ void paged_attention_lse_cpu(const at::Tensor& q, const at::Tensor& kv_cache, co
   }
 }
 
+// Merge of the gathered partials of some rows: gathered (R, T, H * D + H) float32, each rank's
+// out (H * D) then lse (H) per query; rows (n,) int64 queries to merge; out (n, H, D) receives the
+// merged output in its own dtype (any strides). The contract of ops.merge.merge_partials on those
+// rows: ranks in their given order, float32, an all-empty row gives 0. One pass per (row, head)
+// with no temporaries: at decode it is called once per layer for a handful of rows, where the
+// dozen tensor ops of the torch version cost ~60 us.
+void merge_gathered_rows(const at::Tensor& gathered, const at::Tensor& rows, int64_t h, int64_t d, at::Tensor& out) {
+  TORCH_CHECK(gathered.dim() == 3 && gathered.scalar_type() == at::kFloat && gathered.is_contiguous() &&
+                  gathered.size(2) == h * d + h, "gathered must be contiguous float32 (R, T, H * D + H)");
+  TORCH_CHECK(rows.scalar_type() == at::kLong && rows.dim() == 1, "rows must be int64 (n,)");
+  TORCH_CHECK(out.dim() == 3 && out.size(0) == rows.size(0) && out.size(1) == h && out.size(2) == d &&
+                  io_dtype(out.scalar_type()), "out must be (n, H, D) float32 / bf16 / fp16");
+  const int64_t R = gathered.size(0), T = gathered.size(1), F = gathered.size(2), n = rows.size(0);
+  const float* g = gathered.data_ptr<float>();
+  at::Tensor rc = rows.contiguous();
+  const int64_t* ri = rc.data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i) TORCH_CHECK(ri[i] >= 0 && ri[i] < T, "row index out of range");
+  const int64_t so_t = out.stride(0), so_h = out.stride(1), so_d = out.stride(2);
+  std::vector<float> acc(d);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t hh = 0; hh < h; ++hh) {
+      float mx = -std::numeric_limits<float>::infinity();
+      for (int64_t r = 0; r < R; ++r) mx = std::max(mx, g[(r * T + ri[i]) * F + h * d + hh]);
+      const float shift = std::isinf(mx) && mx < 0 ? 0.f : mx;  // all empty: every weight exp(-inf) = 0
+      std::fill(acc.begin(), acc.end(), 0.f);
+      float den = 0.f;
+      for (int64_t r = 0; r < R; ++r) {
+        const float* row = g + (r * T + ri[i]) * F;
+        const float w = std::exp(row[h * d + hh] - shift);
+        den += w;
+        const float* o = row + hh * d;
+        for (int64_t x = 0; x < d; ++x) acc[x] += w * o[x];
+      }
+      store_row(static_cast<char*>(out.data_ptr()) + (i * so_t + hh * so_h) * elem_size(out.scalar_type()),
+                out.scalar_type(), so_d, acc.data(), static_cast<int>(d), den > 0.f ? 1.f / den : 0.f);
+    }
+  }
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("merge_gathered_rows", &merge_gathered_rows, "merge gathered partials of some rows (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_lse", &paged_attention_lse_cpu, "paged attention with LSE (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("supports", &supports);

@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-__all__ = ["load", "paged_attention_lse_cpu", "supported"]
+__all__ = ["load", "merge_gathered_rows_cpu", "paged_attention_lse_cpu", "supported"]
 
 _SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "paged_attention_cpu.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
@@ -119,3 +119,13 @@ def paged_attention_lse_cpu(q, kv_cache, block_table, kv_lens, query_start_loc, 
     m.paged_attention_lse(q, kv_cache, block_table, kv_lens, query_start_loc, float(scale), q_pos, block_pos,
                           out, lse, int(num_splits))
     return out, lse
+
+
+def merge_gathered_rows_cpu(gathered, rows, h: int, d: int, out) -> bool:
+    """The C++ merge of :func:`vllm_kvp.ops.merge.merge_gathered_rows` into `out`; False when the
+    kernel is unavailable (the caller then merges with torch)."""
+    m = _module if _module is not None else load()
+    if m is None:
+        return False
+    m.merge_gathered_rows(gathered, rows, int(h), int(d), out)
+    return True

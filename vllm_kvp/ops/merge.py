@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["merge_partials", "merge_two"]
+__all__ = ["merge_gathered_rows", "merge_partials", "merge_two"]
 
 
 def _merge_seq(
@@ -70,6 +70,27 @@ def merge_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor
     if outs.dim() != 4 or lses.dim() != 3 or outs.shape[:3] != lses.shape:
         raise ValueError(f"expected outs (R,T,H,D) and lses (R,T,H), got {tuple(outs.shape)}, {tuple(lses.shape)}")
     return _merge_seq(outs.unbind(0), lses.unbind(0))
+
+
+def merge_gathered_rows(gathered: torch.Tensor, rows: torch.Tensor, h: int, d: int,
+                        out: torch.Tensor) -> torch.Tensor:
+    """Merge the partials of some queries straight from the exchange buffer.
+
+    gathered: (R, T, H * D + H) float32, rank r's partials of every query of the step (out as H * D
+    values, then the H LSEs), as `comm.gather_partials` returns them; rows: (n,) int64 queries to
+    merge; out: (n, H, D) written with their merged outputs (its dtype). Same math and order as
+    :func:`merge_partials`; on CPU the C++ kernel does it in one pass when it is built.
+    """
+    if gathered.device.type == "cpu" and gathered.is_contiguous():
+        from vllm_kvp.ops import cpu_kernel
+
+        if cpu_kernel.merge_gathered_rows_cpu(gathered, rows, h, d, out):
+            return out
+    mine = gathered[:, rows]  # (R, n, H * D + H)
+    merged, _ = merge_partials(mine[..., : h * d].reshape(gathered.shape[0], -1, h, d),
+                               mine[..., h * d:])
+    out.copy_(merged)
+    return out
 
 
 def merge_two(
