@@ -5,7 +5,7 @@ executor / worker / scheduler classes from its own config. Everything else in vl
 pluggable classes; this is the one place that connects them to the user's `kvp` settings.
 What: wraps four `EngineArgs` methods.
   - `add_cli_args`: adds the "KV parallelism" group (`--kvp-size`, `--kvp-placement`,
-    `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`).
+    `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`, `--kvp-step-mode`).
   - `from_cli_args`: folds those flags into `additional_config["kvp"]`, so a flag and the
     equivalent `additional_config` are the same thing from here on.
   - `create_engine_config`: validates the `kvp` config (in the front-end process, before any worker
@@ -23,7 +23,7 @@ import argparse
 import functools
 from typing import Any
 
-from vllm_kvp.config import CHUNKINGS, CONFIG_KEY, PLACEMENTS, KVPConfig, KVPConfigError
+from vllm_kvp.config import CHUNKINGS, CONFIG_KEY, PLACEMENTS, STEP_MODES, KVPConfig, KVPConfigError
 
 _FLAGS = {
     # flag dest -> KVPConfig field
@@ -31,6 +31,7 @@ _FLAGS = {
     "kvp_placement": "placement",
     "kvp_max_tokens_per_rank": "max_tokens_per_rank",
     "kvp_prefill_chunking": "prefill_chunking",
+    "kvp_step_mode": "step_mode",
 }
 
 _MARK = "_vllm_kvp_wrapped"
@@ -55,6 +56,11 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="Prefill chunk sizes: 'fixed' (vLLM's token budget) or 'adaptive' "
                             "(later chunks of a long prompt shrink so each takes about as long "
                             "as the first). Works with any --kvp-size. Default 'fixed'.")
+    group.add_argument("--kvp-step-mode", type=str, default=None, choices=STEP_MODES,
+                       help="'owner': each token's dense layers run only on the rank holding its "
+                            "KV. 'auto': also that, but a step whose tokens one rank owns (e.g. a "
+                            "batch-1 decode) runs whole on every rank, saving each layer's query "
+                            "exchange. Default 'auto'.")
     return parser
 
 

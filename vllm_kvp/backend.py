@@ -8,6 +8,8 @@ whose KV slots it owns. One step, in every attention layer:
      position: its shard of the request's past and its own new tokens of this step, all read in
      place from its cache through a compacted local block table -> one (out, lse) per query;
   4. the partials are exchanged and each rank merges, in rank order, those of its own rows.
+In a replicated step (one rank owns every token, see `plan`) every rank runs every row: step 2 is
+skipped and each rank merges every row.
 A rank holding nothing of a request contributes out = 0, lse = -inf for its queries.
 The KV cache layout (num_blocks, num_kv_heads, block_size, 2 * head_size) is vLLM's CPU one; this
 backend owns both the write and the read, so the interior is plain (K | V per token).
@@ -23,6 +25,7 @@ from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, A
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from vllm_kvp import comm
+from vllm_kvp.config import KVPConfig
 from vllm_kvp.ops.attention import write_kv
 from vllm_kvp.ops.merge import merge_gathered_rows
 from vllm_kvp.ops.paged_attention import paged_attention_lse
@@ -61,6 +64,8 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self.allow_replicated = KVPConfig.from_additional_config(
+            vllm_config.additional_config).step_mode == "auto"
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -73,7 +78,8 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
         table, lens, block_pos = local_blocks(cm.block_table_tensor[:n], cm.seq_lens[:n],
                                               self.block_size, rank, blocks_per_rank)
         plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank,
-                               comm.kvp_world_size(), blocks_per_rank * self.block_size)
+                               comm.kvp_world_size(), blocks_per_rank * self.block_size,
+                               allow_replicated=self.allow_replicated)
         return KVPAttentionMetadata(num_actual_tokens=t, query_start_loc=qsl,
                                     local_block_table=table, shard_lens=lens, block_pos=block_pos,
                                     token_pos=plan.token_pos.to(torch.int32), plan=plan)
@@ -124,18 +130,21 @@ class KVPAttentionImpl(AttentionImpl):
             return output
         md = attn_metadata
         plan = md.plan
-        rows, t = plan.rows, plan.num_tokens
-        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.)
-        q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, self.num_heads,
-                                                                          self.head_size)
+        t, h, d = plan.num_tokens, self.num_heads, self.head_size
+        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.) A replicated
+        # step computed them all here already.
+        if plan.replicated:
+            q, rows, merge_rows = query[:t].view(t, h, d), t, plan.all_rows
+        else:
+            rows, merge_rows = plan.rows, plan.row_idx
+            q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, h, d)
         # 3. This rank's partial for every query, written straight into the exchange buffer:
         # float32 out (H * D) then lse (H) per query.
-        h, d = self.num_heads, self.head_size
         packed = torch.empty((t, h * d + h), dtype=torch.float32, device=q.device)
         paged_attention_lse(q, kv_cache, md.local_block_table, md.shard_lens, md.query_start_loc,
                             self.scale, q_pos=md.token_pos, block_pos=md.block_pos,
                             out=packed[:, : h * d].view(t, h, d), lse=packed[:, h * d:])
         # 4. Every rank's partials of this rank's rows, merged in rank order.
         gathered = comm.gather_partials(packed, plan)  # (R, T, H*D + H)
-        merge_gathered_rows(gathered, plan.row_idx, h, d, output[:rows].view(rows, h, d))
+        merge_gathered_rows(gathered, merge_rows, h, d, output[:rows].view(rows, h, d))
         return output

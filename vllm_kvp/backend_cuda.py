@@ -6,7 +6,8 @@ The step is the CPU backend's (`backend.py`), under owner computes: in every att
   2. the step's queries are all-gathered, so every rank has every query in vLLM's token order;
   3. each rank attends every query over what it holds of that query's request, causally by position,
      past and this step's tokens in one paged call of our Triton kernel -> one (out, lse) per query;
-  4. the partials are exchanged and each rank merges, in rank order, those of its own rows (Triton).
+  4. the partials are exchanged and each rank merges, in rank order, those of its own rows (Triton);
+     in a replicated step (see `plan`) every rank runs and merges every row, and step 2 is skipped.
 Why our kernel and not FlashAttention's varlen call: docs/design.md, "CUDA".
 
 What comes from vLLM's FlashAttention backend: the KV cache layout (logical (num_blocks, Hkv,
@@ -30,6 +31,7 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAt
 
 from vllm_kvp import comm
 from vllm_kvp.backend import KVPAttentionMetadata, refuse_unsupported_layer
+from vllm_kvp.config import KVPConfig
 from vllm_kvp.ops.triton_merge import triton_merge_partials
 from vllm_kvp.ops.triton_paged_attention import paged_attention_lse
 from vllm_kvp.plan import build_step_plan
@@ -146,6 +148,8 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
+        self.allow_replicated = KVPConfig.from_additional_config(
+            vllm_config.additional_config).step_mode == "auto"
         sched = vllm_config.scheduler_config
         max_reqs = sched.max_num_seqs
         max_cols = -(-vllm_config.model_config.max_model_len // self.block_size)
@@ -179,7 +183,8 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
         table, lens, block_pos = local_blocks(cm.block_table_tensor[:n, :cols], cm.seq_lens[:n],
                                               self.block_size, rank, blocks_per_rank)
         plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank, world,
-                                blocks_per_rank * self.block_size)
+                               blocks_per_rank * self.block_size,
+                               allow_replicated=self.allow_replicated)
         return KVPCudaAttentionMetadata(
             num_actual_tokens=t, query_start_loc=qsl,
             local_block_table=self._fill("_table", table), shard_lens=self._fill("_lens", lens),
@@ -234,10 +239,14 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
             return output.fill_(0)
         md = attn_metadata
         plan = md.plan
-        rows, t = plan.rows, plan.num_tokens
-        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.)
-        q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, self.num_heads,
-                                                                          self.head_size)
+        t, h, d = plan.num_tokens, self.num_heads, self.head_size
+        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.) A replicated
+        # step computed them all here already.
+        if plan.replicated:
+            q, rows, merge_rows = query[:t].view(t, h, d), t, plan.all_rows
+        else:
+            rows, merge_rows = plan.rows, plan.row_idx
+            q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, h, d)
         # 3. This rank's partial for every query, in the queries' dtype (the kernel's contract);
         #    the LSE is float32. Host bounds only: the launch reads nothing back.
         part_out, part_lse = paged_attention_lse(
@@ -245,7 +254,7 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
             q_pos=md.token_pos, block_pos=md.block_pos,
             max_kv_len=md.max_kv_len, max_query_len=md.max_query_len)
         # 4. Every rank's partials of this rank's rows, merged in rank order (float32 exchange).
-        outs, lses = comm.partials_to_owners(part_out, part_lse, plan)  # (R, rows, H, D), (R, rows, H)
+        outs, lses = comm.partials_to_owners(part_out, part_lse, plan, merge_rows)  # (R, rows, H, D), (R, rows, H)
         out, _ = triton_merge_partials(outs, lses)
         output[:rows].copy_(out.reshape(output[:rows].shape))
         return output

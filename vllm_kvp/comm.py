@@ -86,13 +86,15 @@ def gather_partials(packed: torch.Tensor, plan: StepPlan) -> torch.Tensor:
     return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, packed.shape[0], -1)
 
 
-def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan):
-    """This rank's partials for every query -> every rank's partials for this rank's rows.
+def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan,
+                       rows: torch.Tensor | None = None):
+    """This rank's partials for every query -> every rank's partials for this rank's rows
+    (`rows`, vLLM-order indices; default the plan's own rows).
 
     out (T, H, D) float32, lse (T, H) float32, vLLM order -> outs (R, rows, H, D), lses (R, rows, H)
     float32, ordered by KV rank (a dummy row's entries are meaningless).
     """
     t, h, d = out.shape
     packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
-    mine = gather_partials(packed, plan)[:, plan.row_idx]  # (R, rows, H*D + H)
+    mine = gather_partials(packed, plan)[:, plan.row_idx if rows is None else rows]
     return mine[..., : h * d].reshape(plan.world, -1, h, d), mine[..., h * d:].reshape(plan.world, -1, h)

@@ -13,6 +13,7 @@ from typing import Any, Mapping
 
 PLACEMENTS = ("onboard", "striped")
 CHUNKINGS = ("fixed", "adaptive")
+STEP_MODES = ("auto", "owner")
 CONFIG_KEY = "kvp"
 
 
@@ -37,12 +38,20 @@ class KVPConfig:
         "adaptive": each chunk is sized so its predicted time (dense work plus attention over the
         context so far) stays near the first chunk's; later chunks of a long prompt get shorter.
         Works with any `size`, including 1 (then only the scheduler is vllm_kvp's).
+    step_mode: how a step's dense layers are split over the KV ranks.
+        "owner": each token runs only on the rank that owns its KV slot; queries and partial
+        outputs are exchanged in every attention layer.
+        "auto": the same, except that a step whose tokens are all owned by one rank (a batch-1
+        decode, a prompt chunk on one rank) runs whole on every rank: no rank runs more rows than
+        that owner would, and each layer's query exchange is saved. Final hidden states still
+        come from the owners, so every rank samples from the same bits.
     """
 
     size: int = 1
     placement: str = "onboard"
     max_tokens_per_rank: int | None = None
     prefill_chunking: str = "fixed"
+    step_mode: str = "auto"
 
     def __post_init__(self) -> None:
         _check_int("size", self.size, minimum=1)
@@ -57,6 +66,11 @@ class KVPConfig:
             raise KVPConfigError(
                 f"kvp.prefill_chunking must be one of {', '.join(map(repr, CHUNKINGS))}, "
                 f"got {self.prefill_chunking!r}"
+            )
+        if self.step_mode not in STEP_MODES:
+            raise KVPConfigError(
+                f"kvp.step_mode must be one of {', '.join(map(repr, STEP_MODES))}, "
+                f"got {self.step_mode!r}"
             )
 
     @property

@@ -10,10 +10,17 @@ model on `rows` rows: the tokens it owns, in vLLM order, or one dummy row when i
 rank takes part in every collective; a zero-row forward is not something vLLM's kernels promise to
 handle). Exchanges pad each rank's rows to `t_max` and concatenate them by rank ("rank-major"),
 so row `j` of rank `o` sits at `o * t_max + j`.
+
+Replicated steps. When one rank owns every token of the step (a batch-1 decode, a prompt chunk that
+lands on one rank) and the config allows it, the plan is `replicated`: every rank runs all T tokens
+(no rank runs more rows than the owner would), so the queries are already everywhere and the
+per-layer query exchange is skipped; K/V is still written only by the owner, and the final hidden
+states still come from the owner (`row_idx`, `restore_idx` keep their meaning).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +41,12 @@ class StepPlan:
     restore_idx: torch.Tensor  # (T,) int64 rank-major row holding each vLLM-order token
     token_req: torch.Tensor  # (T,) int64 request of each token
     token_pos: torch.Tensor  # (T,) int64 position of each token in its request
+    replicated: bool = False  # every rank runs all T tokens (one rank owns them all)
+
+    @functools.cached_property
+    def all_rows(self) -> torch.Tensor:
+        """(T,) int64 0..T-1: the rows a replicated step merges."""
+        return torch.arange(self.num_tokens, device=self.restore_idx.device)
 
     @property
     def num_local(self) -> int:
@@ -51,13 +64,14 @@ def token_requests(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tens
 
 def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, rank: int, world: int,
-                    tokens_per_rank: int) -> StepPlan:
+                    tokens_per_rank: int, allow_replicated: bool = False) -> StepPlan:
     """The routing of one step.
 
     slot_mapping (T,) int64 logical slots of the step's tokens (negative: padding, owned by no
     rank); query_start_loc (B+1,) int; seq_lens (B,) int tokens of each request after this step;
     tokens_per_rank: KV slots per rank (blocks_per_rank * block_size), so slot s lives on rank
-    s // tokens_per_rank.
+    s // tokens_per_rank. allow_replicated: make the plan `replicated` when one rank owns every
+    token of the step.
     """
     t = slot_mapping.shape[0]
     dev = slot_mapping.device
@@ -69,6 +83,7 @@ def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
     counts = mine.sum(dim=1).tolist()
     rows = max(counts[rank], 1)
     t_max = max(max(counts), 1)
+    replicated = allow_replicated and world > 1 and 0 < max(counts) == sum(counts)
 
     req = token_requests(query_start_loc, t)
     qsl = query_start_loc.to(torch.int64)
@@ -87,10 +102,11 @@ def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
                         row_slots=torch.full((1,), -1, dtype=torch.int64, device=dev),
                         row_req=torch.full((1,), -1, dtype=torch.int64, device=dev),
                         row_pos=torch.zeros(1, dtype=torch.int64, device=dev),
-                        restore_idx=restore_idx, token_req=req, token_pos=pos)
+                        restore_idx=restore_idx, token_req=req, token_pos=pos,
+                        replicated=replicated)
     # A stable sort puts this rank's tokens first, in vLLM order; unlike `nonzero` it needs no
     # second host read (the size is counts[rank], already on the host).
     row_idx = torch.argsort((owner != rank).to(torch.int32), stable=True)[:rows]
     return StepPlan(rank, world, t, counts, rows, t_max, row_idx=row_idx,
                     row_slots=slots[row_idx], row_req=req[row_idx], row_pos=pos[row_idx],
-                    restore_idx=restore_idx, token_req=req, token_pos=pos)
+                    restore_idx=restore_idx, token_req=req, token_pos=pos, replicated=replicated)

@@ -50,25 +50,37 @@ class KVPRunnerMixin:
         if model_kwargs:
             raise NotImplementedError(
                 f"vllm_kvp cannot split a step whose model takes {sorted(model_kwargs)}")
-        idx = plan.row_idx
-        saved = fc.slot_mapping, fc.is_padding
-        # The layers write K/V through the forward context's slot mapping, one slot per row.
-        fc.slot_mapping = {name: plan.row_slots for name in (fc.slot_mapping or {})}
-        if fc.is_padding is not None:
-            fc.is_padding = fc.is_padding[idx]
-        try:
-            out = self.model(
-                input_ids=None if input_ids is None else input_ids[idx],
-                positions=positions[..., idx],
-                intermediate_tensors=intermediate_tensors,
-                inputs_embeds=None if inputs_embeds is None else inputs_embeds[idx],
-            )
-        finally:
-            fc.slot_mapping, fc.is_padding = saved
-        STATS.tokens_computed += plan.num_local
-        if not isinstance(out, torch.Tensor):  # IntermediateTensors for the next pipeline stage
-            return out
-        hidden = comm.gather_rows(out, plan, "hidden_bytes")  # (T, hidden) in vLLM order
+        if plan.replicated:
+            # Every rank runs the whole step (one rank owns all its tokens); the forward context's
+            # slot mapping is vLLM's, and each rank writes only the slots it holds.
+            out = super()._model_forward(input_ids=input_ids, positions=positions,
+                                         intermediate_tensors=intermediate_tensors,
+                                         inputs_embeds=inputs_embeds)
+            STATS.tokens_computed += plan.num_local
+            STATS.tokens_replicated += plan.num_tokens - plan.num_local
+            if not isinstance(out, torch.Tensor):
+                return out
+            mine = out[plan.row_idx]  # the owner's rows are the ones every rank keeps
+        else:
+            idx = plan.row_idx
+            saved = fc.slot_mapping, fc.is_padding
+            # The layers write K/V through the forward context's slot mapping, one slot per row.
+            fc.slot_mapping = {name: plan.row_slots for name in (fc.slot_mapping or {})}
+            if fc.is_padding is not None:
+                fc.is_padding = fc.is_padding[idx]
+            try:
+                mine = self.model(
+                    input_ids=None if input_ids is None else input_ids[idx],
+                    positions=positions[..., idx],
+                    intermediate_tensors=intermediate_tensors,
+                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[idx],
+                )
+            finally:
+                fc.slot_mapping, fc.is_padding = saved
+            STATS.tokens_computed += plan.num_local
+            if not isinstance(mine, torch.Tensor):  # IntermediateTensors for the next pipeline stage
+                return mine
+        hidden = comm.gather_rows(mine, plan, "hidden_bytes")  # (T, hidden) in vLLM order
         total = positions.shape[-1]  # vLLM may pad the step; padded rows are never read
         if total == plan.num_tokens:
             return hidden

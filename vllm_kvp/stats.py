@@ -20,7 +20,8 @@ class RankStats:
     query_bytes: int = 0  # queries (each layer)
     partial_bytes: int = 0  # partial attention outputs (each layer)
     hidden_bytes: int = 0  # final hidden states (each step)
-    tokens_computed: int = 0  # tokens this rank ran through the model (each token on one rank)
+    tokens_computed: int = 0  # tokens this rank ran through the model as their owner (each once)
+    tokens_replicated: int = 0  # tokens it also ran in replicated steps (their owner's result is kept)
     kv_tokens_written: torch.Tensor | int = 0  # K/V entries stored on this rank (all layers)
 
     def as_dict(self) -> dict:

@@ -5,7 +5,8 @@
 - with `striped`, a 4k-token prefill is split evenly over the ranks, and over a run every token
   is computed exactly once (the sum over ranks of `tokens_computed` is the tokens processed);
 - a rank that owns no token of a step (here: of the whole run) still takes part in every
-  collective, so nothing hangs and the tokens are exact.
+  collective, so nothing hangs and the tokens are exact, whether such steps are routed
+  (step_mode "owner") or run on every rank (replicated, step_mode "auto").
 """
 
 import pytest
@@ -65,17 +66,28 @@ def test_long_context_onboard_three_ranks(model_path, long_prompt, reference):
     assert min(run) > 0
 
 
-def test_rank_that_owns_nothing_takes_part_without_hanging(model_path):
+@pytest.mark.parametrize("step_mode", ["owner", "auto"])
+def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, step_mode):
+    """One short request lives on one of 2 ranks. "owner": the other rank runs a dummy row in every
+    step; "auto": every step has one owner, so both ranks run every token (replicated) and the
+    owner's results are kept. Either way the idle rank joins every collective."""
     prompts = random_prompts([50], 4096, seed=13)
     kw = dict(max_model_len=1024, max_num_batched_tokens=512)
     with engine(model_path, **kw) as llm:
         ref = generate(llm, prompts, 16)
-    with engine(model_path, kvp={"size": 2, "placement": "onboard"}, **kw) as llm:
+    kvp = {"size": 2, "placement": "onboard", "step_mode": step_mode}
+    with engine(model_path, kvp=kvp, **kw) as llm:
         stats0 = llm.collective_rpc("kvp_stats")
         got = generate(llm, prompts, 16)
         stats1 = llm.collective_rpc("kvp_stats")
-    assert_same_generation(ref, got, "one short request on 2 ranks")
-    computed = sorted(b["tokens_computed"] - a["tokens_computed"] for a, b in zip(stats0, stats1))
-    assert computed == [0, 50 + 16 - 1]
-    exchanges = [b["exchanges"] - a["exchanges"] for a, b in zip(stats0, stats1)]
-    assert exchanges[0] == exchanges[1] > 0  # the idle rank joined every collective
+    assert_same_generation(ref, got, f"one short request on 2 ranks, step_mode {step_mode}")
+    delta = [{k: b[k] - a[k] for k in ("tokens_computed", "tokens_replicated", "exchanges",
+                                        "query_bytes")} for a, b in zip(stats0, stats1)]
+    owner = max(range(2), key=lambda r: delta[r]["tokens_computed"])
+    idle = 1 - owner
+    assert (delta[idle]["tokens_computed"], delta[owner]["tokens_computed"]) == (0, 50 + 16 - 1)
+    assert delta[owner]["tokens_replicated"] == 0
+    assert delta[idle]["tokens_replicated"] == (50 + 16 - 1 if step_mode == "auto" else 0)
+    assert delta[0]["exchanges"] == delta[1]["exchanges"] > 0  # the idle rank joined every collective
+    # Replicated steps exchange no queries; routed ones do in every layer.
+    assert (delta[owner]["query_bytes"] == 0) == (step_mode == "auto")

@@ -220,7 +220,7 @@ def cuda_steps(draw):
     free = list(draw(st.permutations(range(1, world * per_rank))))  # block 0 is vLLM's null block
     tables = [[free.pop() for _ in range(-(-(p + q) // bs))] for p, q in zip(past, new)]
     pad = draw(st.integers(0, 2))
-    return world, bs, per_rank, past, new, tables, pad
+    return world, bs, per_rank, past, new, tables, pad, draw(st.sampled_from(["auto", "owner"]))
 
 
 @settings(max_examples=40, deadline=None)
@@ -228,9 +228,12 @@ def cuda_steps(draw):
 def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels, step):
     """Each rank builds its metadata, writes its rows' K/V through vLLM's write, attends every
     query (Triton) and merges its rows' partials (Triton): together, causal attention over the
-    whole context, each new token written on exactly one rank."""
-    world, bs, per_rank, past, new, tables, pad = step
+    whole context, each new token written on exactly one rank. With step_mode "auto", a step
+    whose tokens one rank owns runs replicated: every rank runs every row, and the owner's rows
+    of its output are the result."""
+    world, bs, per_rank, past, new, tables, pad, step_mode = step
     vllm_config = config_holder.value
+    vllm_config.additional_config = {"kvp": {"size": max(world, 2), "step_mode": step_mode}}
     assert backend_cuda.paged_attention_lse is INTERPRETED_ATTENTION
     table, qsl, seq_lens, slots = step_tensors(bs, past, new, tables)
     cm = common_metadata(table, qsl, seq_lens, slots, pad)
@@ -261,11 +264,16 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
         md = builder.build(0, cm)
         plan = md.plan
         impl = make_impl()
-        # What the runner gives the layer: this rank's rows, their logical slots.
-        k_rows, v_rows = new_k[plan.row_idx], new_v[plan.row_idx]
-        impl.do_kv_cache_update(LAYER, k_rows, v_rows, kv_cache, plan.row_slots)
-        output = torch.full((plan.rows, HQ * D), float("nan"))
-        impl.forward(LAYER, query[plan.row_idx], k_rows, v_rows, kv_cache, md, output)
+        # What the runner gives the layer: this rank's rows and their logical slots, or in a
+        # replicated step every row and vLLM's slot mapping.
+        run = torch.arange(t) if plan.replicated else plan.row_idx
+        run_slots = cm.slot_mapping if plan.replicated else plan.row_slots
+        k_rows, v_rows = new_k[run], new_v[run]
+        impl.do_kv_cache_update(LAYER, k_rows, v_rows, kv_cache, run_slots)
+        output = torch.full((run.numel(), HQ * D), float("nan"))
+        impl.forward(LAYER, query[run], k_rows, v_rows, kv_cache, md, output)
+        if plan.replicated:
+            output = output[plan.row_idx]  # the owner's rows are the ones kept
         return plan, output, int(backend_cuda.STATS.kv_tokens_written)
 
     with pytest.MonkeyPatch.context() as mp:
@@ -277,6 +285,8 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
 
     n_real = t - pad
     assert sum(plan.num_local for plan, _, _ in results) == n_real
+    one_owner = world > 1 and max(plan.num_local for plan, _, _ in results) == n_real
+    assert all(plan.replicated == (step_mode == "auto" and one_owner) for plan, _, _ in results)
     result = torch.full((n_real, HQ, D), float("nan"))
     for plan, output, written in results:
         assert written == plan.num_local  # each new token's K/V on its owner only

@@ -16,7 +16,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096",
-        "--kvp-prefill-chunking", "adaptive"]
+        "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner"]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,8 @@ def test_flags_fold_into_additional_config(parser):
     assert isinstance(args, AsyncEngineArgs)
     assert args.additional_config["kvp"] == {"size": 2, "placement": "striped",
                                              "max_tokens_per_rank": 4096,
-                                             "prefill_chunking": "adaptive"}
+                                             "prefill_chunking": "adaptive",
+                                             "step_mode": "owner"}
 
 
 def test_only_given_flags_are_folded(parser):
@@ -67,7 +68,7 @@ def test_no_flags_leave_additional_config_unchanged(parser):
 def test_flag_defaults_are_unset(parser):
     ns = parser.parse_args(["--model", "x"])
     assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank,
-            ns.kvp_prefill_chunking) == (None, None, None, None)
+            ns.kvp_prefill_chunking, ns.kvp_step_mode) == (None, None, None, None, None)
 
 
 @pytest.mark.parametrize("argv", [
@@ -173,7 +174,8 @@ def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
     # the validated, normalised dict is what every process will read
     assert config.additional_config["kvp"] == {"placement": "onboard",
                                                 "max_tokens_per_rank": None,
-                                                "prefill_chunking": "fixed", **kvp}
+                                                "prefill_chunking": "fixed",
+                                                "step_mode": "auto", **kvp}
     assert config.scheduler_config.async_scheduling is False
 
 
@@ -183,7 +185,8 @@ def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
     assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
     assert config.additional_config["kvp"] == {"size": 2, "placement": "striped",
                                                 "max_tokens_per_rank": 4096,
-                                                "prefill_chunking": "adaptive"}
+                                                "prefill_chunking": "adaptive",
+                                             "step_mode": "owner"}
 
 
 @pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])

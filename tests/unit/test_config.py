@@ -30,6 +30,7 @@ def test_error_is_a_value_error():
     ({"prefill_chunking": "medha"}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
     ({"size": 2, "prefill_chunking": None}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
     ({"prefill_chunking": "Adaptive"}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
+    ({"size": 2, "step_mode": "replicated"}, "kvp.step_mode", "'auto', 'owner'"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_invalid_value_names_field_and_accepted_values(raw, field, accepted):
     with pytest.raises(KVPConfigError) as info:
@@ -52,7 +53,7 @@ def test_unknown_key_is_named_with_the_accepted_keys():
         KVPConfig.from_dict({"size": 2, "sizee": 3})
     message = str(info.value)
     assert "sizee" in message
-    for key in ("size", "placement", "max_tokens_per_rank", "prefill_chunking"):
+    for key in ("size", "placement", "max_tokens_per_rank", "prefill_chunking", "step_mode"):
         assert key in message.split("accepted")[-1]
 
 
@@ -75,13 +76,15 @@ def test_non_mapping_is_rejected(raw):
     {"size": 8, "placement": "striped", "max_tokens_per_rank": 1},
     {"prefill_chunking": "adaptive"},
     {"size": 2, "placement": "striped", "prefill_chunking": "fixed"},
+    {"size": 3, "step_mode": "owner"},
 ])
 def test_valid_config_round_trips(raw):
     config = KVPConfig.from_dict(raw)
     for key, value in raw.items():
         assert getattr(config, key) == value
     as_dict = config.to_dict()
-    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "prefill_chunking"}
+    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "prefill_chunking",
+                            "step_mode"}
     assert {k: as_dict[k] for k in raw} == raw
     again = KVPConfig.from_dict(as_dict)
     assert again == config
@@ -92,7 +95,7 @@ def test_valid_config_round_trips(raw):
 def test_defaults():
     config = KVPConfig()
     assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None,
-                                "prefill_chunking": "fixed"}
+                                "prefill_chunking": "fixed", "step_mode": "auto"}
     assert not config.enabled
     assert not config.adaptive_chunking
     assert set(PLACEMENTS) == {"onboard", "striped"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -160,3 +161,27 @@ def test_padded_step_tokens_belong_to_no_rank():
     assert plans[0].counts == [3, 2]
     assert plans[0].row_idx.tolist() == [0, 2, 4] and plans[1].row_idx.tolist() == [1, 3]
     assert plans[0].token_req.tolist()[:5] == [0, 0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("slots, want", [
+    ([5], True),  # a batch-1 decode: one token, one owner
+    ([4, 5, 6, -1], True),  # a chunk on rank 1 (and a padding token, owned by no rank)
+    ([0, 5], False),  # two owners: the tokens are routed
+    ([-1, -1], False),  # padding only: nothing to own
+])
+def test_replicated_when_one_rank_owns_every_token(slots, want):
+    """2 ranks of 4 one-token slots. A replicated plan keeps the ownership fields (the final hidden
+    states still come from the owner) and lists every row to merge."""
+    slots = torch.tensor(slots)
+    t = slots.numel()
+    qsl = torch.tensor([0, t], dtype=torch.int32)
+    seq_lens = torch.tensor([8], dtype=torch.int32)
+    for rank in range(2):
+        routed = build_step_plan(slots, qsl, seq_lens, rank, 2, 4)
+        plan = build_step_plan(slots, qsl, seq_lens, rank, 2, 4, allow_replicated=True)
+        assert not routed.replicated and plan.replicated == want
+        assert plan.counts == routed.counts and torch.equal(plan.row_idx, routed.row_idx)
+        assert torch.equal(plan.restore_idx, routed.restore_idx)
+        assert plan.all_rows.tolist() == list(range(t))
+    # One rank alone never replicates (there is nothing to save).
+    assert not build_step_plan(slots.clamp(max=3), qsl, seq_lens, 0, 1, 8, allow_replicated=True).replicated
