@@ -1,7 +1,7 @@
 """Decode step time, KV bytes read per rank and bytes exchanged per step, for N = 1, 2, 4 KV ranks
 at one fixed total context (issue: KV-parallel decode). Not a test: numbers, side by side.
 
-    .venv/bin/python benchmarks/decode_step.py [--context 16384] [--ranks 1 2 4] [--steps 64]
+    .venv/bin/python benchmarks/decode_step.py [--context 16384] [--ranks 1 2 4] [--steps 128]
 
 N = 1 is plain vLLM (the plugin inactive, vLLM's own CPU attention kernel); N > 1 uses the KVP
 backend with `striped` placement so every rank holds context/N tokens of the request.
@@ -46,17 +46,26 @@ def measure(model: str, n: int, context: int, steps: int) -> dict:
         s2 = llm.collective_rpc("kvp_stats") if n > 1 else None
     finally:
         llm.llm_engine.engine_core.shutdown()
+    from vllm.platforms import current_platform
+
     cfg = json.loads((Path(model) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_bytes_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
+    # For calibration (vllm_kvp.calibrate): on a CPU host the workers and the engine process share
+    # its cores; the plugin runs owner computes and counts its collectives.
     result = {"ranks": n, "context": context, "step_ms": 1000 * (t_long - t_short) / steps,
               "kv_read_per_rank_MB": kv_bytes_per_token * context / n / 1e6,
-              "exchanged_per_step_KB": 0.0}
+              "exchanged_per_step_KB": 0.0, "mode": "owner",
+              "cpus": len(os.sched_getaffinity(0)) if current_platform.is_cpu() else 0,
+              "collectives_per_step": 0.0}
     if n > 1:
-        def sent(a, b):
-            return sum(x["exchanged_bytes"] - y["exchanged_bytes"] for x, y in zip(a, b))
+        def sent(a, b, key="exchanged_bytes"):
+            return sum(x[key] - y[key] for x, y in zip(a, b))
         # Each rank's partials reach the n - 1 others; the two runs differ by `steps` steps.
         result["exchanged_per_step_KB"] = (sent(s2, s1) - sent(s1, s0)) * (n - 1) / steps / 1e3
+        # Every rank takes part in every collective: rank 0's count is the step's.
+        result["collectives_per_step"] = (sent(s2[:1], s1[:1], "exchanges")
+                                          - sent(s1[:1], s0[:1], "exchanges")) / steps
     return result
 
 

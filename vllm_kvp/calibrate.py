@@ -1,15 +1,22 @@
-"""Fit the cost model's rates to the project's own decode benchmark (benchmarks/decode_step.py).
+"""Fit the cost model's constants to the project's own decode benchmark (benchmarks/decode_step.py).
 
 A benchmark row is one decode step of one request whose `context` tokens are striped over `ranks`
-KV ranks (tp = pp = 1, one host), with its measured `step_ms`, run in the execution mode given
-(the row's own `mode` field when it has one: "replicated" or "owner"). The cost model's
-time for it is linear in the unknown rates:
+KV ranks (tp = pp = 1, one host), with its measured `step_ms`. Optional fields: `mode`, the
+execution mode it ran in ("owner" or "replicated"; else the caller's); `cpus`, the cores of the CPU
+host it ran on (its workers and the engine process share them: cost_model.core_sharing; absent or
+0 on GPUs); `collectives_per_step`, the KVP collectives a rank ran per step as the plugin counted
+them (else the cost model's count for the mode); `kv_read_per_rank_MB` and `exchanged_per_step_KB`,
+checked against the model and the mode.
 
-    step = step_overhead + hbm_bytes / hbm_bw + intra_hops * intra_latency + (known terms)
+The cost model's time of a row is linear in the inverse of its constants,
 
-so they come from linear least squares on the same `Terms` the planner uses. FLOP/s is not fitted:
-decode moves ~1 FLOP per byte, so decode rows cannot tell FLOP/s from bandwidth; it keeps the
-catalogue's value. The overhead is fitted only when there are rows to spare (more than three).
+    step = steps * step_overhead + hbm_bytes / hbm_bw + hops * intra_latency + flops / flops + known
+
+(steps, bytes and FLOPs stretched by core sharing), so the constants come from non-negative least
+squares on the same `Terms` the planner uses. A constant the rows cannot determine is an error,
+never a guess: no row pays it (every row has one KV rank: no collective latency), or its column is
+a combination of the others'. FLOP/s is not fitted by default for that reason: rows of one model do
+the same dense work every step, so it cannot be told from the per-step overhead.
 """
 
 from __future__ import annotations
@@ -18,13 +25,34 @@ import dataclasses
 import json
 from pathlib import Path
 
-from vllm_kvp.cost_model import Hardware, Layout, ModelShape, Terms, decode_step_terms
+from vllm_kvp import fitting
+from vllm_kvp.cost_model import (MODES, Hardware, Layout, ModelShape, Terms, core_sharing,
+                                  decode_step_terms)
 
 REQUIRED = ("ranks", "context", "step_ms")
 
 
+@dataclasses.dataclass(frozen=True)
+class Constant:
+    column: str      # the Terms field it multiplies
+    rate: bool       # the Hardware field is 1 / coefficient (bytes/s, FLOP/s), else the coefficient
+    varied_by: str   # rows that determine it
+
+
+CONSTANTS = {
+    "step_overhead": Constant("steps", False, "rows at more than one context"),
+    "hbm_bw": Constant("hbm_bytes", True, "rows at other contexts"),
+    "intra_latency": Constant("intra_hops", False, "rows with another number of KV ranks"),
+    "flops": Constant("flops", True, "rows of models of other sizes"),
+}
+DEFAULT_FIT = ("step_overhead", "hbm_bw", "intra_latency")
+# A row's terms depend on the hardware only through its host (cores, node size), not on rates.
+_ANY_RATES = Hardware(memory_bytes=0, hbm_bw=1, flops=1, intra_bw=1, inter_bw=1,
+                      intra_latency=0, inter_latency=0)
+
+
 class CalibrationError(ValueError):
-    """Unusable benchmark rows; the message says which row and why."""
+    """Unusable benchmark rows; the message says which row or constant and why."""
 
 
 def load_rows(path: str | Path) -> list[dict]:
@@ -41,82 +69,108 @@ def load_rows(path: str | Path) -> list[dict]:
             raise CalibrationError(f"{path}: row {i} lacks {missing} (rows need {list(REQUIRED)})")
         if row["ranks"] < 1 or row["context"] < 1 or row["step_ms"] <= 0:
             raise CalibrationError(f"{path}: row {i} has non-positive ranks/context/step_ms: {row}")
+        counts = [row.get(k, 0) for k in ("cpus", "collectives_per_step")]
+        if row.get("mode", MODES[0]) not in MODES \
+                or not all(isinstance(c, (int, float)) and c >= 0 for c in counts):
+            raise CalibrationError(f"{path}: row {i} has a bad mode, cpus or collectives_per_step "
+                                   f"(modes: {', '.join(MODES)}; counts >= 0): {row}")
     return rows
 
 
-def row_terms(m: ModelShape, hw: Hardware, row: dict, mode: str = "replicated") -> Terms:
-    """The cost model's work for one benchmark row."""
-    layout = Layout(tp=1, pp=1, kvp=int(row["ranks"]), placement="striped")
-    return decode_step_terms(m, hw, layout, int(row["context"]), row.get("mode", mode))
+def row_layout(row: dict) -> Layout:
+    return Layout(tp=1, pp=1, kvp=int(row["ranks"]), placement="striped")
 
 
-def check_model_matches(m: ModelShape, rows: list[dict]) -> None:
-    """The rows' own KV-bytes field must agree with the model shape they are fitted with."""
+def row_host(hw: Hardware, row: dict) -> Hardware:
+    """`hw` as the row's host: its cores (if a CPU), all its ranks on one node."""
+    return dataclasses.replace(hw, cpus=int(row.get("cpus", 0)),
+                               gpus_per_node=max(hw.gpus_per_node, int(row["ranks"])))
+
+
+def row_terms(m: ModelShape, hw: Hardware, row: dict, mode: str = "owner") -> Terms:
+    """The cost model's work for one benchmark row, on the row's host."""
+    n = int(row["ranks"])
+    terms = decode_step_terms(m, row_host(hw, row), row_layout(row), int(row["context"]),
+                              row.get("mode", mode))
+    if "collectives_per_step" in row:   # counted by the plugin: ring all-gathers, n - 1 hops each
+        terms = dataclasses.replace(terms, intra_hops=row["collectives_per_step"] * (n - 1))
+    return terms
+
+
+def check_rows(m: ModelShape, rows: list[dict], mode: str = "owner") -> None:
+    """The rows' own KV and exchange figures must agree with the model shape and the mode."""
     for row in rows:
-        if "kv_read_per_rank_MB" not in row:
-            continue
-        ours = m.kv_bytes_per_token * row["context"] / row["ranks"] / 1e6
-        if abs(ours - row["kv_read_per_rank_MB"]) > 0.01 * row["kv_read_per_rank_MB"]:
-            raise CalibrationError(
-                f"benchmark row {row} reads {row['kv_read_per_rank_MB']:.3f} MB of KV per rank, "
-                f"but the model given predicts {ours:.3f} MB: pass the model the benchmark ran")
+        where = f"benchmark row (ranks {row['ranks']}, context {row['context']})"
+        if "kv_read_per_rank_MB" in row:
+            ours = m.kv_bytes_per_token * row["context"] / row["ranks"] / 1e6
+            if abs(ours - row["kv_read_per_rank_MB"]) > 0.01 * row["kv_read_per_rank_MB"]:
+                raise CalibrationError(
+                    f"{where} reads {row['kv_read_per_rank_MB']:.3f} MB of KV per rank, but the "
+                    f"model given predicts {ours:.3f} MB: pass the model the benchmark ran")
+        if "exchanged_per_step_KB" in row and "collectives_per_step" not in row:
+            # decode_step.py sums what each rank sent, times the n - 1 ranks receiving it.
+            terms = row_terms(m, _ANY_RATES, row, mode)
+            ours = terms.intra_link_bytes * row["ranks"] / 1e3
+            if abs(ours - row["exchanged_per_step_KB"]) > 0.01 * max(ours, 1e-3):
+                raise CalibrationError(
+                    f"{where} exchanged {row['exchanged_per_step_KB']:.3f} KB per step, but "
+                    f"{row.get('mode', mode)} mode moves {ours:.3f} KB: the benchmark ran another "
+                    f"execution mode (name it, or give the rows a `mode` field)")
 
 
-def fit(rows: list[dict], m: ModelShape, hw: Hardware, mode: str = "replicated") -> Hardware:
-    """`hw` with hbm_bw, intra_latency (and step_overhead, given > 3 rows) fitted to `rows`."""
-    if len(rows) < 2:
-        raise CalibrationError(f"calibration needs at least 2 benchmark rows, got {len(rows)}")
+def check_constants(constants: tuple[str, ...]) -> None:
+    unknown = [c for c in constants if c not in CONSTANTS]
+    if unknown or not constants or len(set(constants)) < len(constants):
+        raise CalibrationError(f"cannot fit {list(constants)}: name distinct constants among "
+                               f"{', '.join(CONSTANTS)}")
+
+
+def fit(rows: list[dict], m: ModelShape, hw: Hardware, mode: str = "owner",
+        constants: tuple[str, ...] = DEFAULT_FIT) -> Hardware:
+    """`hw` with `constants` (names of Hardware fields, see CONSTANTS) fitted to `rows`; the other
+    fields keep their values. Raises CalibrationError when the rows cannot determine one."""
+    check_constants(constants)
+    check_rows(m, rows, mode)
+    if len(rows) < len(constants):
+        raise CalibrationError(f"{len(constants)} constants ({', '.join(constants)}) need at least "
+                               f"{len(constants)} benchmark rows, got {len(rows)}")
     terms = [row_terms(m, hw, r, mode) for r in rows]
-    base = dataclasses.replace(hw, hbm_bw=float("inf"), intra_latency=0.0, step_overhead=0.0)
-    y = [r["step_ms"] / 1e3 - t.seconds(base) for r, t in zip(rows, terms)]
-    columns = [[t.hbm_bytes for t in terms]]
-    names = ["hbm"]
-    if any(t.intra_hops for t in terms):
-        columns.append([t.intra_hops for t in terms])
-        names.append("hops")
-    if len(rows) > 3:
-        columns.append([1.0] * len(rows))
-        names.append("overhead")
-    coef = dict(zip(names, least_squares(columns, y)))
-    if coef["hbm"] <= 0:
-        raise CalibrationError("the benchmark rows do not determine a positive bandwidth "
-                               "(step time does not grow with KV bytes read)")
-    return dataclasses.replace(hw, hbm_bw=1.0 / coef["hbm"],
-                               intra_latency=max(0.0, coef.get("hops", hw.intra_latency)),
-                               step_overhead=coef.get("overhead", hw.step_overhead))
+    known = dataclasses.replace(hw, **{c: float("inf") if CONSTANTS[c].rate else 0.0
+                                       for c in constants})
+    y = [r["step_ms"] / 1e3 - t.seconds(known) for r, t in zip(rows, terms)]
+    columns = [[getattr(t, CONSTANTS[c].column) for t in terms] for c in constants]
+    dependent = fitting.first_dependent(columns)
+    if dependent:
+        j, others = dependent
+        name, need = constants[j], CONSTANTS[constants[j]].varied_by
+        if not others:
+            raise CalibrationError(f"no benchmark row depends on {name} (its term is 0 in every "
+                                   f"row): it needs {need}; or leave it out of the fit")
+        raise CalibrationError(
+            f"the benchmark rows cannot tell {name} apart from "
+            f"{', '.join(constants[i] for i in others)} (their terms are proportional in these "
+            f"rows): {name} needs {need}; or leave it out of the fit")
+    values = {}
+    for c, x in zip(constants, fitting.nonnegative_least_squares(columns, y)):
+        if CONSTANTS[c].rate:
+            if x <= 0:
+                raise CalibrationError(f"the benchmark rows do not determine a positive {c}: step "
+                                       f"time does not grow with the {CONSTANTS[c].column} term")
+            x = 1.0 / x
+        values[c] = x
+    return dataclasses.replace(hw, **values)
 
 
-def predict_ms(rows: list[dict], m: ModelShape, hw: Hardware, mode: str = "replicated") -> list[float]:
+def predict_ms(rows: list[dict], m: ModelShape, hw: Hardware, mode: str = "owner") -> list[float]:
     """Predicted step_ms of each row."""
     return [1e3 * row_terms(m, hw, r, mode).seconds(hw) for r in rows]
 
 
-def least_squares(columns: list[list[float]], y: list[float]) -> list[float]:
-    """argmin_x |A x - y|^2 for A given by columns, via the normal equations (a handful of
-    unknowns), each column scaled to unit norm first so bytes and hop counts stay comparable."""
-    scale = [max(sum(v * v for v in c) ** 0.5, 1e-300) for c in columns]
-    a = [[v / s for v in c] for c, s in zip(columns, scale)]
-    k = len(a)
-    ata = [[sum(p * q for p, q in zip(a[i], a[j])) for j in range(k)] for i in range(k)]
-    aty = [sum(p * q for p, q in zip(a[i], y)) for i in range(k)]
-    x = solve(ata, aty)
-    return [xi / s for xi, s in zip(x, scale)]
-
-
-def solve(a: list[list[float]], b: list[float]) -> list[float]:
-    """Gaussian elimination with partial pivoting; a singular system is a CalibrationError."""
-    n = len(b)
-    m = [row[:] + [bi] for row, bi in zip(a, b)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(m[r][col]))
-        if abs(m[pivot][col]) < 1e-12:
-            raise CalibrationError("the benchmark rows cannot separate the fitted constants "
-                                   "(use rows with different ranks and contexts)")
-        m[col], m[pivot] = m[pivot], m[col]
-        for r in range(col + 1, n):
-            f = m[r][col] / m[col][col]
-            m[r] = [v - f * p for v, p in zip(m[r], m[col])]
-    x = [0.0] * n
-    for r in reversed(range(n)):
-        x[r] = (m[r][n] - sum(m[r][c] * x[c] for c in range(r + 1, n))) / m[r][r]
-    return x
+def breakdown_ms(row: dict, m: ModelShape, hw: Hardware, mode: str = "owner") -> dict[str, float]:
+    """A row's predicted step time by term, in ms: per-step overhead, weights and KV streamed,
+    FLOPs, exchanges (they add up to predict_ms)."""
+    t = row_terms(m, hw, row, mode)
+    weights = core_sharing(row_host(hw, row), row_layout(row)) * m.active_params * m.dtype_bytes
+    return {"overhead": 1e3 * t.steps * hw.step_overhead, "weights": 1e3 * weights / hw.hbm_bw,
+            "kv": 1e3 * (t.hbm_bytes - weights) / hw.hbm_bw, "flops": 1e3 * t.flops / hw.flops,
+            "exchange": 1e3 * t.comm_seconds(hw)}

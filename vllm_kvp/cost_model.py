@@ -10,8 +10,13 @@ once `tp * pp * kvp` exceeds the GPUs per node. Two execution modes:
   layer the ranks all-gather their attention partials (out, lse).
 - "owner": the rank that owns a token's KV slot runs its dense layers; per layer the queries go out
   to all ranks and the partials come back (two exchanges), plus one gather of final hidden states.
-Times are sums of terms (bytes / bandwidth + FLOPs / FLOP/s + hops x latency + link bytes / link
-bandwidth), so `calibrate` can fit the rates by linear least squares on the same terms.
+Times are sums of terms (steps x per-step overhead + bytes / bandwidth + FLOPs / FLOP/s + hops x
+latency + link bytes / link bandwidth), linear in the inverse rates, so `calibrate` fits them by
+least squares on the same terms.
+
+On a CPU host the workers and the engine process share the node's cores (`Hardware.cpus`); with
+more busy processes than cores each worker computes proportionally slower (`core_sharing`). vLLM's
+processes poll for work rather than sleep, so all of them count as busy.
 """
 
 from __future__ import annotations
@@ -93,6 +98,7 @@ class Hardware:
     inter_latency: float     # s per collective hop between nodes
     gpus_per_node: int = 8
     step_overhead: float = 0.0   # s per engine step not covered by the terms (scheduling, launches)
+    cpus: int = 0            # cores a node's workers and engine process share; 0: a device each
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,10 @@ class Layout:
 
 @dataclass(frozen=True)
 class Terms:
-    """Work on the critical path of one engine step; `seconds(hw)` turns it into time."""
+    """Work on the critical path of one engine step; `seconds(hw)` turns it into time. `steps`
+    counts per-step overheads (more than 1 when a worker's share of a core stretches them)."""
 
+    steps: float = 0.0
     hbm_bytes: float = 0.0
     flops: float = 0.0
     intra_hops: float = 0.0
@@ -124,8 +132,11 @@ class Terms:
     def __add__(self, o: Terms) -> Terms:
         return Terms(*(a + b for a, b in zip(self.as_tuple(), o.as_tuple())))
 
+    def scaled(self, k: float) -> Terms:
+        return Terms(*(a * k for a in self.as_tuple()))
+
     def as_tuple(self) -> tuple[float, ...]:
-        return (self.hbm_bytes, self.flops, self.intra_hops, self.inter_hops,
+        return (self.steps, self.hbm_bytes, self.flops, self.intra_hops, self.inter_hops,
                 self.intra_link_bytes, self.inter_link_bytes)
 
     def comm_seconds(self, hw: Hardware) -> float:
@@ -134,7 +145,7 @@ class Terms:
 
     def seconds(self, hw: Hardware) -> float:
         """Additive: decode moves ~1 FLOP per byte, so the FLOP term is a small correction."""
-        return (hw.step_overhead + self.hbm_bytes / hw.hbm_bw + self.flops / hw.flops
+        return (self.steps * hw.step_overhead + self.hbm_bytes / hw.hbm_bw + self.flops / hw.flops
                 + self.comm_seconds(hw))
 
 
@@ -175,6 +186,20 @@ def tokens_per_rank(layout: Layout, context: int) -> int:
     if layout.placement == "striped" or layout.max_tokens_per_rank <= 0:
         return balanced
     return min(context, max(layout.max_tokens_per_rank, balanced))
+
+
+# ---- cores ---------------------------------------------------------------------------------------
+
+def core_sharing(hw: Hardware, layout: Layout) -> float:
+    """How many times longer a worker's own work takes because the node's cores are time-shared:
+    (busy processes on the node: its workers and the engine process) / cores, at least 1. Always 1
+    on GPUs (`hw.cpus` 0). E.g. plain vLLM on 2 cores (one worker, one engine process): 1; two KV
+    ranks on the same 2 cores: 3 / 2. Waiting inside a collective is not stretched: the exchange's
+    latency is calibrated as it is."""
+    if hw.cpus <= 0:
+        return 1.0
+    busy = min(layout.gpus, hw.gpus_per_node) + 1
+    return max(1.0, busy / hw.cpus)
 
 
 # ---- communication -----------------------------------------------------------------------------
@@ -239,8 +264,8 @@ def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
     kv = resident * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
     weights = m.active_params * m.dtype_bytes / layout.tp
     flops = (2 * m.active_params + 4 * m.layers * m.heads * m.head_dim * resident) / layout.tp
-    return (Terms(hbm_bytes=weights + kv, flops=flops)
-            + kvp_exchange(m, hw, layout, 1, mode) + tp_pp_exchange(m, hw, layout, 1))
+    work = Terms(steps=1.0, hbm_bytes=weights + kv, flops=flops).scaled(core_sharing(hw, layout))
+    return work + kvp_exchange(m, hw, layout, 1, mode) + tp_pp_exchange(m, hw, layout, 1)
 
 
 def decode_step_time(m: ModelShape, hw: Hardware, layout: Layout, context: int,
@@ -268,7 +293,7 @@ def prefill_chunk_time(m: ModelShape, hw: Hardware, layout: Layout, chunk: int, 
     compute = max(flops / hw.flops, hbm / hw.hbm_bw)
     own = math.ceil(chunk / share)   # tokens whose queries/partials one rank sends or receives
     comm = kvp_exchange(m, hw, layout, own, mode) + tp_pp_exchange(m, hw, layout, own)
-    return hw.step_overhead + compute + comm.comm_seconds(hw)
+    return (hw.step_overhead + compute) * core_sharing(hw, layout) + comm.comm_seconds(hw)
 
 
 def prefill_time(m: ModelShape, hw: Hardware, layout: Layout, context: int, chunk: int = 8192,

@@ -4,7 +4,8 @@ Datasheet values (vendor product pages, SXM parts, dense bf16 without sparsity).
 per GPU and per direction: NVLink "900 GB/s" is the two directions together, so 450 GB/s each way;
 InfiniBand "400 Gb/s" per GPU is 50 GB/s. Per-hop latencies are not on datasheets: they are the
 small-message latencies one typically measures with NCCL (a few microseconds per hop), and are
-the first constants `--calibrate` replaces.
+the first constants `--calibrate` replaces. So is the per-step overhead (host-side scheduling,
+input preparation and sampling around each engine step), which no datasheet gives either.
 
 A custom GPU comes from `--gpu-spec FILE.json` with the same field names as `GPU`, in SI units
 (bytes, bytes/s, FLOP/s, seconds).
@@ -26,6 +27,8 @@ TB = 1e12
 # (memory-bound decode streams at ~80% of HBM bandwidth, large bf16 GEMMs/attention reach ~50%).
 HBM_EFFICIENCY = 0.8
 FLOPS_EFFICIENCY = 0.5
+# vLLM's host-side work per decode step with CUDA graphs: a few hundred microseconds.
+STEP_OVERHEAD = 0.5e-3
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,8 @@ class GPU:
     intra_latency: float    # s per hop of a small collective inside a node
     inter_latency: float    # s per hop of a small collective across nodes
     gpus_per_node: int = 8
+    step_overhead: float = STEP_OVERHEAD   # s per engine step outside the kernels
+    cpus: int = 0           # cores a node's workers share (a CPU host); 0: a device per worker
 
     def effective(self, hbm_efficiency: float = HBM_EFFICIENCY,
                   flops_efficiency: float = FLOPS_EFFICIENCY) -> Hardware:
@@ -49,11 +54,12 @@ class GPU:
             memory_bytes=self.memory_bytes, hbm_bw=self.hbm_bw * hbm_efficiency,
             flops=self.flops * flops_efficiency, intra_bw=self.intra_bw, inter_bw=self.inter_bw,
             intra_latency=self.intra_latency, inter_latency=self.inter_latency,
-            gpus_per_node=self.gpus_per_node)
+            gpus_per_node=self.gpus_per_node, step_overhead=self.step_overhead, cpus=self.cpus)
 
     def peak(self) -> Hardware:
-        """Datasheet rates and no latency: the physical floor of a prediction."""
-        return dataclasses.replace(self.effective(1.0, 1.0), intra_latency=0.0, inter_latency=0.0)
+        """Datasheet rates and no latency or overhead: the physical floor of a prediction."""
+        return dataclasses.replace(self.effective(1.0, 1.0), intra_latency=0.0, inter_latency=0.0,
+                                   step_overhead=0.0)
 
 
 CATALOGUE = {
@@ -82,23 +88,33 @@ def get_gpu(name: str) -> GPU:
 
 
 def load_gpu_spec(path: str | Path) -> GPU:
-    """A GPU from a JSON object with `GPU`'s fields (SI units); `name` and `gpus_per_node` optional."""
+    """A GPU from a JSON object with `GPU`'s fields (SI units); `name` and the fields with defaults
+    (`gpus_per_node`, `step_overhead`, `cpus`) are optional."""
     try:
         spec = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise GPUSpecError(f"cannot read GPU spec {path}: {e}") from None
     if not isinstance(spec, dict):
         raise GPUSpecError(f"GPU spec {path} must be a JSON object with the fields of a GPU")
-    names = [f.name for f in dataclasses.fields(GPU)]
+    fields = dataclasses.fields(GPU)
+    names = [f.name for f in fields]
+    optional = {f.name for f in fields if f.default is not dataclasses.MISSING} | {"name"}
     unknown = sorted(set(spec) - set(names))
-    missing = [n for n in names if n not in spec and n not in ("name", "gpus_per_node")]
+    missing = [n for n in names if n not in spec and n not in optional]
     if unknown or missing:
         raise GPUSpecError(f"GPU spec {path}: unknown fields {unknown}, missing fields {missing}; "
                            f"fields are {names}")
     spec.setdefault("name", Path(path).stem)
+    may_be_zero = ("intra_latency", "inter_latency", "step_overhead", "cpus")
     for key in names[1:]:
-        value = spec[key] if key in spec else 8
+        if key not in spec:
+            continue
+        value = spec[key]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
-                or (value == 0 and key not in ("intra_latency", "inter_latency")):
-            raise GPUSpecError(f"GPU spec {path}: {key} must be a positive number, got {value!r}")
-    return GPU(**{**spec, "gpus_per_node": int(spec.get("gpus_per_node", 8))})
+                or (value == 0 and key not in may_be_zero):
+            need = "a number >= 0" if key in may_be_zero else "a positive number"
+            raise GPUSpecError(f"GPU spec {path}: {key} must be {need}, got {value!r}")
+    for key in ("gpus_per_node", "cpus"):
+        if key in spec:
+            spec[key] = int(spec[key])
+    return GPU(**spec)

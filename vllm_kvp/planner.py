@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vllm_kvp import cost_model as cm
 from vllm_kvp import gpus as gpu_catalogue
+from vllm_kvp.calibrate import DEFAULT_FIT
 
 BLOCK = 16  # vLLM's default KV block size: per-rank limits are whole blocks
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?\s*$")
@@ -213,8 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttft-slo", help="target time to first token, e.g. 10min")
     p.add_argument("--prefill-chunk", default="8192", help="prefill chunk in tokens (8192)")
     p.add_argument("--calibrate", metavar="BENCH.json",
-                   help="fit bandwidth and collective latency to benchmarks/decode_step.py output")
+                   help="fit per-step overhead, bandwidth and collective latency to "
+                        "benchmarks/decode_step.py output")
     p.add_argument("--calibrate-model", help="model the benchmark ran (default: the embedded one)")
+    p.add_argument("--calibrate-fit", default=",".join(DEFAULT_FIT), metavar="CONSTANTS",
+                   help=f"constants to fit, comma-separated (default {','.join(DEFAULT_FIT)}; "
+                        f"also flops, given rows of several models)")
     p.add_argument("--calibrate-mode", choices=cm.MODES, default="owner",
                    help="execution mode the benchmark ran in (default: owner, what the plugin runs)")
     p.add_argument("--mode", choices=(*cm.MODES, "all"), default="owner",
@@ -236,8 +241,8 @@ def hardware(args) -> tuple[cm.Hardware, cm.Hardware, str]:
 
         rows = calibrate.load_rows(args.calibrate)
         measured_model = bench_model(args.calibrate_model)
-        calibrate.check_model_matches(measured_model, rows)
-        hw = calibrate.fit(rows, measured_model, hw, args.calibrate_mode)
+        fitted = tuple(c.strip() for c in args.calibrate_fit.split(",") if c.strip())
+        hw = calibrate.fit(rows, measured_model, hw, args.calibrate_mode, fitted)
         note += (f", calibrated on {args.calibrate}: HBM {hw.hbm_bw / 1e9:.1f} GB/s, hop "
                  f"{hw.intra_latency * 1e6:.1f} us, step overhead {hw.step_overhead * 1e3:.2f} ms")
     return hw, gpu.peak(), note

@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from vllm_kvp import calibrate
 from vllm_kvp import cost_model as cm
 from vllm_kvp.gpus import CATALOGUE, GPUSpecError, get_gpu, load_gpu_spec
 
@@ -131,34 +130,41 @@ def test_gpu_spec_file(tmp_path):
         load_gpu_spec(bad)
 
 
-def _bench_rows(m, hw, points):
-    return [{"ranks": n, "context": c,
-             "step_ms": 1e3 * calibrate.row_terms(m, hw, {"ranks": n, "context": c}).seconds(hw)}
-            for n, c in points]
+def test_catalogue_has_a_step_overhead_and_the_floor_has_none():
+    h100 = get_gpu("h100")
+    assert h100.effective().step_overhead == h100.step_overhead == 0.5e-3
+    assert h100.peak().step_overhead == 0.0 and h100.effective().cpus == 0
 
 
-def test_calibration_recovers_the_rates_that_made_the_rows():
-    m = dataclasses.replace(LLAMA8B, layers=2, vocab=4096, hidden=256, intermediate=768, dtype_bytes=4)
-    true = dataclasses.replace(CATALOGUE["h100"].effective(), hbm_bw=7e9, intra_latency=3e-3,
-                               step_overhead=1e-3)
-    rows = _bench_rows(m, true, [(1, 8192), (2, 8192), (1, 32768), (2, 32768), (4, 16384)])
-    fitted = calibrate.fit(rows, m, CATALOGUE["h100"].effective())
-    assert fitted.hbm_bw == pytest.approx(7e9, rel=1e-6)
-    assert fitted.intra_latency == pytest.approx(3e-3, rel=1e-6)
-    assert fitted.step_overhead == pytest.approx(1e-3, rel=1e-6)
-    assert calibrate.predict_ms(rows, m, fitted) == pytest.approx([r["step_ms"] for r in rows])
+def test_gpu_spec_optional_fields(tmp_path):
+    fields = {k: v for k, v in dataclasses.asdict(get_gpu("h100")).items()
+              if k not in ("name", "gpus_per_node", "step_overhead", "cpus")}
+    f = tmp_path / "cpu.json"
+    f.write_text(json.dumps({**fields, "step_overhead": 2e-3, "cpus": 2}))
+    spec = load_gpu_spec(f)
+    assert (spec.step_overhead, spec.cpus, spec.gpus_per_node) == (2e-3, 2, 8)
+    f.write_text(json.dumps(fields))
+    assert load_gpu_spec(f).step_overhead == get_gpu("h100").step_overhead
+    f.write_text(json.dumps({**fields, "step_overhead": -1}))
+    with pytest.raises(GPUSpecError, match="step_overhead must be a number >= 0"):
+        load_gpu_spec(f)
 
 
-def test_calibration_refuses_bad_rows(tmp_path):
-    f = tmp_path / "b.json"
-    f.write_text(json.dumps([{"ranks": 1, "context": 10}]))
-    with pytest.raises(calibrate.CalibrationError, match="row 0 lacks \\['step_ms'\\]"):
-        calibrate.load_rows(f)
-    with pytest.raises(calibrate.CalibrationError, match="at least 2"):
-        calibrate.fit([{"ranks": 1, "context": 10, "step_ms": 1.0}], LLAMA8B, UNIT)
+def test_core_sharing_counts_workers_and_the_engine_process():
+    cpu = dataclasses.replace(UNIT, cpus=2)
+    # Plain vLLM: one worker and the engine process on 2 cores; KV ranks add a busy worker each.
+    assert cm.core_sharing(cpu, cm.Layout(kvp=1)) == 1.0
+    assert cm.core_sharing(cpu, cm.Layout(kvp=2)) == 1.5
+    assert cm.core_sharing(cpu, cm.Layout(kvp=4)) == 2.5
+    assert cm.core_sharing(dataclasses.replace(UNIT, cpus=16), cm.Layout(kvp=4)) == 1.0
+    assert cm.core_sharing(UNIT, cm.Layout(kvp=64)) == 1.0      # GPUs: a device per worker
 
 
-def test_least_squares_solves_a_small_system():
-    # y = 2 a + 3 b, overdetermined and consistent.
-    a, b = [1.0, 0.0, 1.0, 2.0], [0.0, 1.0, 1.0, 1.0]
-    assert calibrate.least_squares([a, b], [2 * x + 3 * y for x, y in zip(a, b)]) == pytest.approx([2, 3])
+def test_core_sharing_stretches_work_but_not_the_exchange():
+    hw = dataclasses.replace(UNIT, cpus=2, intra_latency=1.0)
+    layout = cm.Layout(kvp=2, placement="striped")
+    alone = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "owner")
+    shared = cm.decode_step_terms(LLAMA8B, hw, layout, 4000, "owner")
+    assert shared.steps == 1.5 and alone.steps == 1.0
+    assert shared.hbm_bytes == 1.5 * alone.hbm_bytes and shared.flops == 1.5 * alone.flops
+    assert shared.intra_hops == alone.intra_hops == 32 * 2 + 1

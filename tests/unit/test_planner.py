@@ -102,8 +102,10 @@ def test_8b_at_1m_on_8_h100_matches_the_hand_worked_floor(capsys):
     assert row["weights_gb_per_gpu"] == pytest.approx(weights / 1e9)
     assert row["kv_gb_per_gpu"] == pytest.approx(kv / 1e9)
     assert row["tpot_floor_ms"] == pytest.approx(1e3 * (streamed / 3.35e12 + flops / 989e12), rel=1e-3)
-    # Prediction: 80% of the bandwidth, 50% of the FLOP/s, two all-reduces per layer of 6 hops x 1.5 us.
-    predicted = streamed / (0.8 * 3.35e12) + flops / (0.5 * 989e12) + 32 * 2 * 6 * 1.5e-6
+    # Prediction: 80% of the bandwidth, 50% of the FLOP/s, two all-reduces per layer of 6 hops x 1.5 us,
+    # and the catalogue's 0.5 ms of host-side work per step.
+    predicted = (streamed / (0.8 * 3.35e12) + flops / (0.5 * 989e12) + 32 * 2 * 6 * 1.5e-6
+                 + 0.5e-3)
     assert row["fits"] and row["tpot_ms"] == pytest.approx(1e3 * predicted, rel=1e-3)
 
 
@@ -121,9 +123,31 @@ def test_text_report_and_plot(tmp_path, capsys):
 
 
 def test_calibrated_plan(capsys):
-    assert cli_main(["plan", LLAMA8B, "--context", "1M", "--gpus", "8",
-                     "--calibrate", str(REPO / "docs/benchmarks/decode_step.json")]) == 0
-    assert "calibrated on" in capsys.readouterr().out
+    bench = str(REPO / "docs/benchmarks/decode_step_contexts.json")
+    assert cli_main(["plan", LLAMA8B, "--context", "1M", "--gpus", "8", "--calibrate", bench]) == 0
+    out = capsys.readouterr().out
+    # The 2-core CPU's constants (docs/planner.md, Calibration).
+    assert "calibrated on" in out and "HBM 7.9 GB/s, hop 113" in out and "overhead 0.87 ms" in out
+    rows = _plan_json(capsys, LLAMA8B, "--context", "1M", "--gpus", "8", "--calibrate", bench,
+                      "--calibrate-fit", "hbm_bw,intra_latency")
+    assert all(r["tpot_ms"] > 0 for r in rows)
+
+
+def test_calibration_that_cannot_determine_a_constant_is_one_clear_line(tmp_path, capsys):
+    one_rank = [{"ranks": 1, "context": c, "step_ms": 2 + c / 1e4, "cpus": 2}
+                for c in (8192, 32768, 60000)]
+    bench = tmp_path / "one_rank.json"
+    bench.write_text(json.dumps(one_rank))
+    args = ["plan", LLAMA8B, "--context", "1M", "--gpus", "8", "--calibrate", str(bench)]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert "no benchmark row depends on intra_latency" in err and "Traceback" not in err
+    assert cli_main([*args, "--calibrate-fit", "step_overhead,hbm_bw"]) == 0
+    capsys.readouterr()
+    two_ranks = [{"ranks": 2, "context": 8192, "step_ms": 4.6, "exchanged_per_step_KB": 10.368}]
+    bench.write_text(json.dumps(one_rank + two_ranks))
+    assert cli_main([*args, "--calibrate-mode", "replicated"]) == 2
+    assert "but replicated mode moves 4.224 KB" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("args,message", [
