@@ -26,6 +26,7 @@ from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
 from vllm_kvp import comm
 from vllm_kvp.config import KVPConfig
+from vllm_kvp.ops import cpu_kernel
 from vllm_kvp.ops.attention import write_kv
 from vllm_kvp.ops.merge import merge_gathered_rows
 from vllm_kvp.ops.paged_attention import paged_attention_lse
@@ -115,13 +116,17 @@ class KVPAttentionImpl(AttentionImpl):
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        """Store this rank's rows' K/V (rows, Hkv, D); slot_mapping holds their logical slots
-        (all on this rank; -1 for a dummy row)."""
-        block_size = kv_cache.shape[2]
-        slots = local_slots(slot_mapping[: key.shape[0]], block_size, comm.kvp_rank(),
-                            kv_cache.shape[0])
-        write_kv(kv_cache, key, value, slots)
-        STATS.kv_tokens_written += (slots >= 0).sum()
+        """Store the K/V (rows, Hkv, D) of the rows this rank owns; slot_mapping holds the rows'
+        logical slots (other ranks' slots in a replicated step, and -1 for a dummy row, are
+        skipped)."""
+        block_size, rank = kv_cache.shape[2], comm.kvp_rank()
+        written = cpu_kernel.write_kv_rank_cpu(kv_cache, key, value, slot_mapping[: key.shape[0]],
+                                               block_size, rank, kv_cache.shape[0])
+        if written is None:
+            slots = local_slots(slot_mapping[: key.shape[0]], block_size, rank, kv_cache.shape[0])
+            write_kv(kv_cache, key, value, slots)
+            written = (slots >= 0).sum()
+        STATS.kv_tokens_written += written
 
     def forward(self, layer, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 kv_cache: torch.Tensor, attn_metadata: KVPAttentionMetadata | None,

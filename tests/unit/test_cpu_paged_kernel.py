@@ -213,3 +213,32 @@ def test_lse_is_natural_log():
     out, lse = run((q, cache, torch.zeros(1, 1, dtype=torch.int32), torch.tensor([10], dtype=torch.int32),
                     torch.tensor([0, 1], dtype=torch.int32), None, None))
     assert abs(lse.item() - math.log(10)) < 1e-6 and (out == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_write_kv_rank_matches_torch_write(dtype):
+    """The C++ store of a step's K/V against local_slots + write_kv: rows of this rank written at
+    their local slots, other ranks' and padding rows skipped, strided key/value (views of a fused
+    qkv output, as vLLM passes them), and the count of rows written."""
+    from vllm_kvp.ops.attention import write_kv
+    from vllm_kvp.shard_map import local_slots
+
+    if cpu_kernel.load() is None:
+        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
+    g = torch.Generator().manual_seed(6)
+    nb, hkv, bs, d, rank = 5, 2, 16, 32, 1
+    per_rank = nb * bs
+    qkv = torch.randn(9, (4 + 2 * hkv) * d, generator=g).to(dtype)
+    key = qkv[:, 4 * d: (4 + hkv) * d].view(9, hkv, d)
+    value = qkv[:, (4 + hkv) * d:].view(9, hkv, d)
+    # logical slots: rank 1's (80..159), rank 0's, rank 2's, padding; one at each end of the rank
+    slots = torch.tensor([80, 3, 159, 200, -1, 100, 117, 79, 160], dtype=torch.int64)
+    want = torch.zeros(nb, hkv, bs, 2 * d, dtype=dtype)
+    write_kv(want, key, value, local_slots(slots, bs, rank, nb))
+    got = torch.zeros_like(want)
+    n = cpu_kernel.write_kv_rank_cpu(got, key, value, slots, bs, rank, nb)
+    assert n == 4
+    assert torch.equal(got, want)
+    # a dtype the cache does not have is left to the torch path
+    assert cpu_kernel.write_kv_rank_cpu(got, key.float() if dtype != torch.float32 else key.half(),
+                                        value, slots, bs, rank, nb) is None

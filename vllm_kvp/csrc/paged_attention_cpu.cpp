@@ -704,7 +704,62 @@ void merge_gathered_rows(const at::Tensor& gathered, const at::Tensor& rows, int
   }
 }
 
+// Stores a step's new K/V rows on this rank: slot_mapping (T,) int64 holds logical slots; those in
+// [base, base + per_rank) are this rank's (local slot = slot - base), the others (another rank's,
+// or negative padding) are skipped. key / value (T, Hkv, D) in the cache's dtype, any strides;
+// kv_cache (num_blocks, Hkv, block_size, 2 * D), last dim contiguous. Returns the rows written.
+// One pass instead of the mask, gather, cat and scatter ops of the torch version, per layer.
+template <typename T>
+int64_t write_rows(const at::Tensor& kv, const at::Tensor& key, const at::Tensor& value, const int64_t* slots,
+                   int64_t n, int64_t base, int64_t per_rank) {
+  const int64_t hkv = kv.size(1), bs = kv.size(2), d = key.size(2);
+  T* dst = kv.data_ptr<T>();
+  const T* k = key.data_ptr<T>();
+  const T* v = value.data_ptr<T>();
+  int64_t written = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t local = slots[i] - base;
+    if (slots[i] < 0 || local < 0 || local >= per_rank) continue;
+    const int64_t blk = local / bs, off = local % bs;
+    for (int64_t h = 0; h < hkv; ++h) {
+      T* row = dst + blk * kv.stride(0) + h * kv.stride(1) + off * kv.stride(2);
+      const T* kr = k + i * key.stride(0) + h * key.stride(1);
+      const T* vr = v + i * value.stride(0) + h * value.stride(1);
+      for (int64_t x = 0; x < d; ++x) {
+        row[x] = kr[x * key.stride(2)];
+        row[d + x] = vr[x * value.stride(2)];
+      }
+    }
+    ++written;
+  }
+  return written;
+}
+
+int64_t write_kv_rank(at::Tensor& kv_cache, const at::Tensor& key, const at::Tensor& value,
+                      const at::Tensor& slot_mapping, int64_t base, int64_t per_rank) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.stride(3) == 1 && key.dim() == 3 && key.sizes() == value.sizes() &&
+                  key.size(1) == kv_cache.size(1) && 2 * key.size(2) == kv_cache.size(3),
+              "key / value (T, Hkv, D) do not fit kv_cache (num_blocks, Hkv, block_size, 2D)");
+  TORCH_CHECK(key.scalar_type() == kv_cache.scalar_type() && value.scalar_type() == kv_cache.scalar_type(),
+              "key / value must be in the cache's dtype");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 &&
+                  slot_mapping.size(0) >= key.size(0), "slot_mapping must be int64 with a slot per row");
+  TORCH_CHECK(per_rank <= kv_cache.size(0) * kv_cache.size(2), "per_rank exceeds the cache");
+  at::Tensor sm = slot_mapping.contiguous();
+  const int64_t* slots = sm.data_ptr<int64_t>();
+  const int64_t n = key.size(0);
+  switch (kv_cache.scalar_type()) {
+    case at::kFloat: return write_rows<float>(kv_cache, key, value, slots, n, base, per_rank);
+    case at::kBFloat16: return write_rows<at::BFloat16>(kv_cache, key, value, slots, n, base, per_rank);
+    case at::kHalf: return write_rows<at::Half>(kv_cache, key, value, slots, n, base, per_rank);
+    default: TORCH_CHECK(false, "unsupported kv_cache dtype");
+  }
+  return 0;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("write_kv_rank", &write_kv_rank, "store this rank's new K/V rows (CPU)",
+        py::call_guard<py::gil_scoped_release>());
   m.def("merge_gathered_rows", &merge_gathered_rows, "merge gathered partials of some rows (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("paged_attention_lse", &paged_attention_lse_cpu, "paged attention with LSE (CPU)",

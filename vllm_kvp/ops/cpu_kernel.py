@@ -24,7 +24,7 @@ import warnings
 
 import torch
 
-__all__ = ["load", "merge_gathered_rows_cpu", "paged_attention_lse_cpu", "supported"]
+__all__ = ["load", "merge_gathered_rows_cpu", "paged_attention_lse_cpu", "supported", "write_kv_rank_cpu"]
 
 _SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "paged_attention_cpu.cpp"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
@@ -129,3 +129,16 @@ def merge_gathered_rows_cpu(gathered, rows, h: int, d: int, out) -> bool:
         return False
     m.merge_gathered_rows(gathered, rows, int(h), int(d), out)
     return True
+
+
+def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, block_size: int, rank: int,
+                      blocks_per_rank: int) -> int | None:
+    """Store the rows whose logical slot is on `rank` (see :func:`vllm_kvp.shard_map.local_slots`)
+    into this rank's `kv_cache`; returns how many, or None when the kernel is unavailable or does
+    not cover the tensors (the caller then uses the torch path)."""
+    m = _module if _module is not None else load()
+    if (m is None or key.dtype != kv_cache.dtype or value.dtype != kv_cache.dtype
+            or slot_mapping.dtype != torch.int64 or kv_cache.stride(-1) != 1):
+        return None
+    per_rank = blocks_per_rank * block_size
+    return m.write_kv_rank(kv_cache, key, value, slot_mapping, rank * per_rank, per_rank)
