@@ -9,7 +9,8 @@ fitted on all the other rows. `--holdout context`: each context is predicted by 
 on the rows at smaller contexts only (extrapolation in context, which is what the planner does).
 A split whose rows cannot determine the constants is reported as such, with the reason. Target:
 every held-out row within 25% of its measured step time. `--mode`: the execution mode the
-benchmark ran in, for rows without their own `mode`. `--fit`: the constants fitted (calibrate.py);
+benchmark ran in, for rows without their own `mode` (rows name a step mode other than the plugin's
+default, `auto`, in their `step_mode`). `--fit`: the constants fitted (calibrate.py);
 the others keep neutral values (no step overhead; FLOP/s and link bandwidth of an H100, which
 decode rows of a small model barely touch). Then the fit on all rows, term by term. Not a test.
 """

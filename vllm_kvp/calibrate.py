@@ -2,11 +2,15 @@
 
 A benchmark row is one decode step of one request whose `context` tokens are striped over `ranks`
 KV ranks (tp = pp = 1, one host), with its measured `step_ms`. Optional fields: `mode`, the
-execution mode it ran in ("owner" or "replicated"; else the caller's); `cpus`, the cores of the CPU
-host it ran on (its workers and the engine process share them: cost_model.core_sharing; absent or
-0 on GPUs); `collectives_per_step`, the KVP collectives a rank ran per step as the plugin counted
-them (else the cost model's count for the mode); `kv_read_per_rank_MB` and `exchanged_per_step_KB`,
-checked against the model and the mode.
+execution mode it ran in ("owner" or "replicated"; else the caller's); `step_mode`, the plugin's
+`kvp.step_mode` under owner computes ("auto", the default: a batch-1 decode step runs whole on
+every rank, L + 1 collectives; "owner": every step routed, 2 L + 1, as the plugin ran before the
+per-step switch); `cpus`, the cores of the CPU host it ran on (its workers and the engine process
+share them: cost_model.core_sharing; absent or 0 on GPUs); `collectives_per_step`, the KVP
+collectives a rank ran per step as the plugin counted them (else the cost model's count);
+`kv_read_per_rank_MB` and `exchanged_per_step_KB`. The counts and bytes are checked against the
+model, the mode and the step mode: the planner predicts with the cost model's count, so a latency
+fitted to rows that issued another count would not carry over.
 
 The cost model's time of a row is linear in the inverse of its constants,
 
@@ -26,8 +30,9 @@ import json
 from pathlib import Path
 
 from vllm_kvp import fitting
+from vllm_kvp.config import STEP_MODES
 from vllm_kvp.cost_model import (MODES, Hardware, Layout, ModelShape, Terms, core_sharing,
-                                  decode_step_terms)
+                                  decode_step_terms, kvp_collectives)
 
 REQUIRED = ("ranks", "context", "step_ms")
 
@@ -70,10 +75,11 @@ def load_rows(path: str | Path) -> list[dict]:
         if row["ranks"] < 1 or row["context"] < 1 or row["step_ms"] <= 0:
             raise CalibrationError(f"{path}: row {i} has non-positive ranks/context/step_ms: {row}")
         counts = [row.get(k, 0) for k in ("cpus", "collectives_per_step")]
-        if row.get("mode", MODES[0]) not in MODES \
-                or not all(isinstance(c, (int, float)) and c >= 0 for c in counts):
-            raise CalibrationError(f"{path}: row {i} has a bad mode, cpus or collectives_per_step "
-                                   f"(modes: {', '.join(MODES)}; counts >= 0): {row}")
+        modes_ok = row.get("mode", MODES[0]) in MODES and row.get("step_mode", "auto") in STEP_MODES
+        if not modes_ok or not all(isinstance(c, (int, float)) and c >= 0 for c in counts):
+            raise CalibrationError(f"{path}: row {i} has a bad mode, step_mode, cpus or "
+                                   f"collectives_per_step (modes: {', '.join(MODES)}; step modes: "
+                                   f"{', '.join(STEP_MODES)}; counts >= 0): {row}")
     return rows
 
 
@@ -87,35 +93,49 @@ def row_host(hw: Hardware, row: dict) -> Hardware:
                                gpus_per_node=max(hw.gpus_per_node, int(row["ranks"])))
 
 
+def row_modes(row: dict, mode: str) -> tuple[str, str]:
+    """(execution mode, step mode) the row ran: its own fields, else `mode` and the default."""
+    return row.get("mode", mode), row.get("step_mode", "auto")
+
+
 def row_terms(m: ModelShape, hw: Hardware, row: dict, mode: str = "owner") -> Terms:
     """The cost model's work for one benchmark row, on the row's host."""
     n = int(row["ranks"])
     terms = decode_step_terms(m, row_host(hw, row), row_layout(row), int(row["context"]),
-                              row.get("mode", mode))
+                              *row_modes(row, mode))
     if "collectives_per_step" in row:   # counted by the plugin: ring all-gathers, n - 1 hops each
         terms = dataclasses.replace(terms, intra_hops=row["collectives_per_step"] * (n - 1))
     return terms
 
 
 def check_rows(m: ModelShape, rows: list[dict], mode: str = "owner") -> None:
-    """The rows' own KV and exchange figures must agree with the model shape and the mode."""
+    """The rows' own KV, collective and exchange figures must agree with the model shape, the mode
+    and the step mode."""
     for row in rows:
         where = f"benchmark row (ranks {row['ranks']}, context {row['context']})"
+        ran, step = row_modes(row, mode)
+        named = f"{ran} mode" + (f" (step mode {step})" if ran == "owner" else "")
+        fix = "the benchmark ran another mode (name it, or give the rows mode / step_mode fields)"
         if "kv_read_per_rank_MB" in row:
             ours = m.kv_bytes_per_token * row["context"] / row["ranks"] / 1e6
             if abs(ours - row["kv_read_per_rank_MB"]) > 0.01 * row["kv_read_per_rank_MB"]:
                 raise CalibrationError(
                     f"{where} reads {row['kv_read_per_rank_MB']:.3f} MB of KV per rank, but the "
                     f"model given predicts {ours:.3f} MB: pass the model the benchmark ran")
-        if "exchanged_per_step_KB" in row and "collectives_per_step" not in row:
+        if "collectives_per_step" in row:
+            ours = kvp_collectives(m, row_layout(row), 1, ran, step_mode=step)
+            if abs(ours - row["collectives_per_step"]) > 0.5:   # whole counts, averaged over steps
+                raise CalibrationError(
+                    f"{where} ran {row['collectives_per_step']:g} KVP collectives per step, but "
+                    f"{named} issues {ours}: {fix}")
+        if "exchanged_per_step_KB" in row:
             # decode_step.py sums what each rank sent, times the n - 1 ranks receiving it.
             terms = row_terms(m, _ANY_RATES, row, mode)
             ours = terms.intra_link_bytes * row["ranks"] / 1e3
             if abs(ours - row["exchanged_per_step_KB"]) > 0.01 * max(ours, 1e-3):
                 raise CalibrationError(
                     f"{where} exchanged {row['exchanged_per_step_KB']:.3f} KB per step, but "
-                    f"{row.get('mode', mode)} mode moves {ours:.3f} KB: the benchmark ran another "
-                    f"execution mode (name it, or give the rows a `mode` field)")
+                    f"{named} moves {ours:.3f} KB: {fix}")
 
 
 def check_constants(constants: tuple[str, ...]) -> None:

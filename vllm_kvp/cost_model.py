@@ -10,6 +10,9 @@ once `tp * pp * kvp` exceeds the GPUs per node. Two execution modes:
   layer the ranks all-gather their attention partials (out, lse).
 - "owner": the rank that owns a token's KV slot runs its dense layers; per layer the queries go out
   to all ranks and the partials come back (two exchanges), plus one gather of final hidden states.
+  A step whose tokens one rank owns (a batch-1 decode, a prompt chunk under `onboard`) runs whole
+  on every rank instead, as the plugin's default `kvp.step_mode` "auto" does: its queries are
+  already everywhere, so each layer gathers only the partials (`kvp_gathers`).
 Times are sums of terms (steps x per-step overhead + bytes / bandwidth + FLOPs / FLOP/s + hops x
 latency + link bytes / link bandwidth), linear in the inverse rates, so `calibrate` fits them by
 least squares on the same terms.
@@ -215,26 +218,51 @@ def _hops(hw: Hardware, hops: float, nbytes: float, inter: bool) -> Terms:
     return Terms(intra_hops=hops, intra_link_bytes=nbytes)
 
 
-def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str) -> Terms:
-    """Per-step exchange over the KVP group (ring all-gathers: kvp - 1 hops each), all layers.
+def replicated_step(mode: str, tokens: int, rows: int, step_mode: str = "auto") -> bool:
+    """Whether owner computes runs a step of `tokens` tokens whole on every rank: one rank owns
+    them all (the most one rank owns, `rows`, is all of them) and the step mode is "auto"
+    (plan.build_step_plan)."""
+    return mode == "owner" and step_mode == "auto" and rows == tokens
 
-    replicated: partials (out, lse) of `tokens` queries, one all-gather per layer.
-    owner: queries out and partials back per layer, and the final hidden states once per step.
+
+def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int | None = None,
+                step_mode: str = "auto") -> list[tuple[int, float]]:
+    """The all-gathers over the KVP group in one step, all layers, as (how many, bytes each rank
+    sends in each). `tokens`: the step's T tokens; every rank attends all of their queries, so it
+    sends partials of T. `rows`: the most tokens one rank owns (t_max, default T: one rank owns
+    all); a row gather pads every rank's rows to it.
+
+    replicated: the partials (out, lse) once per layer.
+    owner: per layer the queries and the partials, plus the final hidden states once per step;
+    a replicated step (`replicated_step`) skips the queries: L + 1 gathers instead of 2 L + 1.
     """
-    n = layout.kvp
-    if n == 1:
-        return Terms()
+    if layout.kvp == 1:
+        return []
+    rows = tokens if rows is None else rows
     heads = math.ceil(m.heads / layout.tp)
-    partials = tokens * heads * (m.head_dim + 1) * PARTIAL_BYTES
-    per_layer = [partials]
+    gathers = [(m.layers, tokens * heads * (m.head_dim + 1) * PARTIAL_BYTES)]
     if mode == "owner":
-        per_layer.append(tokens * heads * m.head_dim * m.dtype_bytes)
-    inter = _crosses_nodes(hw, layout.gpus)
-    t = _hops(hw, m.layers * len(per_layer) * (n - 1), m.layers * sum(per_layer) * (n - 1), inter)
-    if mode == "owner":
+        if not replicated_step(mode, tokens, rows, step_mode):
+            gathers.append((m.layers, rows * heads * m.head_dim * m.dtype_bytes))
         # Hidden states are whole on every TP rank, so each TP position gathers all of them.
-        t = t + _hops(hw, n - 1, tokens * m.hidden * m.dtype_bytes * (n - 1), inter)
-    return t
+        gathers.append((1, rows * m.hidden * m.dtype_bytes))
+    return gathers
+
+
+def kvp_collectives(m: ModelShape, layout: Layout, tokens: int, mode: str,
+                    rows: int | None = None, step_mode: str = "auto") -> int:
+    """KVP collectives a rank issues per step: what the plugin counts (`exchanges` in its stats)."""
+    return sum(count for count, _ in kvp_gathers(m, layout, tokens, mode, rows, step_mode))
+
+
+def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str,
+                 rows: int | None = None, step_mode: str = "auto") -> Terms:
+    """Per-step exchange over the KVP group: `kvp_gathers` as ring all-gathers, kvp - 1 hops and
+    kvp - 1 ranks' bytes received each."""
+    gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode)
+    ring = layout.kvp - 1
+    return _hops(hw, ring * sum(c for c, _ in gathers), ring * sum(c * b for c, b in gathers),
+                 _crosses_nodes(hw, layout.gpus))
 
 
 def tp_pp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int) -> Terms:
@@ -256,16 +284,20 @@ def tp_pp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int) -> 
 # ---- time --------------------------------------------------------------------------------------
 
 def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
-                      mode: str = "replicated") -> Terms:
+                      mode: str = "replicated", step_mode: str = "auto") -> Terms:
     """One output token of one request whose KV holds `context` tokens (batch 1). Stages run in
     turn, so pp does not shorten it; each GPU streams its weights and its KV-rank's share of the
-    KV once; all KV ranks attend in parallel, so the fullest rank sets the pace."""
+    KV once; all KV ranks attend in parallel, so the fullest rank sets the pace. Under owner
+    computes the one token is owned by one rank, whatever the placement: with `step_mode` "auto"
+    every rank runs it (as many dense FLOPs as its owner alone) and no query is exchanged;
+    "owner" (every step routed) is here to read measurements taken with it."""
     resident = tokens_per_rank(layout, context)
     kv = resident * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
     weights = m.active_params * m.dtype_bytes / layout.tp
     flops = (2 * m.active_params + 4 * m.layers * m.heads * m.head_dim * resident) / layout.tp
     work = Terms(steps=1.0, hbm_bytes=weights + kv, flops=flops).scaled(core_sharing(hw, layout))
-    return work + kvp_exchange(m, hw, layout, 1, mode) + tp_pp_exchange(m, hw, layout, 1)
+    return (work + kvp_exchange(m, hw, layout, 1, mode, step_mode=step_mode)
+            + tp_pp_exchange(m, hw, layout, 1))
 
 
 def decode_step_time(m: ModelShape, hw: Hardware, layout: Layout, context: int,
@@ -278,7 +310,10 @@ def prefill_chunk_time(m: ModelShape, hw: Hardware, layout: Layout, chunk: int, 
                        mode: str = "replicated") -> float:
     """Seconds for one prefill chunk of `chunk` tokens attending to `past` earlier tokens (all
     pipeline stages in turn). Dense work is split over KV ranks only when the chunk's tokens are
-    spread over them (owner computes with striped placement); attention to the past is split by
+    spread over them (owner computes with striped placement: a routed step); under `onboard` the
+    chunk lands on the rank being filled, so owner computes runs it whole on every rank (a
+    replicated step: no query exchange), in the owner's time. A chunk that straddles two ranks'
+    limits (at most kvp - 1 of a prompt) is counted as if on one. Attention to the past is split by
     where the past lives (striped: evenly; onboard: the fullest rank holds up to its limit)."""
     spread = mode == "owner" and layout.placement == "striped"
     share = layout.kvp if spread else 1
@@ -291,8 +326,8 @@ def prefill_chunk_time(m: ModelShape, hw: Hardware, layout: Layout, chunk: int, 
     kv_read = past_local * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
     hbm = m.active_params * m.dtype_bytes / layout.tp + kv_read
     compute = max(flops / hw.flops, hbm / hw.hbm_bw)
-    own = math.ceil(chunk / share)   # tokens whose queries/partials one rank sends or receives
-    comm = kvp_exchange(m, hw, layout, own, mode) + tp_pp_exchange(m, hw, layout, own)
+    own = math.ceil(chunk / share)   # rows one rank runs and sends in a row gather (t_max)
+    comm = kvp_exchange(m, hw, layout, chunk, mode, own) + tp_pp_exchange(m, hw, layout, own)
     return (hw.step_overhead + compute) * core_sharing(hw, layout) + comm.comm_seconds(hw)
 
 

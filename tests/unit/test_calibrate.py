@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -20,18 +21,21 @@ FREE = cm.Hardware(memory_bytes=64e9, hbm_bw=1.0, flops=1e30, intra_bw=1e30, int
 OVERHEAD, BW, LATENCY = 1e-3, 8e9, 1e-4
 
 
-def hand_step_ms(ranks: int, context: int, cpus: int = 2) -> float:
+def hand_step_ms(ranks: int, context: int, cpus: int = 2, step_mode: str = "auto") -> float:
     """Owner computes on a `cpus`-core host: a worker's work (overhead, weights, its KV share) is
-    stretched by (ranks + engine process) / cpus when that exceeds 1; each of the 2 layers gathers
-    queries and partials and the step gathers hidden states once: 5 collectives of ranks - 1 hops."""
+    stretched by (ranks + engine process) / cpus when that exceeds 1. The one token is owned by one
+    rank, so with step mode auto every rank runs it: each of the 2 layers gathers partials and the
+    step gathers hidden states once, 3 collectives of ranks - 1 hops; routed ("owner"), each layer
+    also gathers the queries: 5."""
     share = max(1.0, (ranks + 1) / cpus) if cpus else 1.0
-    hops = 5 * (ranks - 1)
+    hops = (3 if step_mode == "auto" else 5) * (ranks - 1)
     return 1e3 * (share * (OVERHEAD + (W + KV * context / ranks) / BW) + hops * LATENCY)
 
 
-def rows_for(points, cpus: int = 2) -> list[dict]:
-    return [{"ranks": n, "context": c, "cpus": cpus, "step_ms": hand_step_ms(n, c, cpus)}
+def rows_for(points, cpus: int = 2, step_mode: str = "auto") -> list[dict]:
+    rows = [{"ranks": n, "context": c, "cpus": cpus, "step_ms": hand_step_ms(n, c, cpus, step_mode)}
             for n, c in points]
+    return rows if step_mode == "auto" else [{**r, "step_mode": step_mode} for r in rows]
 
 
 GRID = [(1, 8192), (2, 8192), (1, 32768), (2, 32768), (1, 60000), (2, 60000)]
@@ -44,9 +48,9 @@ def test_hand_worked_rows_match_the_model():
     assert calibrate.predict_ms(rows, TINY, true) == pytest.approx([r["step_ms"] for r in rows])
 
 
-@pytest.mark.parametrize("cpus", [0, 2])
-def test_fit_recovers_the_constants_that_made_the_rows(cpus):
-    fitted = calibrate.fit(rows_for(GRID, cpus), TINY, FREE)
+@pytest.mark.parametrize("cpus,step_mode", [(0, "auto"), (2, "auto"), (2, "owner")])
+def test_fit_recovers_the_constants_that_made_the_rows(cpus, step_mode):
+    fitted = calibrate.fit(rows_for(GRID, cpus, step_mode), TINY, FREE)
     assert fitted.step_overhead == pytest.approx(OVERHEAD, rel=1e-9)
     assert fitted.hbm_bw == pytest.approx(BW, rel=1e-9)
     assert fitted.intra_latency == pytest.approx(LATENCY, rel=1e-9)
@@ -75,6 +79,18 @@ def test_collectives_counted_by_the_plugin_replace_the_models_count():
     row = {"ranks": 4, "context": 8192, "step_ms": 1.0, "collectives_per_step": 3}
     assert calibrate.row_terms(TINY, FREE, row).intra_hops == 3 * 3
     assert calibrate.row_terms(TINY, FREE, {**row, "collectives_per_step": 0}).intra_hops == 0
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_the_plugins_count_is_the_one_the_planner_predicts_with(ranks):
+    # decode_step.py at batch 1 under the default step mode: 2 layers of partials + hidden = 3.
+    layout = cm.Layout(kvp=ranks, placement="striped")
+    counted = {"ranks": ranks, "context": 8192, "step_ms": 1.0, "collectives_per_step": 3}
+    calibrate.check_rows(TINY, [counted])
+    plain = {k: v for k, v in counted.items() if k != "collectives_per_step"}
+    host = calibrate.row_host(FREE, counted)
+    assert calibrate.row_terms(TINY, FREE, counted) == calibrate.row_terms(TINY, FREE, plain) \
+        == cm.decode_step_terms(TINY, host, layout, 8192, "owner")
 
 
 def test_rows_that_pay_no_collective_cannot_fit_its_latency():
@@ -123,16 +139,39 @@ def test_a_constant_the_rows_put_below_zero_is_zero():
 
 
 def test_rows_are_checked_against_the_model_and_the_mode():
+    # Per layer a rank sends partials of 8 heads x (32 + 1) x 4 B = 1056 B (and, routed, a query
+    # of 8 x 32 x 4 B = 1024 B); per step a hidden state of 256 x 4 B = 1024 B; 2 ranks send.
     row = {"ranks": 2, "context": 8192, "step_ms": 4.6, "kv_read_per_rank_MB": 4.194304,
-           "exchanged_per_step_KB": 10.368}
-    calibrate.check_rows(TINY, [row], "owner")   # 2 ranks x (2 x (1056 + 1024) + 1024) B
+           "exchanged_per_step_KB": 6.272, "collectives_per_step": 3}
+    calibrate.check_rows(TINY, [row], "owner")   # 2 x (2 x 1056 + 1024) B, 2 layers + 1
+    routed = {**row, "exchanged_per_step_KB": 10.368, "collectives_per_step": 5}
+    with pytest.raises(calibrate.CalibrationError, match="ran 5 KVP collectives per step, but "
+                       "owner mode \\(step mode auto\\) issues 3.*step_mode"):
+        calibrate.check_rows(TINY, [routed], "owner")
+    with pytest.raises(calibrate.CalibrationError, match="exchanged 10.368 KB per step, but owner "
+                       "mode \\(step mode auto\\) moves 6.272 KB"):
+        calibrate.check_rows(TINY, [{k: v for k, v in routed.items()
+                                     if k != "collectives_per_step"}], "owner")
+    calibrate.check_rows(TINY, [{**routed, "step_mode": "owner"}])   # 2 x (2 x 2080 + 1024) B
+    plain = {k: v for k, v in row.items() if k != "collectives_per_step"}
     with pytest.raises(calibrate.CalibrationError,
-                       match="exchanged 10.368 KB per step, but replicated mode moves 4.224 KB"):
+                       match="exchanged 6.272 KB per step, but replicated mode moves 4.224 KB"):
+        calibrate.check_rows(TINY, [plain], "replicated")
+    with pytest.raises(calibrate.CalibrationError, match="but replicated mode issues 2"):
         calibrate.check_rows(TINY, [row], "replicated")
     calibrate.check_rows(TINY, [{**row, "mode": "owner"}], "replicated")  # the row's own mode wins
-    calibrate.check_rows(TINY, [{**row, "collectives_per_step": 3}], "replicated")
     with pytest.raises(calibrate.CalibrationError, match="pass the model the benchmark ran"):
         calibrate.check_rows(TINY, [{**row, "kv_read_per_rank_MB": 8.0}])
+
+
+def test_the_stored_rows_ran_every_step_routed():
+    # Measured before the per-step switch: 2 layers x (queries, partials) + hidden = 5 per step.
+    path = Path(__file__).resolve().parents[2] / "docs/benchmarks/decode_step_contexts.json"
+    rows = calibrate.load_rows(path)
+    assert {r["step_mode"] for r in rows} == {"owner"}
+    calibrate.check_rows(TINY, rows)
+    two = next(r for r in rows if r["ranks"] == 2)
+    assert calibrate.row_terms(TINY, FREE, two).intra_hops == 5
 
 
 def test_load_rows_refuses_bad_rows(tmp_path):
@@ -142,6 +181,9 @@ def test_load_rows_refuses_bad_rows(tmp_path):
         calibrate.load_rows(f)
     f.write_text(json.dumps([{"ranks": 1, "context": 10, "step_ms": 1.0, "mode": "tp"}]))
     with pytest.raises(calibrate.CalibrationError, match="row 0 has a bad mode"):
+        calibrate.load_rows(f)
+    f.write_text(json.dumps([{"ranks": 1, "context": 10, "step_ms": 1.0, "step_mode": "routed"}]))
+    with pytest.raises(calibrate.CalibrationError, match="row 0 has a bad mode, step_mode"):
         calibrate.load_rows(f)
 
 

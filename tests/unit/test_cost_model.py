@@ -70,8 +70,41 @@ def test_decode_with_kv_ranks_reads_a_share_and_pays_hops():
     assert base.hbm_bytes - four.hbm_bytes == 3000 * 131072
     assert four.intra_hops == 32 * 3                      # one all-gather of partials per layer
     owner = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000, "owner")
-    assert owner.intra_hops == 32 * 2 * 3 + 3            # queries out, partials back, hidden once
+    # The one token's owner is one rank, so every rank runs it: partials per layer, hidden once.
+    assert owner.intra_hops == 32 * 3 + 3
+    routed = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000,
+                                  "owner", step_mode="owner")
+    assert routed.intra_hops == 32 * 2 * 3 + 3            # queries out, partials back, hidden once
     assert four.intra_link_bytes == 32 * 3 * 32 * 129 * 4  # float32 partials of 32 heads x (128 + 1)
+
+
+@pytest.mark.parametrize("placement", cm.PLACEMENTS)
+def test_owner_decode_at_batch_1_is_a_replicated_step(placement):
+    # kvp = 4, tp = 1: one token's partials are 32 heads x (128 + 1) x 4 B = 16,512 B, its query
+    # 32 x 128 x 2 B = 8,192 B, its hidden state 4096 x 2 B = 8,192 B; each gather receives 3 ranks'.
+    layout = cm.Layout(kvp=4, placement=placement, max_tokens_per_rank=1000)
+    rep = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "replicated")
+    auto = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "owner")
+    routed = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "owner", step_mode="owner")
+    assert auto.intra_link_bytes == 3 * (32 * 16512 + 8192) == 1_609_728
+    assert routed.intra_link_bytes == 3 * (32 * (16512 + 8192) + 8192) == 2_396_160
+    # The same dense work and KV in all three; owner computes adds only the hidden-state gather.
+    assert (auto.steps, auto.hbm_bytes, auto.flops) == (rep.steps, rep.hbm_bytes, rep.flops)
+    assert (auto.intra_hops - rep.intra_hops, auto.intra_link_bytes - rep.intra_link_bytes) \
+        == (3, 3 * 8192)
+
+
+def test_collectives_per_step_by_mode_and_ownership():
+    striped, one = cm.Layout(kvp=4, placement="striped"), cm.Layout()
+    assert cm.kvp_collectives(LLAMA8B, one, 1, "owner") == 0           # no KV ranks, no exchange
+    assert cm.kvp_collectives(LLAMA8B, striped, 1, "replicated") == 32
+    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner") == 33      # batch 1: one rank owns it
+    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner", step_mode="owner") == 65
+    # 8 decode tokens: striped spreads them (2 per rank): routed; all on one rank: replicated.
+    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2) == 65
+    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=8) == 33
+    hw = dataclasses.replace(UNIT, intra_latency=1.0)
+    assert cm.kvp_exchange(LLAMA8B, hw, striped, 8, "owner", rows=2).intra_hops == 65 * 3
 
 
 def test_kvp_group_beyond_a_node_pays_inter_node_latency():
@@ -101,6 +134,34 @@ def test_owner_striped_prefill_splits_dense_work_over_kv_ranks():
     dense, causal = 2 * LLAMA8B.active_params * 4096, 4 * 32 * 32 * 128 * 4096 * 2048
     assert rep == pytest.approx(dense + causal)
     assert own == pytest.approx((dense + causal) / 4, rel=1e-3)   # plus the (tiny) exchange
+
+
+def test_prefill_exchange_by_placement_under_owner_computes():
+    # Only latency (1 s a hop) or only link bytes (1 B/s) counts; 4 KV ranks: 3 hops a gather.
+    hops = dataclasses.replace(UNIT, hbm_bw=1e30, flops=1e30, intra_latency=1.0)
+    link = dataclasses.replace(UNIT, hbm_bw=1e30, flops=1e30, intra_bw=1.0)
+    onboard = cm.Layout(kvp=4, placement="onboard", max_tokens_per_rank=8192)
+    striped = cm.Layout(kvp=4, placement="striped")
+    # onboard: the chunk lands on one rank, so every rank runs it: partials per layer, hidden once.
+    def chunk(hw, layout, mode="owner"):
+        return cm.prefill_chunk_time(LLAMA8B, hw, layout, 4096, 0, mode)
+
+    assert chunk(hops, onboard) == pytest.approx((32 + 1) * 3)
+    assert chunk(hops, onboard, "replicated") == pytest.approx(32 * 3)
+    # striped: 1024 tokens a rank, routed: queries and partials per layer, hidden once.
+    assert chunk(hops, striped) == pytest.approx((2 * 32 + 1) * 3)
+    # Every rank sends partials of all 4096 queries (32 x 129 x 4 B each); rows are 8,192 B.
+    partials, row = 4096 * 16512, 8192
+    assert chunk(link, onboard) == pytest.approx(3 * (32 * partials + 4096 * row))
+    assert chunk(link, striped) == pytest.approx(3 * (32 * (partials + 1024 * row) + 1024 * row))
+
+
+def test_owner_onboard_prefill_runs_the_chunk_in_the_owners_time():
+    layout = cm.Layout(kvp=4, placement="onboard", max_tokens_per_rank=8192)
+    rep = cm.prefill_chunk_time(LLAMA8B, UNIT, layout, 4096, 0, "replicated")
+    own = cm.prefill_chunk_time(LLAMA8B, UNIT, layout, 4096, 0, "owner")
+    assert own == pytest.approx(rep) and rep == pytest.approx(
+        2 * LLAMA8B.active_params * 4096 + 4 * 32 * 32 * 128 * 4096 * 2048)
 
 
 def test_pipeline_stages_overlap_chunks():
@@ -167,4 +228,4 @@ def test_core_sharing_stretches_work_but_not_the_exchange():
     shared = cm.decode_step_terms(LLAMA8B, hw, layout, 4000, "owner")
     assert shared.steps == 1.5 and alone.steps == 1.0
     assert shared.hbm_bytes == 1.5 * alone.hbm_bytes and shared.flops == 1.5 * alone.flops
-    assert shared.intra_hops == alone.intra_hops == 32 * 2 + 1
+    assert shared.intra_hops == alone.intra_hops == 32 + 1   # partials per layer, hidden once

@@ -109,6 +109,18 @@ def test_8b_at_1m_on_8_h100_matches_the_hand_worked_floor(capsys):
     assert row["fits"] and row["tpot_ms"] == pytest.approx(1e3 * predicted, rel=1e-3)
 
 
+def test_owner_decode_pays_one_gather_more_than_replicated(capsys):
+    # One request's decode token is owned by one rank, so owner computes runs it on every rank (the
+    # plugin's default step mode): per layer the same partials gather as replicated, plus the
+    # final hidden states once: 8 KV ranks over 8 nodes, 7 hops x 4 us and 7 x 8192 x 2 B over
+    # 400 Gb/s. The serve line needs no step-mode flag: the default is the one predicted.
+    rows = _plan_json(capsys, LLAMA70B, "--context", "10M", "--gpus", "64", "--mode", "all")
+    pick = {r["mode"]: r for r in rows if (r["tp"], r["kvp"], r["placement"]) == (8, 8, "striped")}
+    hidden = 7 * 4e-6 + 7 * 8192 * 2 / (400e9 / 8)
+    assert pick["owner"]["tpot_ms"] - pick["replicated"]["tpot_ms"] == pytest.approx(1e3 * hidden)
+    assert not any("step-mode" in r["command"] for r in rows)
+
+
 def test_text_report_and_plot(tmp_path, capsys):
     png = tmp_path / "tpot.png"
     assert cli_main(["plan", LLAMA70B, "--context", "10M", "--gpus", "64,128", "--tbt-slo", "30ms",
