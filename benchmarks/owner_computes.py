@@ -37,6 +37,8 @@ LAYOUTS = {  # name: (CPU binding, engine kwargs)
     # Every step routed by owner (no replicated steps): what the per-step switch saves.
     "kvp2-striped-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "striped",
                                                                  "step_mode": "owner"}}}),
+    "kvp2-onboard-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "onboard",
+                                                                 "step_mode": "owner"}}}),
 }
 WORKLOADS = ("ttft", "throughput", "decode")
 

@@ -6,7 +6,8 @@ The step is the CPU backend's (`backend.py`), under owner computes: in every att
   2. the step's queries are all-gathered, so every rank has every query in vLLM's token order;
   3. each rank attends every query over what it holds of that query's request, causally by position,
      past and this step's tokens in one paged call of our Triton kernel -> one (out, lse) per query;
-  4. the partials are exchanged and each rank merges, in rank order, those of its own rows (Triton);
+  4. the partials are exchanged (`ops.partials`: outputs in the attention dtype, float32 LSEs, one
+     byte buffer) and each rank merges, in rank order, those of its own rows (Triton);
      in a replicated step (see `plan`) every rank runs and merges every row, and step 2 is skipped.
 Why our kernel and not FlashAttention's varlen call: docs/design.md, "CUDA".
 
@@ -32,6 +33,7 @@ from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAt
 from vllm_kvp import comm
 from vllm_kvp.backend import KVPAttentionMetadata, refuse_unsupported_layer
 from vllm_kvp.config import KVPConfig
+from vllm_kvp.ops import partials
 from vllm_kvp.ops.triton_merge import triton_merge_partials
 from vllm_kvp.ops.triton_paged_attention import paged_attention_lse
 from vllm_kvp.plan import build_step_plan
@@ -253,8 +255,10 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
             q, kv_cache, md.local_block_table, md.shard_lens, md.query_start_loc, self.scale,
             q_pos=md.token_pos, block_pos=md.block_pos,
             max_kv_len=md.max_kv_len, max_query_len=md.max_query_len)
-        # 4. Every rank's partials of this rank's rows, merged in rank order (float32 exchange).
-        outs, lses = comm.partials_to_owners(part_out, part_lse, plan, merge_rows)  # (R, rows, H, D), (R, rows, H)
+        # 4. Every rank's partials of this rank's rows, merged in rank order. They travel as one
+        #    byte buffer: outputs in the attention dtype (bf16: half of float32's bytes), float32 LSEs.
+        gathered = comm.gather_partials(partials.pack(part_out, part_lse), plan)  # (R, T, F) uint8
+        outs, lses = partials.unpack(gathered, merge_rows, h, d, part_out.dtype)  # (R, rows, H, D), (R, rows, H)
         out, _ = triton_merge_partials(outs, lses)
         output[:rows].copy_(out.reshape(output[:rows].shape))
         return output
