@@ -5,8 +5,8 @@ position across KV ranks. Under owner computes each token is computed on one ran
 exchanges move what the others need (see `plan.StepPlan` for the row conventions):
   - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries; the final hidden
     states, so that every rank samples from the same bits);
-  - `gather_partials` / `partials_to_owners`: each rank's partial attention of every query, returned
-    to the rank that computes the query, where they are merged in rank order.
+  - `gather_partials`: each rank's packed partial attention of every query, to every rank; each
+    query's owner (every rank, in a replicated step) then merges its rows in rank order.
 All are all-gathers: one collective each, equal sizes on every rank (padded to the plan's t_max),
 which vLLM's CPU communicator also runs over shared memory.
 """
@@ -78,23 +78,10 @@ def gather_rows(x: torch.Tensor, plan: StepPlan, kind: str = "query_bytes") -> t
 
 
 def gather_partials(packed: torch.Tensor, plan: StepPlan) -> torch.Tensor:
-    """This rank's packed partials for every query (T, H * D + H) float32 (out as H * D values,
-    then the H LSEs, per query, vLLM order) -> every rank's, (R, T, H * D + H), by KV rank."""
+    """This rank's packed partials for every query, one row per query in vLLM order ((T, H * D + H)
+    float32 on CPU: out then LSEs; `ops.partials` bytes on GPU) -> every rank's, (R, T, F), by KV
+    rank."""
     if plan.world == 1:
         return packed.unsqueeze(0)
     _count("partial_bytes", packed)
     return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, packed.shape[0], -1)
-
-
-def partials_to_owners(out: torch.Tensor, lse: torch.Tensor, plan: StepPlan,
-                       rows: torch.Tensor | None = None):
-    """This rank's partials for every query -> every rank's partials for this rank's rows
-    (`rows`, vLLM-order indices; default the plan's own rows).
-
-    out (T, H, D) float32, lse (T, H) float32, vLLM order -> outs (R, rows, H, D), lses (R, rows, H)
-    float32, ordered by KV rank (a dummy row's entries are meaningless).
-    """
-    t, h, d = out.shape
-    packed = torch.cat([out.float().reshape(t, h * d), lse.float().reshape(t, h)], dim=1)
-    mine = gather_partials(packed, plan)[:, plan.row_idx if rows is None else rows]
-    return mine[..., : h * d].reshape(plan.world, -1, h, d), mine[..., h * d:].reshape(plan.world, -1, h)
