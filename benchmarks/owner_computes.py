@@ -5,6 +5,7 @@
     python benchmarks/owner_computes.py                       # everything (~15 min on 2 cores)
     python benchmarks/owner_computes.py --workloads ttft,throughput --layouts plain1,tp2,kvp2-striped
     python benchmarks/owner_computes.py --plot-only           # redraw from the JSON
+    python benchmarks/owner_computes.py --workloads decode --repeats 3   # medians of 3 rounds
 
 Workloads (one engine per layout and model, in its own process so its CPU binding is its own):
   ttft        bench-size model: time to first token of one 8k-token prompt (after a warm-up);
@@ -23,6 +24,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import subprocess
 import sys
 import time
@@ -114,6 +116,14 @@ def run_child(layout: str, workload: str, model: str, args) -> dict:
     return out
 
 
+def median_result(rounds: list[dict]) -> dict:
+    """Per metric, the median over the rounds that produced it (an error if none did)."""
+    metrics = dict.fromkeys(m for r in rounds for m in r if m != "error")
+    if not metrics:
+        return {"error": rounds[-1].get("error", "no result")}
+    return {m: statistics.median(r[m] for r in rounds if m in r) for m in metrics}
+
+
 def table(results: dict) -> str:
     metrics = [m for w in results.values() for r in w.values() for m in r if m != "error"]
     metrics = list(dict.fromkeys(metrics))
@@ -168,6 +178,8 @@ def main() -> int:
     ap.add_argument("--ttft-len", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens (ttft, throughput)")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds over all layouts; each figure is the median (runs kept in *_runs.json)")
     ap.add_argument("--out", default="bench_results/owner_computes")
     ap.add_argument("--plot-only", action="store_true")
     ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -186,12 +198,18 @@ def main() -> int:
 
         small = str(build_default_model(args.model)) if args.model or "decode" in args.workloads else None
         big = str(build_default_model(args.bench_model, size="bench"))
-        results: dict = {}
-        for layout in args.layouts.split(","):
-            results[layout] = {}
-            for w in args.workloads.split(","):
-                results[layout][w] = run_child(layout, w, small if w == "decode" else big, args)
-                (out / "owner_computes.json").write_text(json.dumps(results, indent=1))
+        layouts, workloads = args.layouts.split(","), args.workloads.split(",")
+        runs: dict = {l: {w: [] for w in workloads} for l in layouts}
+        # Rounds over all layouts rather than repeats back to back: a drift in the host's load
+        # then touches every layout alike. Each figure is the median of its rounds.
+        for _ in range(args.repeats):
+            for layout in layouts:
+                for w in workloads:
+                    runs[layout][w].append(run_child(layout, w, small if w == "decode" else big, args))
+                    results = {l: {w: median_result(r) for w, r in per.items() if r}
+                               for l, per in runs.items()}
+                    (out / "owner_computes.json").write_text(json.dumps(results, indent=1))
+                    (out / "owner_computes_runs.json").write_text(json.dumps(runs, indent=1))
     results = json.loads((out / "owner_computes.json").read_text())
     (out / "owner_computes.md").write_text(table(results) + "\n")
     plot(results, out / "owner_computes.png")
