@@ -66,7 +66,7 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         self.allow_replicated = KVPConfig.from_additional_config(
-            vllm_config.additional_config).step_mode == "auto"
+            vllm_config.additional_config).replicates_single_owner_steps
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -135,14 +135,9 @@ class KVPAttentionImpl(AttentionImpl):
             return output
         md = attn_metadata
         plan = md.plan
-        t, h, d = plan.num_tokens, self.num_heads, self.head_size
-        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.) A replicated
-        # step computed them all here already.
-        if plan.replicated:
-            q, rows, merge_rows = query[:t].view(t, h, d), t, plan.all_rows
-        else:
-            rows, merge_rows = plan.rows, plan.row_idx
-            q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, h, d)
+        t, h, d, rows = plan.num_tokens, self.num_heads, self.head_size, plan.out_rows
+        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.)
+        q = comm.step_queries(query, plan).view(t, h, d)
         # 3. This rank's partial for every query, written straight into the exchange buffer:
         # float32 out (H * D) then lse (H) per query.
         packed = torch.empty((t, h * d + h), dtype=torch.float32, device=q.device)
@@ -151,5 +146,5 @@ class KVPAttentionImpl(AttentionImpl):
                             out=packed[:, : h * d].view(t, h, d), lse=packed[:, h * d:])
         # 4. Every rank's partials of this rank's rows, merged in rank order.
         gathered = comm.gather_partials(packed, plan)  # (R, T, H*D + H)
-        merge_gathered_rows(gathered, merge_rows, h, d, output[:rows].view(rows, h, d))
+        merge_gathered_rows(gathered, plan.merge_idx, h, d, output[:rows].view(rows, h, d))
         return output

@@ -151,7 +151,7 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         self.allow_replicated = KVPConfig.from_additional_config(
-            vllm_config.additional_config).step_mode == "auto"
+            vllm_config.additional_config).replicates_single_owner_steps
         sched = vllm_config.scheduler_config
         max_reqs = sched.max_num_seqs
         max_cols = -(-vllm_config.model_config.max_model_len // self.block_size)
@@ -241,14 +241,9 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
             return output.fill_(0)
         md = attn_metadata
         plan = md.plan
-        t, h, d = plan.num_tokens, self.num_heads, self.head_size
-        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.) A replicated
-        # step computed them all here already.
-        if plan.replicated:
-            q, rows, merge_rows = query[:t].view(t, h, d), t, plan.all_rows
-        else:
-            rows, merge_rows = plan.rows, plan.row_idx
-            q = comm.gather_rows(query[:rows].reshape(rows, -1), plan).view(t, h, d)
+        t, h, d, rows = plan.num_tokens, self.num_heads, self.head_size, plan.out_rows
+        # 2. Every query of the step, in vLLM order. (1. was do_kv_cache_update.)
+        q = comm.step_queries(query, plan).view(t, h, d)
         # 3. This rank's partial for every query, in the queries' dtype (the kernel's contract);
         #    the LSE is float32. Host bounds only: the launch reads nothing back.
         part_out, part_lse = paged_attention_lse(
@@ -258,7 +253,7 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
         # 4. Every rank's partials of this rank's rows, merged in rank order. They travel as one
         #    byte buffer: outputs in the attention dtype (bf16: half of float32's bytes), float32 LSEs.
         gathered = comm.gather_partials(partials.pack(part_out, part_lse), plan)  # (R, T, F) uint8
-        outs, lses = partials.unpack(gathered, merge_rows, h, d, part_out.dtype)  # (R, rows, H, D), (R, rows, H)
+        outs, lses = partials.unpack(gathered, plan.merge_idx, h, d, part_out.dtype)  # (R, rows, H, D), (R, rows, H)
         out, _ = triton_merge_partials(outs, lses)
         output[:rows].copy_(out.reshape(output[:rows].shape))
         return output

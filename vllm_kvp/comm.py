@@ -3,8 +3,9 @@
 All communication of vllm_kvp lives here. The group joins the workers that share a (pp, tp)
 position across KV ranks. Under owner computes each token is computed on one rank, and three
 exchanges move what the others need (see `plan.StepPlan` for the row conventions):
-  - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries; the final hidden
-    states, so that every rank samples from the same bits);
+  - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries, via `step_queries`,
+    which skips the exchange in a replicated step; the final hidden states, so that every rank
+    samples from the same bits);
   - `gather_partials`: each rank's packed partial attention of every query, to every rank; each
     query's owner (every rank, in a replicated step) then merges its rows in rank order.
 All are all-gathers: one collective each, equal sizes on every rank (padded to the plan's t_max),
@@ -75,6 +76,14 @@ def gather_rows(x: torch.Tensor, plan: StepPlan, kind: str = "query_bytes") -> t
         x = torch.cat([x, x.new_zeros((plan.t_max - x.shape[0], *x.shape[1:]))])
     _count(kind, x)
     return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[plan.restore_idx]
+
+
+def step_queries(query: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+    """Every query of the step, (T, H * D) in vLLM order, from the layer's (out_rows, ...) output:
+    as computed in a replicated step (this rank ran every token), else all-gathered."""
+    rows = plan.out_rows
+    mine = query[:rows].reshape(rows, -1)
+    return mine if plan.replicated else gather_rows(mine, plan)
 
 
 def gather_partials(packed: torch.Tensor, plan: StepPlan) -> torch.Tensor:

@@ -82,6 +82,11 @@ class KVPConfig:
     def adaptive_chunking(self) -> bool:
         return self.prefill_chunking == "adaptive"
 
+    @property
+    def replicates_single_owner_steps(self) -> bool:
+        """A step whose tokens one rank owns runs whole on every rank (see `plan.StepPlan`)."""
+        return self.step_mode == "auto"
+
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "KVPConfig":
         """Build from the `kvp` entry of `additional_config`, rejecting unknown keys."""

@@ -43,10 +43,18 @@ class StepPlan:
     token_pos: torch.Tensor  # (T,) int64 position of each token in its request
     replicated: bool = False  # every rank runs all T tokens (one rank owns them all)
 
+    @property
+    def out_rows(self) -> int:
+        """Rows this rank's layers run and its attention outputs: every token in a replicated
+        step, else its own `rows`."""
+        return self.num_tokens if self.replicated else self.rows
+
     @functools.cached_property
-    def all_rows(self) -> torch.Tensor:
-        """(T,) int64 0..T-1: the rows a replicated step merges."""
-        return torch.arange(self.num_tokens, device=self.restore_idx.device)
+    def merge_idx(self) -> torch.Tensor:
+        """(out_rows,) int64 vLLM-order query of each output row, whose partials this rank merges."""
+        if self.replicated:
+            return torch.arange(self.num_tokens, device=self.restore_idx.device)
+        return self.row_idx
 
     @property
     def num_local(self) -> int:

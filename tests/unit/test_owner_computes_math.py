@@ -182,6 +182,6 @@ def test_replicated_when_one_rank_owns_every_token(slots, want):
         assert not routed.replicated and plan.replicated == want
         assert plan.counts == routed.counts and torch.equal(plan.row_idx, routed.row_idx)
         assert torch.equal(plan.restore_idx, routed.restore_idx)
-        assert plan.all_rows.tolist() == list(range(t))
+        assert plan.merge_idx.tolist() == (list(range(t)) if want else routed.row_idx.tolist())
     # One rank alone never replicates (there is nothing to save).
     assert not build_step_plan(slots.clamp(max=3), qsl, seq_lens, 0, 1, 8, allow_replicated=True).replicated

@@ -7,6 +7,9 @@ then its H LSEs in float32 (an LSE rounded to bf16 would shift the merge weights
 Where the output part's length in bytes is not a multiple of 4 (odd H x D in a 2-byte dtype) the
 float32 LSEs could not be viewed in place, so the outputs travel as float32 instead.
 
+For float32 outputs the layout is the CPU backend's exchange buffer (H x D floats, then H LSEs),
+which the CPU kernel fills in place rather than packing afterwards.
+
 Pure tensor code: no communication, no host reads, CUDA-graph capturable.
 """
 
