@@ -124,6 +124,28 @@ def test_prefill_tiles_with_a_group_of_three(d, dtype):
     check(case, dtype, num_splits=3)
 
 
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_causal_tiles_stop_at_their_last_visible_key(shuffled):
+    """A prefill tile walks keys only up to the last local block that starts at or before its last
+    query's position: queries spread over a striped shard (each tile a different cut), head dim
+    128 (P @ V in slices of the head), with the local blocks in position order and shuffled (a
+    cut then only drops blocks past every query of the tile; earlier ones are masked per key)."""
+    g = torch.Generator().manual_seed(11)
+    q, cache, table, lens, qsl, _, block_pos = make_case(g, [300, 40], [2000, 900], 8, 2, 128, 16,
+                                                          torch.float32, block_major=False, causal=True,
+                                                          stripe=2)
+    if shuffled:
+        block_pos = block_pos.clone()
+        for b, n in enumerate(lens.tolist()):
+            nb = -(-n // 16)
+            block_pos[b, :nb] = block_pos[b, torch.randperm(nb, generator=g)]
+    # Increasing positions across each request's span, two of them before any key.
+    q_pos = torch.cat([torch.linspace(-2, 2 * 2000, 300), torch.linspace(0, 2 * 900 + 40, 40)]).int()
+    case = (q, cache, table, lens, qsl, q_pos, block_pos)
+    check(case, torch.float32)
+    check(case, torch.float32, num_splits=3)
+
+
 def test_splits_chosen_for_idle_threads(threads):
     """One decode request and fewer (request, kv head) items than threads: the key range is split
     across threads and the partials combined by their LSE."""
