@@ -28,8 +28,9 @@ class KVPConfig:
     size: number of KV ranks. Each rank holds a full (TP/PP-sharded) replica of the weights and
         the KV blocks it wrote; the world is `size x pp x tp` workers. 1 means plain vLLM.
     placement: which rank a request's next KV block goes to.
-        "onboard": a request starts on the least-loaded rank and fills it up to
-        `max_tokens_per_rank`, then onboards the least-loaded rank it does not use yet.
+        "onboard": a request starts on the rank with the least compute in hand (fewest blocks
+        handed out this step, then fewest requests growing there, then most free blocks), fills
+        it up to `max_tokens_per_rank`, then onboards the least-loaded rank it does not use yet.
         "striped": block i of a request goes to rank i % size (balances decode attention work).
     max_tokens_per_rank: onboarding threshold in tokens per request per rank. None: the rank's
         whole KV capacity.

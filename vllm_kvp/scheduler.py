@@ -123,6 +123,7 @@ class KVPScheduler(AdaptiveChunkingMixin, Scheduler):
         return kv_params, ec_params
 
     def schedule(self, *args: Any, **kwargs: Any):
+        self.placement.begin_step()
         output = super().schedule(*args, **kwargs)
         self._record_usage()
         return output

@@ -22,19 +22,27 @@ def most_free(cands, free):
     return max(cands, key=lambda r: (free[r], -r)) if cands else None
 
 
-def reference_plan(blocks, k, free, quota, num_ranks):
+def reference_plan(blocks, k, free, quota, num_ranks, step_blocks=None, growing=None):
     """Independent model of the onboard policy, one block at a time from the request's block list
     (rank of each block, in order). Returns (ranks, kinds) with kind per block: 'stay' (newest
-    below quota), 'onboard', 'a' (past quota on the newest), 'b' (older used rank); or None."""
+    below quota), 'onboard', 'a' (past quota on the newest), 'b' (older used rank); or None.
+    A new request's first rank: fewest `step_blocks`, fewest `growing`, most free, lowest id, among
+    the ranks that can hold all k blocks if any can (both None: other requests hold nothing)."""
     blocks, free = list(blocks), list(free)
+    step_blocks = step_blocks or [0] * num_ranks
+    growing = growing or [0] * num_ranks
     out, kinds = [], []
-    for _ in range(k):
+    for i in range(k):
         order = list(dict.fromkeys(blocks))  # first-use order; a (b) block does not reorder
         newest = order[-1] if order else None
         unused = [r for r in range(num_ranks) if r not in order and free[r] > 0]
         if newest is not None and free[newest] > 0 and (
                 quota is None or blocks.count(newest) < quota):
             r, kind = newest, "stay"
+        elif newest is None and unused:
+            fits = [r for r in unused if free[r] >= k - i] or unused
+            r = sorted(fits, key=lambda x: (step_blocks[x], growing[x], -free[x], x))[0]
+            kind = "onboard"
         elif unused:
             r, kind = most_free(unused, free), "onboard"
         elif newest is not None and free[newest] > 0:
@@ -130,6 +138,40 @@ def test_least_loaded_choice_lowest_id_on_ties():
     p = RankPlacement(4, 1, max_tokens_per_rank=2)
     # rank 1 first (most free), then rank 3 (most free among unused), then 0 over 2 (tie -> low id)
     assert p.plan("a", 6, [5, 9, 5, 7]) == [1, 1, 3, 3, 0, 0]
+
+
+def test_prompts_of_one_step_start_on_different_ranks():
+    """Free blocks alone would put both on rank 0 (a one-block tie after rank 1's decode block);
+    the blocks handed out in the step send the second prompt to rank 1."""
+    p = RankPlacement(2, 128)
+    p.commit("a", p.plan("a", 8, [99, 100]))  # first step: "a" alone, on the freer rank
+    assert p.ranks_of("a") == [1]
+    p.begin_step()
+    p.commit("a", p.plan("a", 1, [99, 92]))  # "a" decodes past its block on rank 1
+    b = p.plan("b", 8, [99, 91])
+    p.commit("b", b)
+    c = p.plan("c", 8, [91, 91])
+    assert b == [0] * 8 and c == [1] * 8
+
+
+def test_new_requests_start_where_fewest_requests_grow():
+    """Between steps, a new request starts on the rank where the fewest requests are computed,
+    over free blocks; a finished request no longer counts; a rank that cannot hold the
+    allocation is passed over while another can."""
+    p = RankPlacement(3, 16)
+    for req, rank in (("a", 0), ("b", 0), ("c", 1)):
+        p.add_existing(req, rank)
+    assert p.growing_on() == [2, 1, 0]
+    p.begin_step()
+    assert p.plan("d", 1, [50, 50, 10]) == [2]
+    assert p.plan("d", 20, [50, 50, 10]) == [1] * 20  # rank 2 cannot hold 20 blocks
+    assert p.plan("d", 90, [50, 50, 10]) == [2] * 10 + [0] * 50 + [1] * 30  # none can: any rank
+    p.free("c")
+    p.free("unknown")
+    assert p.growing_on() == [2, 0, 0]
+    assert p.plan("d", 1, [50, 60, 60]) == [1]
+    p.add_existing("a", 2)  # "a" onboards rank 2: its tokens now run there
+    assert p.growing_on() == [1, 0, 1]
 
 
 def test_mid_plan_accounts_for_own_blocks():
@@ -329,6 +371,20 @@ class PlacementMachine(RuleBasedStateMachine):
         self.quota = -(-max_tokens // block_size) if max_tokens else bpr  # None = unlimited
         self.model: dict[str, list[int]] = {}  # req -> rank of each of its blocks, in order
         self.events = 0
+        self.step_blocks = [0] * num_ranks  # blocks committed since the last begin_step
+
+    def growing(self):
+        """Requests whose newest (last first-used) rank is each rank."""
+        out = [0] * self.n
+        for blocks in self.model.values():
+            if blocks:
+                out[list(dict.fromkeys(blocks))[-1]] += 1
+        return out
+
+    @rule()
+    def begin_step(self):
+        self.p.begin_step()
+        self.step_blocks = [0] * self.n
 
     def free_counts(self):
         used = [0] * self.n
@@ -360,7 +416,8 @@ class PlacementMachine(RuleBasedStateMachine):
         if self.policy == "striped":
             assert got == [(len(old) + i) % self.n for i in range(k)]
         else:
-            ref, kinds = reference_plan(old, k, free, self.quota, self.n)
+            ref, kinds = reference_plan(old, k, free, self.quota, self.n, self.step_blocks,
+                                        self.growing())
             assert got == ref
             # Cross-checks on the reference's choices, block by block.
             blocks, running = list(old), list(free)
@@ -386,6 +443,8 @@ class PlacementMachine(RuleBasedStateMachine):
         self.events += len(set(old + got)) - len(set(old))
         self.p.commit(req, got)
         self.model[req] = old + got
+        for r in got:
+            self.step_blocks[r] += 1
 
     @precondition(lambda self: any(f > 0 for f in self.free_counts()))
     @rule(req=st.sampled_from("abcd"), data=st.data())
@@ -413,6 +472,8 @@ class PlacementMachine(RuleBasedStateMachine):
             order = list(dict.fromkeys(blocks))  # first-use order
             assert self.p.ranks_of(req) == order
         assert self.p.num_onboard_events == self.events
+        if self.policy == "onboard":
+            assert self.p.growing_on() == self.growing()
 
 
 TestPlacementMachine = PlacementMachine.TestCase
