@@ -13,7 +13,9 @@
 // the head dimension; the W partial dot products of W keys are then summed by a shuffle tree that
 // leaves key j's score in lane j, so the softmax and the mask are vectorised over keys. Tiles of
 // kGemmMinRows rows or more (prefill) instead transpose the chunk's keys once and compute the
-// scores as a small matrix product, where the transpose is shared by all rows. The next chunk's
+// scores as a small matrix product, where the transpose is shared by all rows, and multiply P @ V
+// in slices of at most four vectors of the head so that four rows share each V load. A causal tile
+// stops at its last visible key (`visible_keys`). The next chunk's
 // rows are prefetched during P @ V: blocks follow the table, not memory order, so the hardware
 // prefetcher loses the stream at every block boundary.
 //
