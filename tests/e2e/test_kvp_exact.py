@@ -30,11 +30,12 @@ def reference(model_path):
         return _run(llm)
 
 
+# Three ranks are covered by the 61k-token onboard test (test_owner_computes) and the onboarding
+# test's three crossings; each engine here costs ~25 s of a suite that must stay under 20 minutes.
 @pytest.mark.parametrize("kvp", [
     {"size": 2, "placement": "striped"},
-    {"size": 3, "placement": "onboard", "max_tokens_per_rank": 2048},
     {"size": 4, "placement": "onboard", "max_tokens_per_rank": 1024},
-], ids=["N2-striped", "N3-onboard2048", "N4-onboard1024"])
+], ids=["N2-striped", "N4-onboard1024"])
 def test_greedy_tokens_match_single_worker(model_path, reference, kvp):
     with engine(model_path, kvp=kvp, **ENGINE) as llm:
         batch, follow = _run(llm)

@@ -13,10 +13,10 @@ ENGINE = dict(max_model_len=4096, max_num_batched_tokens=512)
 def test_kvp2_tp2_matches_single_worker(model_path):
     prompts = random_prompts([7, 130, 900, 2500], 4096, seed=31)
     with engine(model_path, **ENGINE) as llm:
-        reference = generate(llm, prompts, 32)
+        reference = generate(llm, prompts, 12)
     with engine(model_path, kvp={"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024},
                 tensor_parallel_size=2, **ENGINE) as llm:
-        got = generate(llm, prompts, 32)
+        got = generate(llm, prompts, 12)
         stats = llm.collective_rpc("kvp_stats")
     assert_same_generation(reference, got, "kvp=2 x tp=2")
     assert sorted(got.kvp_ranks[3]) == [0, 1]  # 2,500 tokens with a 1,024 limit span both ranks

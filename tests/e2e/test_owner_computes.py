@@ -66,17 +66,29 @@ def test_long_context_onboard_three_ranks(model_path, long_prompt, reference):
     assert min(run) > 0
 
 
+SHORT = dict(max_model_len=1024, max_num_batched_tokens=512)
+
+
+@pytest.fixture(scope="module")
+def short_prompt():
+    return random_prompts([50], 4096, seed=13)
+
+
+@pytest.fixture(scope="module")
+def short_reference(model_path, short_prompt):
+    with engine(model_path, **SHORT) as llm:
+        return generate(llm, short_prompt, 16)
+
+
 @pytest.mark.parametrize("step_mode", ["owner", "auto"])
-def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, step_mode):
+def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_prompt, short_reference,
+                                                           step_mode):
     """One short request lives on one of 2 ranks. "owner": the other rank runs a dummy row in every
     step; "auto": every step has one owner, so both ranks run every token (replicated) and the
     owner's results are kept. Either way the idle rank joins every collective."""
-    prompts = random_prompts([50], 4096, seed=13)
-    kw = dict(max_model_len=1024, max_num_batched_tokens=512)
-    with engine(model_path, **kw) as llm:
-        ref = generate(llm, prompts, 16)
+    prompts, ref = short_prompt, short_reference
     kvp = {"size": 2, "placement": "onboard", "step_mode": step_mode}
-    with engine(model_path, kvp=kvp, **kw) as llm:
+    with engine(model_path, kvp=kvp, **SHORT) as llm:
         stats0 = llm.collective_rpc("kvp_stats")
         got = generate(llm, prompts, 16)
         stats1 = llm.collective_rpc("kvp_stats")
