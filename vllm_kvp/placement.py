@@ -12,8 +12,8 @@ compute in hand (see below) and keeps adding blocks to its newest rank until tha
 quota for the request (or runs out of free blocks); then it "onboards" the least-loaded (most free
 blocks) rank it does not use yet, so each rank holds one contiguous token range of the request.
 Once the request uses every rank that has room, the threshold stops mattering: it keeps growing on
-its newest rank, and if that one is full, on the used rank with the most room. Exactness never depends on the layout: attention merges partial
-results over whatever blocks each rank holds.
+its newest rank, and if that one is full, on the used rank with the most room. Exactness never
+depends on the layout: attention merges partial results over whatever blocks each rank holds.
 
 Under owner computes a request's new tokens are computed on its newest rank, so where a request
 starts decides which rank runs its prefill and decode. The starting rank is the one with the fewest

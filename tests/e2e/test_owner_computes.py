@@ -81,8 +81,8 @@ def short_reference(model_path, short_prompt):
 
 
 @pytest.mark.parametrize("step_mode", ["owner", "auto"])
-def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_prompt, short_reference,
-                                                           step_mode):
+def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_prompt,
+                                                           short_reference, step_mode):
     """One short request lives on one of 2 ranks. "owner": the other rank runs a dummy row in every
     step; "auto": every step has one owner, so both ranks run every token (replicated) and the
     owner's results are kept. Either way the idle rank joins every collective."""
