@@ -253,7 +253,8 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
         # 4. Every rank's partials of this rank's rows, merged in rank order. They travel as one
         #    byte buffer: outputs in the attention dtype (bf16: half of float32's bytes), float32 LSEs.
         gathered = comm.gather_partials(partials.pack(part_out, part_lse), plan)  # (R, T, F) uint8
-        outs, lses = partials.unpack(gathered, plan.merge_idx, h, d, part_out.dtype)  # (R, rows, H, D), (R, rows, H)
+        # (R, rows, H, D), (R, rows, H)
+        outs, lses = partials.unpack(gathered, plan.merge_idx, h, d, part_out.dtype)
         out, _ = triton_merge_partials(outs, lses)
         output[:rows].copy_(out.reshape(output[:rows].shape))
         return output

@@ -51,7 +51,8 @@ class StepPlan:
 
     @functools.cached_property
     def merge_idx(self) -> torch.Tensor:
-        """(out_rows,) int64 vLLM-order query of each output row, whose partials this rank merges."""
+        """(out_rows,) int64 vLLM-order query of each output row (the rows whose partials this
+        rank merges)."""
         if self.replicated:
             return torch.arange(self.num_tokens, device=self.restore_idx.device)
         return self.row_idx

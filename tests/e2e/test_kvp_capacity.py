@@ -100,6 +100,7 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     # Queries travel only in routed steps. A step one rank owns runs replicated (step_mode auto):
     # every decode step of this one request, and every prefill chunk but the one that crosses
     # from one rank to the next.
-    assert all(q <= h - (MAX_TOKENS - 1) for q, h in zip(query_rows, hidden_rows)), (query_rows, hidden_rows)
+    assert all(q <= h - (MAX_TOKENS - 1)
+               for q, h in zip(query_rows, hidden_rows)), (query_rows, hidden_rows)
     assert sent == [q + p + h for q, p, h in zip(diff["query_bytes"], diff["partial_bytes"],
                                                  diff["hidden_bytes"])]

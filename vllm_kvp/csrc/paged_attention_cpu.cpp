@@ -15,9 +15,9 @@
 // kGemmMinRows rows or more (prefill) instead transpose the chunk's keys once and compute the
 // scores as a small matrix product, where the transpose is shared by all rows, and multiply P @ V
 // in slices of at most four vectors of the head so that four rows share each V load. A causal tile
-// stops at its last visible key (`visible_keys`). The next chunk's
-// rows are prefetched during P @ V: blocks follow the table, not memory order, so the hardware
-// prefetcher loses the stream at every block boundary.
+// stops at its last visible key (`visible_keys`). The next chunk's rows are prefetched during
+// P @ V: blocks follow the table, not memory order, so the hardware prefetcher loses the stream at
+// every block boundary.
 //
 // Precision: scores, softmax and accumulation in float32; fp16/bf16 K/V are widened on load and
 // the probabilities are not rounded to the input dtype before P @ V (one rounding fewer than the
