@@ -5,7 +5,8 @@ executor / worker / scheduler classes from its own config. Everything else in vl
 pluggable classes; this is the one place that connects them to the user's `kvp` settings.
 What: wraps four `EngineArgs` methods.
   - `add_cli_args`: adds the "KV parallelism" group (`--kvp-size`, `--kvp-placement`,
-    `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`, `--kvp-step-mode`).
+    `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`, `--kvp-step-mode`,
+    `--kvp-split-step-tokens`, `--kvp-split-min-bytes`).
   - `from_cli_args`: folds those flags into `additional_config["kvp"]`, so a flag and the
     equivalent `additional_config` are the same thing from here on.
   - `create_engine_config`: validates the `kvp` config (in the front-end process, before any worker
@@ -32,6 +33,8 @@ _FLAGS = {
     "kvp_max_tokens_per_rank": "max_tokens_per_rank",
     "kvp_prefill_chunking": "prefill_chunking",
     "kvp_step_mode": "step_mode",
+    "kvp_split_step_tokens": "split_step_tokens",
+    "kvp_split_min_bytes": "split_min_bytes",
 }
 
 _MARK = "_vllm_kvp_wrapped"
@@ -60,7 +63,16 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                        help="'owner': each token's dense layers run only on the rank holding its "
                             "KV. 'auto': also that, but a step whose tokens one rank owns (e.g. a "
                             "batch-1 decode) runs whole on every rank, saving each layer's query "
-                            "exchange. Default 'auto'.")
+                            "exchange; so do small steps (--kvp-split-step-tokens) and uneven "
+                            "ones, with large linear layers split by output columns over the "
+                            "ranks. Default 'auto'.")
+    group.add_argument("--kvp-split-step-tokens", type=int, default=None,
+                       help="Steps of at most this many tokens (decode batches) run on every "
+                            "rank with large linear layers split by columns (step mode 'auto'). "
+                            "Default 128; 0: only one-owner and uneven steps.")
+    group.add_argument("--kvp-split-min-bytes", type=int, default=None,
+                       help="Weight bytes from which a linear layer is split by columns in such "
+                            "steps. Default 4 MiB on CPUs, 32 MiB on GPUs; 0 splits every one.")
     return parser
 
 

@@ -24,7 +24,7 @@ from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-from vllm_kvp import comm
+from vllm_kvp import comm, split_linear
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.ops import cpu_kernel
 from vllm_kvp.ops.attention import write_kv
@@ -65,8 +65,9 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        self.allow_replicated = KVPConfig.from_additional_config(
-            vllm_config.additional_config).replicates_single_owner_steps
+        kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
+        self.allow_replicated = kvp.replicates_single_owner_steps
+        self.split_step_tokens = kvp.split_step_tokens
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
         cm = common_attn_metadata
@@ -80,7 +81,9 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
                                               self.block_size, rank, blocks_per_rank)
         plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank,
                                comm.kvp_world_size(), blocks_per_rank * self.block_size,
-                               allow_replicated=self.allow_replicated)
+                               allow_replicated=self.allow_replicated,
+                               split=split_linear.enabled(),
+                               split_step_tokens=self.split_step_tokens)
         return KVPAttentionMetadata(num_actual_tokens=t, query_start_loc=qsl,
                                     local_block_table=table, shard_lens=lens, block_pos=block_pos,
                                     token_pos=plan.token_pos.to(torch.int32), plan=plan)

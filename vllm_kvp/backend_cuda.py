@@ -30,7 +30,7 @@ from vllm.config.cache import CacheDType
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, AttentionType, MultipleOf
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
-from vllm_kvp import comm
+from vllm_kvp import comm, split_linear
 from vllm_kvp.backend import KVPAttentionMetadata, refuse_unsupported_layer
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.ops import partials
@@ -150,8 +150,9 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
                  device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
-        self.allow_replicated = KVPConfig.from_additional_config(
-            vllm_config.additional_config).replicates_single_owner_steps
+        kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
+        self.allow_replicated = kvp.replicates_single_owner_steps
+        self.split_step_tokens = kvp.split_step_tokens
         sched = vllm_config.scheduler_config
         max_reqs = sched.max_num_seqs
         max_cols = -(-vllm_config.model_config.max_model_len // self.block_size)
@@ -186,7 +187,9 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
                                               self.block_size, rank, blocks_per_rank)
         plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank, world,
                                blocks_per_rank * self.block_size,
-                               allow_replicated=self.allow_replicated)
+                               allow_replicated=self.allow_replicated,
+                               split=split_linear.enabled(),
+                               split_step_tokens=self.split_step_tokens)
         return KVPCudaAttentionMetadata(
             num_actual_tokens=t, query_start_loc=qsl,
             local_block_table=self._fill("_table", table), shard_lens=self._fill("_lens", lens),

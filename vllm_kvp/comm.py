@@ -7,7 +7,9 @@ exchanges move what the others need (see `plan.StepPlan` for the row conventions
     which skips the exchange in a replicated step; the final hidden states, so that every rank
     samples from the same bits);
   - `gather_partials`: each rank's packed partial attention of every query, to every rank; each
-    query's owner (every rank, in a replicated step) then merges its rows in rank order.
+    query's owner (every rank, in a replicated step) then merges its rows in rank order;
+  - `gather_columns`: in a replicated step, each rank's slice of a split linear layer's output
+    columns (see `split_linear`), for every row.
 All are all-gathers: one collective each, equal sizes on every rank (padded to the plan's t_max),
 which vLLM's CPU communicator also runs over shared memory.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_kvp.columns import assemble_columns, pad_columns
 from vllm_kvp.plan import StepPlan
 from vllm_kvp.stats import STATS
 
@@ -94,3 +97,13 @@ def gather_partials(packed: torch.Tensor, plan: StepPlan) -> torch.Tensor:
         return packed.unsqueeze(0)
     _count("partial_bytes", packed)
     return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, packed.shape[0], -1)
+
+
+def gather_columns(part: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """This rank's output columns [bounds[rank], bounds[rank + 1]) of a linear layer, (rows, w) ->
+    every rank's, (rows, features) in column order."""
+    widest = max(b - a for a, b in zip(bounds, bounds[1:]))
+    part = pad_columns(part, widest).contiguous()
+    _count("column_bytes", part)
+    gathered = _KVP_GROUP.all_gather(part, dim=0)
+    return assemble_columns(gathered.view(len(bounds) - 1, part.shape[0], widest), bounds)

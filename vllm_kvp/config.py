@@ -42,10 +42,20 @@ class KVPConfig:
     step_mode: how a step's dense layers are split over the KV ranks.
         "owner": each token runs only on the rank that owns its KV slot; queries and partial
         outputs are exchanged in every attention layer.
-        "auto": the same, except that a step whose tokens are all owned by one rank (a batch-1
-        decode, a prompt chunk on one rank) runs whole on every rank: no rank runs more rows than
-        that owner would, and each layer's query exchange is saved. Final hidden states still
-        come from the owners, so every rank samples from the same bits.
+        "auto": the same for balanced steps of many tokens. A step that one rank owns whole (a
+        batch-1 decode, a prompt chunk on one rank), a small step (at most `split_step_tokens`
+        tokens: decode batches, whose dense layers are bound by reading the weights), and a step
+        whose busiest rank owns at least 1.5x its share run on every rank instead, with each
+        large linear layer (weights of at least `split_min_bytes`) computing 1/size of its output
+        columns for all the step's tokens and the columns all-gathered. Each rank then reads
+        1/size of those weights and the work of an uneven step is shared; column slices keep
+        every output element's dot product whole, so results are those of the unsplit layer.
+        Final hidden states still come from the owners, so every rank samples from the same bits.
+    split_step_tokens: steps of at most this many tokens run split (step_mode "auto"); 0 leaves
+        only one-owner and uneven steps to it.
+    split_min_bytes: weight bytes from which a linear layer is split by columns in such steps
+        (smaller ones run whole on every rank: an all-gather costs more than reading them).
+        None: 4 MiB on CPUs, 32 MiB on GPUs, whose collectives cost more reads; 0 splits all.
     """
 
     size: int = 1
@@ -53,6 +63,8 @@ class KVPConfig:
     max_tokens_per_rank: int | None = None
     prefill_chunking: str = "fixed"
     step_mode: str = "auto"
+    split_step_tokens: int = 128
+    split_min_bytes: int | None = None
 
     def __post_init__(self) -> None:
         _check_int("size", self.size, minimum=1)
@@ -74,6 +86,10 @@ class KVPConfig:
                 f"got {self.step_mode!r}"
             )
 
+        _check_int("split_step_tokens", self.split_step_tokens, minimum=0)
+        if self.split_min_bytes is not None:
+            _check_int("split_min_bytes", self.split_min_bytes, minimum=0)
+
     @property
     def enabled(self) -> bool:
         """KV ranks are on: vllm_kvp's executor, worker and scheduler run the engine."""
@@ -87,6 +103,12 @@ class KVPConfig:
     def replicates_single_owner_steps(self) -> bool:
         """A step whose tokens one rank owns runs whole on every rank (see `plan.StepPlan`)."""
         return self.step_mode == "auto"
+
+    def min_split_bytes(self, cuda: bool) -> int:
+        """`split_min_bytes`, or the platform's default."""
+        if self.split_min_bytes is not None:
+            return self.split_min_bytes
+        return (32 if cuda else 4) << 20
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any] | None) -> "KVPConfig":

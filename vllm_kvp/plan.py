@@ -15,7 +15,10 @@ Replicated steps. When one rank owns every token of the step (a batch-1 decode, 
 lands on one rank) and the config allows it, the plan is `replicated`: every rank runs all T tokens
 (no rank runs more rows than the owner would), so the queries are already everywhere and the
 per-layer query exchange is skipped; K/V is still written only by the owner, and the final hidden
-states still come from the owner (`row_idx`, `restore_idx` keep their meaning).
+states still come from the owners (`row_idx`, `restore_idx` keep their meaning). When the model
+has linear layers split by columns over the ranks (`split_linear`), small steps and uneven ones
+replicate too: each rank then computes its share of every large layer's columns for all T rows,
+which reads 1/N of the weights (small steps are bound by that) and shares an uneven step's work.
 """
 
 from __future__ import annotations
@@ -71,16 +74,34 @@ def token_requests(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tens
     return torch.searchsorted(qsl[1:], tokens, right=True).clamp(max=max(qsl.numel() - 2, 0))
 
 
+def replicates(counts: list[int], allow_replicated: bool, split: bool,
+               split_step_tokens: int) -> bool:
+    """Whether a step whose ranks own `counts` tokens runs on every rank.
+
+    One owner: always (nobody runs more rows than it would). With split linear layers (each rank
+    computes 1/N of their columns for every row) also a step of at most `split_step_tokens` tokens,
+    and one whose busiest rank owns at least 1.5x its share: routed, that rank alone would set the
+    step's time."""
+    world, total, busiest = len(counts), sum(counts), max(counts)
+    if not allow_replicated or world < 2 or total == 0:
+        return False
+    if busiest == total:
+        return True
+    return split and (total <= split_step_tokens or 2 * busiest * world >= 3 * total)
+
+
 def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
                     seq_lens: torch.Tensor, rank: int, world: int,
-                    tokens_per_rank: int, allow_replicated: bool = False) -> StepPlan:
+                    tokens_per_rank: int, allow_replicated: bool = False, split: bool = False,
+                    split_step_tokens: int = 0) -> StepPlan:
     """The routing of one step.
 
     slot_mapping (T,) int64 logical slots of the step's tokens (negative: padding, owned by no
     rank); query_start_loc (B+1,) int; seq_lens (B,) int tokens of each request after this step;
     tokens_per_rank: KV slots per rank (blocks_per_rank * block_size), so slot s lives on rank
     s // tokens_per_rank. allow_replicated: make the plan `replicated` when one rank owns every
-    token of the step.
+    token of the step, and, when `split` (the model has column-split linear layers), when the step
+    is small or uneven (see `replicates`).
     """
     t = slot_mapping.shape[0]
     dev = slot_mapping.device
@@ -92,7 +113,7 @@ def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
     counts = mine.sum(dim=1).tolist()
     rows = max(counts[rank], 1)
     t_max = max(max(counts), 1)
-    replicated = allow_replicated and world > 1 and 0 < max(counts) == sum(counts)
+    replicated = replicates(counts, allow_replicated, split, split_step_tokens)
 
     req = token_requests(query_start_loc, t)
     qsl = query_start_loc.to(torch.int64)

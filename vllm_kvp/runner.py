@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from vllm_kvp import comm
+from vllm_kvp import comm, split_linear
 from vllm_kvp.plan import StepPlan
 from vllm_kvp.stats import STATS
 
@@ -51,11 +51,13 @@ class KVPRunnerMixin:
             raise NotImplementedError(
                 f"vllm_kvp cannot split a step whose model takes {sorted(model_kwargs)}")
         if plan.replicated:
-            # Every rank runs the whole step (one rank owns all its tokens); the forward context's
-            # slot mapping is vLLM's, and each rank writes only the slots it holds.
-            out = super()._model_forward(input_ids=input_ids, positions=positions,
-                                         intermediate_tensors=intermediate_tensors,
-                                         inputs_embeds=inputs_embeds)
+            # Every rank runs the whole step (see `plan.replicates`); the forward context's slot
+            # mapping is vLLM's, each rank writes only the slots it holds, and split linear layers
+            # compute only this rank's columns.
+            with split_linear.columns_split(plan):
+                out = super()._model_forward(input_ids=input_ids, positions=positions,
+                                             intermediate_tensors=intermediate_tensors,
+                                             inputs_embeds=inputs_embeds)
             STATS.tokens_computed += plan.num_local
             STATS.tokens_replicated += plan.num_tokens - plan.num_local
             if not isinstance(out, torch.Tensor):

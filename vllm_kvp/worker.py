@@ -8,11 +8,12 @@ inside the attention backend, the one place that reads or writes the KV cache.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from vllm.platforms import current_platform
 
-from vllm_kvp import comm
+from vllm_kvp import comm, split_linear
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.runner import install_owner_computes
 from vllm_kvp.stats import STATS
@@ -59,6 +60,25 @@ class KVPWorker(_base_worker()):
 
             if cpu_kernel.load() is not None:
                 logger.info("vllm_kvp: C++ CPU attention kernel ready")
+
+    def load_model(self, *args, **kwargs) -> None:
+        """vLLM's load, then the large linear layers split by columns over the KV ranks for
+        replicated steps (`split_linear`; step_mode "auto" only)."""
+        kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
+        if not (kvp.enabled and kvp.replicates_single_owner_steps):
+            return super().load_model(*args, **kwargs)
+        cpu = current_platform.is_cpu()
+        min_bytes = kvp.min_split_bytes(cuda=not cpu)
+        capture = contextlib.nullcontext()
+        if cpu:
+            from vllm_kvp.patches.cpu_linear_slices import capture_column_slices
+
+            capture = capture_column_slices(comm.kvp_rank(), kvp.size, min_bytes)
+        with capture:
+            super().load_model(*args, **kwargs)
+        n = split_linear.install(self.model_runner.model, kvp.size, min_bytes, cpu)
+        logger.info("vllm_kvp: %d linear layers split by output columns over %d KV ranks in "
+                    "replicated steps (weights >= %d bytes)", n, kvp.size, min_bytes)
 
     def kvp_stats(self) -> dict:
         """This rank's KV allocation and traffic (for tests, benchmarks and debugging)."""

@@ -16,7 +16,8 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096",
-        "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner"]
+        "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner",
+        "--kvp-split-step-tokens", "64", "--kvp-split-min-bytes", "0"]
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +37,8 @@ def test_flags_fold_into_additional_config(parser):
     assert args.additional_config["kvp"] == {"size": 2, "placement": "striped",
                                              "max_tokens_per_rank": 4096,
                                              "prefill_chunking": "adaptive",
-                                             "step_mode": "owner"}
+                                             "step_mode": "owner", "split_step_tokens": 64,
+                                             "split_min_bytes": 0}
 
 
 def test_only_given_flags_are_folded(parser):
@@ -67,8 +69,8 @@ def test_no_flags_leave_additional_config_unchanged(parser):
 
 def test_flag_defaults_are_unset(parser):
     ns = parser.parse_args(["--model", "x"])
-    assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank,
-            ns.kvp_prefill_chunking, ns.kvp_step_mode) == (None, None, None, None, None)
+    assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank, ns.kvp_prefill_chunking,
+            ns.kvp_step_mode, ns.kvp_split_step_tokens, ns.kvp_split_min_bytes) == (None,) * 7
 
 
 @pytest.mark.parametrize("argv", [
@@ -175,7 +177,8 @@ def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
     assert config.additional_config["kvp"] == {"placement": "onboard",
                                                 "max_tokens_per_rank": None,
                                                 "prefill_chunking": "fixed",
-                                                "step_mode": "auto", **kvp}
+                                                "step_mode": "auto", "split_step_tokens": 128,
+                                                "split_min_bytes": None, **kvp}
     assert config.scheduler_config.async_scheduling is False
 
 
@@ -186,7 +189,8 @@ def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
     assert config.additional_config["kvp"] == {"size": 2, "placement": "striped",
                                                 "max_tokens_per_rank": 4096,
                                                 "prefill_chunking": "adaptive",
-                                             "step_mode": "owner"}
+                                             "step_mode": "owner", "split_step_tokens": 64,
+                                             "split_min_bytes": 0}
 
 
 @pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])

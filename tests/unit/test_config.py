@@ -31,6 +31,10 @@ def test_error_is_a_value_error():
     ({"size": 2, "prefill_chunking": None}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
     ({"prefill_chunking": "Adaptive"}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
     ({"size": 2, "step_mode": "replicated"}, "kvp.step_mode", "'auto', 'owner'"),
+    ({"size": 2, "split_step_tokens": -1}, "kvp.split_step_tokens", ">= 0"),
+    ({"size": 2, "split_step_tokens": 1.5}, "kvp.split_step_tokens", "integer"),
+    ({"size": 2, "split_min_bytes": -4}, "kvp.split_min_bytes", ">= 0"),
+    ({"size": 2, "split_min_bytes": "4MiB"}, "kvp.split_min_bytes", "integer"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_invalid_value_names_field_and_accepted_values(raw, field, accepted):
     with pytest.raises(KVPConfigError) as info:
@@ -77,6 +81,8 @@ def test_non_mapping_is_rejected(raw):
     {"prefill_chunking": "adaptive"},
     {"size": 2, "placement": "striped", "prefill_chunking": "fixed"},
     {"size": 3, "step_mode": "owner"},
+    {"size": 2, "split_step_tokens": 0, "split_min_bytes": 0},
+    {"size": 4, "split_step_tokens": 512, "split_min_bytes": 1 << 20},
 ])
 def test_valid_config_round_trips(raw):
     config = KVPConfig.from_dict(raw)
@@ -84,7 +90,7 @@ def test_valid_config_round_trips(raw):
         assert getattr(config, key) == value
     as_dict = config.to_dict()
     assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "prefill_chunking",
-                            "step_mode"}
+                            "step_mode", "split_step_tokens", "split_min_bytes"}
     assert {k: as_dict[k] for k in raw} == raw
     again = KVPConfig.from_dict(as_dict)
     assert again == config
@@ -95,7 +101,11 @@ def test_valid_config_round_trips(raw):
 def test_defaults():
     config = KVPConfig()
     assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None,
-                                "prefill_chunking": "fixed", "step_mode": "auto"}
+                                "prefill_chunking": "fixed", "step_mode": "auto",
+                                "split_step_tokens": 128, "split_min_bytes": None}
+    assert (config.min_split_bytes(cuda=False), config.min_split_bytes(cuda=True)) == (4 << 20,
+                                                                                     32 << 20)
+    assert KVPConfig(split_min_bytes=0).min_split_bytes(cuda=True) == 0
     assert not config.enabled
     assert not config.adaptive_chunking
     assert set(PLACEMENTS) == {"onboard", "striped"}

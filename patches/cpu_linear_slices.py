@@ -1,0 +1,50 @@
+"""CPU: build each large linear layer's column-slice kernel while the weights load.
+
+Why: `split_linear` has each KV rank compute its slice of a large linear layer's output columns in
+replicated steps. On CPUs vLLM 0.32 turns every unquantized linear layer's weight into a packed
+kernel (oneDNN, sgl or zentorch, chosen by the layer's shape) in `dispatch_cpu_unquantized_gemm`
+and then drops the weight (`remove_weight=True`), so after loading there is no weight left to
+slice, and no extension point runs in between.
+What: while `KVPWorker.load_model` runs (and only then), vllm.model_executor.layers.utils'
+`dispatch_cpu_unquantized_gemm` is wrapped: for a `LinearBase` layer whose 2-D weight has at least
+`min_bytes`, a copy of this rank's rows of the weight (its output columns) first goes through the
+same function on a stand-in module, so the slice gets vLLM's own kernel for its shape; the result is
+left on the layer as `_kvp_column_slice`. The layer itself is then dispatched unchanged. Memory:
+1/N of those weights more per rank.
+Remove when: vLLM keeps the unpacked weight of CPU linear layers, or offers a hook after loading
+that still sees it (then `split_linear.install` slices views, as it does on GPUs).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+
+@contextlib.contextmanager
+def capture_column_slices(rank: int, world: int, min_bytes: int):
+    from vllm.model_executor.layers import utils
+    from vllm.model_executor.layers.linear import LinearBase
+
+    from vllm_kvp.columns import column_bounds
+
+    original = utils.dispatch_cpu_unquantized_gemm
+
+    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+        w = getattr(layer, "weight", None)
+        if (isinstance(layer, LinearBase) and isinstance(w, torch.Tensor) and not w.is_meta
+                and w.dim() == 2 and w.numel() * w.element_size() >= min_bytes):
+            bounds = column_bounds(w.shape[0], world)
+            proxy = torch.nn.Module()
+            proxy.weight = torch.nn.Parameter(w.detach()[bounds[rank]:bounds[rank + 1]].clone(),
+                                              requires_grad=False)
+            original(proxy, remove_weight=remove_weight)
+            layer._kvp_column_slice = (bounds, proxy)
+        return original(layer, remove_weight)
+
+    utils.dispatch_cpu_unquantized_gemm = dispatch
+    try:
+        yield
+    finally:
+        utils.dispatch_cpu_unquantized_gemm = original

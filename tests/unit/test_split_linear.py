@@ -1,0 +1,100 @@
+"""Linear layers split by output columns over KV ranks (replicated steps): the slicing and
+reassembly math, when a step replicates, and vLLM's CPU kernels on a slice against the whole layer."""
+
+import pytest
+import torch
+
+from vllm_kvp.columns import assemble_columns, column_bounds, pad_columns
+from vllm_kvp.plan import replicates
+
+
+@pytest.mark.parametrize("features,world", [(256, 2), (256, 3), (1536, 4), (7, 3), (2, 4), (0, 2)])
+def test_column_bounds_cover_every_column_once_near_evenly(features, world):
+    bounds = column_bounds(features, world)
+    widths = [b - a for a, b in zip(bounds, bounds[1:])]
+    assert bounds[0] == 0 and bounds[-1] == features and len(widths) == world
+    assert min(widths) >= 0 and max(widths) - min(widths) <= 1
+    assert widths == sorted(widths, reverse=True)
+
+
+def test_column_bounds_reject_bad_input():
+    with pytest.raises(ValueError):
+        column_bounds(8, 0)
+    with pytest.raises(ValueError):
+        column_bounds(-1, 2)
+
+
+@pytest.mark.parametrize("features,world,rows", [(384, 2, 5), (256, 3, 1), (1537, 4, 16), (3, 4, 2)])
+def test_slices_computed_apart_and_assembled_equal_the_whole_layer(features, world, rows):
+    """Each simulated rank computes its columns of x @ W.T + b; padding, all-gather order (rank
+    major) and reassembly give back the whole product bit for bit."""
+    # Small integers: every sum is exact whatever order a GEMM adds in, so only the slicing and
+    # reassembly are under test here (vLLM's kernels are checked below).
+    g = torch.Generator().manual_seed(features)
+    x = torch.randint(-8, 8, (rows, 64), generator=g).double()
+    w = torch.randint(-8, 8, (features, 64), generator=g).double()
+    b = torch.randint(-8, 8, (features,), generator=g).double()
+    whole = torch.nn.functional.linear(x, w, b)
+    bounds = column_bounds(features, world)
+    widest = max(b1 - b0 for b0, b1 in zip(bounds, bounds[1:]))
+    parts = [pad_columns(torch.nn.functional.linear(x, w[lo:hi], b[lo:hi]), widest)
+             for lo, hi in zip(bounds, bounds[1:])]
+    assert all(p.shape == (rows, widest) for p in parts)
+    gathered = torch.cat(parts, dim=0).view(world, rows, widest)  # what all_gather(dim=0) returns
+    assert torch.equal(assemble_columns(gathered, bounds), whole)
+
+
+def test_assemble_refuses_a_rank_count_mismatch():
+    with pytest.raises(ValueError):
+        assemble_columns(torch.zeros(3, 2, 4), column_bounds(8, 2))
+
+
+@pytest.mark.parametrize("counts,split,tokens,want", [
+    ([0, 5], False, 0, True),        # one owner: always
+    ([5, 0, 0], True, 0, True),
+    ([3, 4], False, 128, False),     # nothing split: only one-owner steps
+    ([3, 4], True, 128, True),       # small step
+    ([64, 64], True, 128, True),
+    ([65, 64], True, 128, False),    # balanced and over the limit: routed
+    ([1024, 1024], True, 128, False),
+    ([7, 1074], True, 128, True),    # busiest rank >= 1.5x its share
+    ([300, 700], True, 128, False),  # 1.4x
+    ([100, 100, 400], True, 128, True),  # 2x of a third
+    ([3, 4], True, 0, False),        # split_step_tokens 0: small balanced steps are routed
+    ([0, 0], True, 128, False),      # nothing to run
+    ([9], True, 128, False),         # one rank
+])
+def test_which_steps_replicate(counts, split, tokens, want):
+    assert replicates(counts, True, split, tokens) == want
+    assert not replicates(counts, False, split, tokens)  # step_mode "owner"
+
+
+def _vllm_cpu_kernel(weight):
+    """A module carrying vLLM's CPU kernel for `weight`, built as vLLM builds a linear layer's."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    m = torch.nn.Module()
+    m.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
+    dispatch_cpu_unquantized_gemm(m, remove_weight=True)
+    return m
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("out_features,in_features,world", [(1536, 256, 2), (256, 768, 3),
+                                                            (1000, 512, 4)])
+def test_vllm_cpu_kernel_on_a_column_slice_is_bit_identical(dtype, out_features, in_features,
+                                                            world):
+    """What `patches/cpu_linear_slices.py` relies on: vLLM's kernel built for rank r's rows of the
+    weight gives exactly those columns of the whole layer's kernel, for any number of rows."""
+    torch.manual_seed(out_features)
+    w = (torch.randn(out_features, in_features) / in_features ** 0.5).to(dtype)
+    bias = torch.randn(out_features).to(dtype)
+    whole = _vllm_cpu_kernel(w)
+    bounds = column_bounds(out_features, world)
+    slices = [_vllm_cpu_kernel(w[lo:hi]) for lo, hi in zip(bounds, bounds[1:])]
+    for rows in (1, 3, 16, 130):
+        x = torch.randn(rows, in_features).to(dtype)
+        ref = whole.cpu_linear(x, whole.weight, bias)
+        got = torch.cat([s.cpu_linear(x, s.weight, bias[lo:hi])
+                         for s, lo, hi in zip(slices, bounds, bounds[1:])], dim=1)
+        assert torch.equal(got, ref), f"{rows} rows: max diff {(got - ref).abs().max()}"

@@ -1,0 +1,117 @@
+"""Linear layers split by output columns over the KV ranks, for replicated steps.
+
+Every KV rank holds the whole model. In a step that runs on every rank (`plan.replicated`: small
+decode batches, one-owner and uneven steps) a large linear layer computes only this rank's slice of
+its output columns for all the step's rows, and `comm.gather_columns` puts the slices together:
+each rank reads 1/N of the layer's weights (what bounds a small step) and does 1/N of its FLOPs
+(what bounds a prompt chunk that one rank owns). Column slices keep each output element's dot
+product whole, so the result is the unsplit layer's; on CPUs, where vLLM's kernels are chosen per
+layer shape, `patches/cpu_linear_slices.py` builds each slice's kernel the way vLLM builds the
+layer's, and the tests check the outputs are bit-identical.
+
+Only layers with vLLM's unquantized linear method and at least `split_min_bytes` of weights are
+split; the others (and every layer outside a replicated step) run as vLLM runs them. A rank's
+slice of a TP-sharded layer is a slice of its TP shard, so TP's own all-reduce is unaffected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable
+
+import torch
+
+from vllm_kvp import comm
+from vllm_kvp.columns import column_bounds
+from vllm_kvp.plan import StepPlan
+from vllm_kvp.stats import STATS
+
+_ACTIVE: StepPlan | None = None  # the replicated step being run, while the model runs it
+_NUM_SPLIT = 0  # layers wrapped in this worker process
+
+
+class SplitLinearMethod:
+    """Stands in for a layer's `quant_method`: its own columns in a replicated step, the wrapped
+    method otherwise (and for everything but `apply`)."""
+
+    def __init__(self, inner: Any, bounds: list[int], kernel: Callable) -> None:
+        self.inner = inner
+        self.bounds = bounds
+        # kernel(x2d, bias slice or None) -> (rows, this rank's columns)
+        self.kernel = kernel
+        self.lo, self.hi = bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        if _ACTIVE is None:
+            return self.inner.apply(layer, x, bias)
+        lead = x.shape[:-1]
+        part = self.kernel(x.reshape(-1, x.shape[-1]),
+                           None if bias is None else bias[self.lo:self.hi])
+        STATS.split_linear_calls += 1
+        return comm.gather_columns(part, self.bounds).view(*lead, self.bounds[-1])
+
+
+def enabled() -> bool:
+    """Whether this worker has split layers (replicated steps then share their columns)."""
+    return _NUM_SPLIT > 0
+
+
+@contextlib.contextmanager
+def columns_split(plan: StepPlan):
+    """Split layers compute their own columns while the model runs this replicated step."""
+    global _ACTIVE
+    if not (plan.replicated and plan.world > 1 and _NUM_SPLIT):
+        yield
+        return
+    _ACTIVE = plan
+    try:
+        yield
+    finally:
+        _ACTIVE = None
+
+
+def _weight_bytes(w: torch.Tensor) -> int:
+    return w.numel() * w.element_size()
+
+
+def install(model: torch.nn.Module, world: int, min_bytes: int, cpu: bool) -> int:
+    """Wrap the eligible linear layers of `model`; returns how many. On CPUs the slices were built
+    while the weights loaded (vLLM then drops each layer's weight for its packed kernel): a layer
+    without one stays whole."""
+    global _NUM_SPLIT
+    from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+
+    n = 0
+    for layer in model.modules():
+        if not isinstance(layer, LinearBase) or not isinstance(layer.quant_method,
+                                                               UnquantizedLinearMethod):
+            continue
+        if cpu:
+            captured = getattr(layer, "_kvp_column_slice", None)
+            if captured is None:
+                continue
+            bounds, proxy = captured
+            kernel = _cpu_kernel(proxy)
+        else:
+            w = layer.weight
+            if w.dim() != 2 or _weight_bytes(w) < min_bytes:
+                continue
+            bounds = column_bounds(w.shape[0], world)
+            kernel = _view_kernel(layer, w, bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1])
+        layer.quant_method = SplitLinearMethod(layer.quant_method, bounds, kernel)
+        n += 1
+    _NUM_SPLIT += n
+    return n
+
+
+def _cpu_kernel(proxy: torch.nn.Module) -> Callable:
+    return lambda x, bias: proxy.cpu_linear(x, proxy.weight, bias)
+
+
+def _view_kernel(layer: torch.nn.Module, weight: torch.Tensor, lo: int, hi: int) -> Callable:
+    # vLLM's GEMM for this layer, on a view of the rows of the weight that make this rank's columns.
+    gemm, rows = layer.quant_method._gemm_impl, weight[lo:hi]
+    return lambda x, bias: gemm(layer, x, rows, bias)
