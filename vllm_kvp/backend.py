@@ -30,7 +30,7 @@ from vllm_kvp.ops import cpu_kernel
 from vllm_kvp.ops.attention import write_kv
 from vllm_kvp.ops.merge import merge_gathered_rows
 from vllm_kvp.ops.paged_attention import paged_attention_lse
-from vllm_kvp.plan import StepPlan, build_step_plan
+from vllm_kvp.plan import StepPlan, build_step_plan, step_plan_from_routing
 from vllm_kvp.shard_map import local_blocks, local_slots
 from vllm_kvp.stats import STATS
 
@@ -75,15 +75,23 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
         qsl = cm.query_start_loc[: n + 1]
         # Per-worker block count: the executor handed this worker its own rank's share.
         blocks_per_rank = self.vllm_config.cache_config.num_gpu_blocks
-        rank = comm.kvp_rank()
+        rank, world = comm.kvp_rank(), comm.kvp_world_size()
+        split = split_linear.enabled()
         # Every token up to the end of the step: owners write this step's K/V before attending.
-        table, lens, block_pos = local_blocks(cm.block_table_tensor[:n], cm.seq_lens[:n],
-                                              self.block_size, rank, blocks_per_rank)
-        plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank,
-                               comm.kvp_world_size(), blocks_per_rank * self.block_size,
-                               allow_replicated=self.allow_replicated,
-                               split=split_linear.enabled(),
-                               split_step_tokens=self.split_step_tokens)
+        routed = cpu_kernel.step_routing_cpu(cm.slot_mapping[:t], qsl, cm.seq_lens[:n],
+                                             cm.block_table_tensor[:n], rank, world,
+                                             blocks_per_rank, self.block_size)
+        if routed is not None:  # one C++ pass instead of ~40 small torch ops
+            table, lens, block_pos = routed[8:]
+            plan = step_plan_from_routing(routed[:8], rank, world, self.allow_replicated, split,
+                                          self.split_step_tokens)
+        else:
+            table, lens, block_pos = local_blocks(cm.block_table_tensor[:n], cm.seq_lens[:n],
+                                                  self.block_size, rank, blocks_per_rank)
+            plan = build_step_plan(cm.slot_mapping[:t], qsl, cm.seq_lens[:n], rank, world,
+                                   blocks_per_rank * self.block_size,
+                                   allow_replicated=self.allow_replicated, split=split,
+                                   split_step_tokens=self.split_step_tokens)
         return KVPAttentionMetadata(num_actual_tokens=t, query_start_loc=qsl,
                                     local_block_table=table, shard_lens=lens, block_pos=block_pos,
                                     token_pos=plan.token_pos.to(torch.int32), plan=plan)

@@ -140,3 +140,17 @@ def build_step_plan(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor,
     return StepPlan(rank, world, t, counts, rows, t_max, row_idx=row_idx,
                     row_slots=slots[row_idx], row_req=req[row_idx], row_pos=pos[row_idx],
                     restore_idx=restore_idx, token_req=req, token_pos=pos, replicated=replicated)
+
+
+def step_plan_from_routing(routing, rank: int, world: int, allow_replicated: bool = False,
+                           split: bool = False, split_step_tokens: int = 0) -> StepPlan:
+    """The plan `build_step_plan` makes, from the routing tensors the C++ kernel computes in one
+    pass (`ops.cpu_kernel.step_routing_cpu`: counts, row_idx, row_slots, row_req, row_pos,
+    restore_idx, token_req, token_pos)."""
+    counts_t, row_idx, row_slots, row_req, row_pos, restore_idx, token_req, token_pos = routing
+    counts = counts_t.tolist()
+    return StepPlan(rank, world, token_req.shape[0], counts, max(counts[rank], 1),
+                    max(max(counts), 1), row_idx=row_idx, row_slots=row_slots, row_req=row_req,
+                    row_pos=row_pos, restore_idx=restore_idx, token_req=token_req,
+                    token_pos=token_pos,
+                    replicated=replicates(counts, allow_replicated, split, split_step_tokens))

@@ -185,3 +185,37 @@ def test_replicated_when_one_rank_owns_every_token(slots, want):
         assert plan.merge_idx.tolist() == (list(range(t)) if want else routed.row_idx.tolist())
     # One rank alone never replicates (there is nothing to save).
     assert not build_step_plan(slots.clamp(max=3), qsl, seq_lens, 0, 1, 8, allow_replicated=True).replicated
+
+
+@settings(max_examples=150, deadline=None)
+@given(steps(), st.integers(0, 3), st.integers(0, 3), st.data())
+def test_cpu_step_routing_equals_the_torch_plan_and_local_table(step, pad_tokens, pad_cols, data):
+    """The C++ pass the CPU builder uses gives every tensor of `build_step_plan` and `local_blocks`
+    exactly; with padded step tokens (slot -1), block-table columns past every request (stale ids,
+    as vLLM's buffers hold) and every rank's view."""
+    from vllm_kvp.ops import cpu_kernel
+    from vllm_kvp.plan import step_plan_from_routing
+
+    if cpu_kernel.load() is None:
+        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
+    world, bs, per_rank, past, new, tables = step
+    table, qsl, seq_lens, slots = step_tensors(bs, past, new, tables)
+    stale = data.draw(st.lists(st.integers(0, world * per_rank - 1), min_size=pad_cols * len(new),
+                               max_size=pad_cols * len(new)))
+    table = torch.cat([table, torch.tensor(stale, dtype=torch.int32).view(len(new), pad_cols)], 1)
+    slots = torch.cat([slots, torch.full((pad_tokens,), -1, dtype=torch.int64)])
+    for rank in range(world):
+        ref_plan = build_step_plan(slots, qsl, seq_lens, rank, world, per_rank * bs,
+                                   allow_replicated=True, split=True, split_step_tokens=6)
+        ref_table = local_blocks(table, seq_lens, bs, rank, per_rank)
+        routed = cpu_kernel.step_routing_cpu(slots, qsl, seq_lens, table, rank, world, per_rank, bs)
+        plan = step_plan_from_routing(routed[:8], rank, world, True, True, 6)
+        for name in ("row_idx", "row_slots", "row_req", "row_pos", "restore_idx", "token_req",
+                     "token_pos"):
+            want, got = getattr(ref_plan, name), getattr(plan, name)
+            assert got.dtype == want.dtype and torch.equal(got, want), name
+        assert (plan.counts, plan.rows, plan.t_max, plan.num_tokens, plan.replicated) == (
+            ref_plan.counts, ref_plan.rows, ref_plan.t_max, ref_plan.num_tokens,
+            ref_plan.replicated)
+        for want, got in zip(ref_table, routed[8:]):
+            assert got.dtype == want.dtype and torch.equal(got, want)

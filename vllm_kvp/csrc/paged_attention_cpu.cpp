@@ -791,7 +791,13 @@ int64_t write_kv_rank(at::Tensor& kv_cache, const at::Tensor& key, const at::Ten
   return 0;
 }
 
+// step_routing_cpu.cpp
+std::vector<at::Tensor> step_routing(const at::Tensor& slot_mapping, const at::Tensor& query_start_loc,
+                                     const at::Tensor& seq_lens, const at::Tensor& block_table, int64_t rank,
+                                     int64_t world, int64_t blocks_per_rank, int64_t block_size);
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("step_routing", &step_routing, "one step's routing and local block table (CPU)");
   m.def("write_kv_rank", &write_kv_rank, "store this rank's new K/V rows (CPU)",
         py::call_guard<py::gil_scoped_release>());
   m.def("merge_gathered_rows", &merge_gathered_rows, "merge gathered partials of some rows (CPU)",

@@ -1,6 +1,6 @@
 """The C++ CPU kernel of :func:`vllm_kvp.ops.paged_attention.paged_attention_lse`, built on first use.
 
-``vllm_kvp/csrc/paged_attention_cpu.cpp`` is compiled with ``torch.utils.cpp_extension.load``
+``vllm_kvp/csrc/paged_attention_cpu.cpp`` (with ``step_routing_cpu.cpp``, a step's routing) is compiled with ``torch.utils.cpp_extension.load``
 (-O3 -march=native -fopenmp) into ``~/.cache/vllm_kvp/torch_extensions/<name>`` (or
 ``$VLLM_KVP_EXTENSIONS_DIR``), once per machine: the name carries a hash of the source, the torch and
 Python versions and the CPU's feature flags, so a home directory shared by different hosts or
@@ -24,9 +24,11 @@ import warnings
 
 import torch
 
-__all__ = ["load", "merge_gathered_rows_cpu", "paged_attention_lse_cpu", "supported", "write_kv_rank_cpu"]
+__all__ = ["load", "merge_gathered_rows_cpu", "paged_attention_lse_cpu", "step_routing_cpu", "supported",
+           "write_kv_rank_cpu"]
 
-_SOURCE = pathlib.Path(__file__).resolve().parent.parent / "csrc" / "paged_attention_cpu.cpp"
+_CSRC = pathlib.Path(__file__).resolve().parent.parent / "csrc"
+_SOURCES = [_CSRC / "paged_attention_cpu.cpp", _CSRC / "step_routing_cpu.cpp"]
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno"]
 _lock = threading.Lock()
 _module = None
@@ -48,8 +50,8 @@ def _cpu_flags() -> str:
 
 def _build_name_and_dir() -> tuple[str, str]:
     h = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), torch.__version__.encode(), sys.version.encode(), _cpu_flags().encode(),
-                 " ".join(_CFLAGS).encode()):
+    for part in (*(src.read_bytes() for src in _SOURCES), torch.__version__.encode(), sys.version.encode(),
+                 _cpu_flags().encode(), " ".join(_CFLAGS).encode()):
         h.update(part)
     name = f"vllm_kvp_paged_attention_cpu_{h.hexdigest()[:16]}"
     root = os.environ.get("VLLM_KVP_EXTENSIONS_DIR") or os.path.join(
@@ -74,7 +76,7 @@ def load(verbose: bool = False):
 
             name, build_dir = _build_name_and_dir()
             os.makedirs(build_dir, exist_ok=True)
-            _module = cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+            _module = cpp_extension.load(name=name, sources=[str(src) for src in _SOURCES], extra_cflags=_CFLAGS,
                                          extra_ldflags=["-fopenmp"], build_directory=build_dir, verbose=verbose)
         except Exception as e:  # noqa: BLE001 - any build or load failure means: use the torch path
             _failed = f"{type(e).__name__}: {e}"
@@ -142,3 +144,16 @@ def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, block_size: int, rank:
         return None
     per_rank = blocks_per_rank * block_size
     return m.write_kv_rank(kv_cache, key, value, slot_mapping, rank * per_rank, per_rank)
+
+
+def step_routing_cpu(slot_mapping, query_start_loc, seq_lens, block_table, rank: int, world: int,
+                     blocks_per_rank: int, block_size: int):
+    """:func:`vllm_kvp.plan.build_step_plan`'s routing and :func:`vllm_kvp.shard_map.local_blocks`'
+    table of one step, computed in one C++ pass: (counts, row_idx, row_slots, row_req, row_pos,
+    restore_idx, token_req, token_pos, local_table, shard_lens, block_pos), or None when the kernel
+    is unavailable (the caller then uses those torch functions)."""
+    m = _module if _module is not None else load()
+    if m is None:
+        return None
+    return m.step_routing(slot_mapping, query_start_loc, seq_lens, block_table, int(rank), int(world),
+                          int(blocks_per_rank), int(block_size))
