@@ -9,7 +9,8 @@
 
 Workloads (one engine per layout and model, in its own process so its CPU binding is its own):
   ttft        bench-size model: time to first token of one 8k-token prompt (after a warm-up);
-  throughput  bench-size model: 16 requests of 1k prompt + 128 output tokens at once, tokens/s;
+  throughput  bench-size model: 16 requests of 1k prompt + 128 output tokens at once, tokens/s
+              (after a warm-up of 4 such prompts);
   decode      embedded model, batch 1: time per output token at 32k and 60k context (prompt served
               from the prefix cache, so two runs differ only by their decode steps).
 The bench-size model (`vllm-kvp make-model --size bench`: hidden 1024, 4 layers, 8/2 heads of 128,
@@ -76,7 +77,11 @@ def run_one(layout: str, workload: str, model: str, args) -> dict:
         return {"ttft_s": _generate(llm, _prompts(1, args.ttft_len, 2), 1)}
     if workload == "throughput":
         llm = _engine(model, extra, 2048, args.chunk)
-        _generate(llm, _prompts(2, 256, 3), 4)
+        # Warm-up with prompts of the measured length, so that steps of the measured sizes have
+        # run once: a worker's first steps of a size fault in fresh heap pages (measured: ~1.5 s
+        # of system time over the first 16-request batch of a KV rank, ~0.3 s over later ones),
+        # a one-time cost that is not throughput.
+        _generate(llm, _prompts(4, 1024, 3), 8)
         n, out = 16, 128
         seconds = _generate(llm, _prompts(n, 1024, 4), out)
         return {"tokens_per_s": n * out / seconds, "total_tokens_per_s": n * (1024 + out) / seconds}
@@ -104,6 +109,9 @@ def run_child(layout: str, workload: str, model: str, args) -> dict:
     cmd = [sys.executable, __file__, "--child", layout, workload, model,
            "--contexts", ",".join(map(str, args.contexts)), "--steps", str(args.steps),
            "--ttft-len", str(args.ttft_len), "--chunk", str(args.chunk)]
+    # The host needs a moment after the previous engine's processes exit (their memory is being
+    # returned) before it times the next one alike.
+    time.sleep(args.settle)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
@@ -178,6 +186,9 @@ def main() -> int:
     ap.add_argument("--ttft-len", type=int, default=8192)
     ap.add_argument("--chunk", type=int, default=2048, help="max_num_batched_tokens (ttft, throughput)")
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--settle", type=float, default=15.0,
+                    help="seconds of idle before each engine (measured: a KV rank run started "
+                         "right after another engine exited ran at 0.94x its tokens/s)")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds over all layouts; each figure is the median (runs kept in *_runs.json)")
     ap.add_argument("--out", default="bench_results/owner_computes")

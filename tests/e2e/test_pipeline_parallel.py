@@ -81,13 +81,16 @@ def test_kv_ranks_x_pipeline_striped_adaptive(model_path, prompts, reference):
 
 @pytest.fixture(scope="module")
 def onboard_pipeline(model_path):
-    kvp = {"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024}
+    # Linear layers split by columns over the KV ranks in replicated steps, on both stages.
+    kvp = {"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024, "split_min_bytes": 0}
     with engine(model_path, kvp=kvp, pipeline_parallel_size=2, **ENGINE) as llm:
         yield llm
 
 
 def test_kv_ranks_x_pipeline_onboard(onboard_pipeline, prompts, reference):
     _check_kvp_pipeline(onboard_pipeline, prompts, reference, "kvp=2 onboard x pp=2")
+    stats = onboard_pipeline.collective_rpc("kvp_stats")
+    assert min(s["split_linear_calls"] for s in stats) > 0
 
 
 def _stage_workers(stage: int) -> list[psutil.Process]:
