@@ -25,16 +25,14 @@ import torch
 @contextlib.contextmanager
 def capture_column_slices(rank: int, world: int, min_bytes: int):
     from vllm.model_executor.layers import utils
-    from vllm.model_executor.layers.linear import LinearBase
-
     from vllm_kvp.columns import column_bounds
+    from vllm_kvp.split_linear import splittable
 
     original = utils.dispatch_cpu_unquantized_gemm
 
     def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
-        w = getattr(layer, "weight", None)
-        if (isinstance(layer, LinearBase) and isinstance(w, torch.Tensor) and not w.is_meta
-                and w.dim() == 2 and w.numel() * w.element_size() >= min_bytes):
+        if splittable(layer, min_bytes):
+            w = layer.weight
             bounds = column_bounds(w.shape[0], world)
             proxy = torch.nn.Module()
             proxy.weight = torch.nn.Parameter(w.detach()[bounds[rank]:bounds[rank + 1]].clone(),

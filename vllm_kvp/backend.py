@@ -66,7 +66,7 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[KVPAttentionMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
-        self.allow_replicated = kvp.replicates_single_owner_steps
+        self.allow_replicated = kvp.replicates_steps
         self.split_step_tokens = kvp.split_step_tokens
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):

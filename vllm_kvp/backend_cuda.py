@@ -151,7 +151,7 @@ class KVPCudaMetadataBuilder(AttentionMetadataBuilder[KVPCudaAttentionMetadata])
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         self.block_size = kv_cache_spec.block_size
         kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
-        self.allow_replicated = kvp.replicates_single_owner_steps
+        self.allow_replicated = kvp.replicates_steps
         self.split_step_tokens = kvp.split_step_tokens
         sched = vllm_config.scheduler_config
         max_reqs = sched.max_num_seqs

@@ -100,8 +100,9 @@ class KVPConfig:
         return self.prefill_chunking == "adaptive"
 
     @property
-    def replicates_single_owner_steps(self) -> bool:
-        """A step whose tokens one rank owns runs whole on every rank (see `plan.StepPlan`)."""
+    def replicates_steps(self) -> bool:
+        """step_mode "auto": some steps run on every rank (see `plan.replicates`), with split
+        linear layers."""
         return self.step_mode == "auto"
 
     def min_split_bytes(self, cuda: bool) -> int:

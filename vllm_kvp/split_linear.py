@@ -73,8 +73,15 @@ def columns_split(plan: StepPlan):
         _ACTIVE = None
 
 
-def _weight_bytes(w: torch.Tensor) -> int:
-    return w.numel() * w.element_size()
+def splittable(layer: torch.nn.Module, min_bytes: int) -> bool:
+    """Whether a layer's output columns are split over the KV ranks: a vLLM linear layer with a
+    loaded 2-D weight of at least `min_bytes` (the one rule, for the CPU slices built while loading
+    and for the GPU views made after)."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    w = getattr(layer, "weight", None)
+    return (isinstance(layer, LinearBase) and isinstance(w, torch.Tensor) and not w.is_meta
+            and w.dim() == 2 and w.numel() * w.element_size() >= min_bytes)
 
 
 def install(model: torch.nn.Module, world: int, min_bytes: int, cpu: bool) -> int:
@@ -96,11 +103,11 @@ def install(model: torch.nn.Module, world: int, min_bytes: int, cpu: bool) -> in
             bounds, proxy = captured
             kernel = _cpu_kernel(proxy)
         else:
-            w = layer.weight
-            if w.dim() != 2 or _weight_bytes(w) < min_bytes:
+            if not splittable(layer, min_bytes):
                 continue
-            bounds = column_bounds(w.shape[0], world)
-            kernel = _view_kernel(layer, w, bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1])
+            bounds = column_bounds(layer.weight.shape[0], world)
+            kernel = _view_kernel(layer, layer.weight, bounds[comm.kvp_rank()],
+                                  bounds[comm.kvp_rank() + 1])
         layer.quant_method = SplitLinearMethod(layer.quant_method, bounds, kernel)
         n += 1
     _NUM_SPLIT += n

@@ -65,7 +65,7 @@ class KVPWorker(_base_worker()):
         """vLLM's load, then the large linear layers split by columns over the KV ranks for
         replicated steps (`split_linear`; step_mode "auto" only)."""
         kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
-        if not (kvp.enabled and kvp.replicates_single_owner_steps):
+        if not (kvp.enabled and kvp.replicates_steps):
             return super().load_model(*args, **kwargs)
         cpu = current_platform.is_cpu()
         min_bytes = kvp.min_split_bytes(cuda=not cpu)
