@@ -2,25 +2,32 @@
 
 All communication of vllm_kvp lives here. The group joins the workers that share a (pp, tp)
 position across KV ranks. Under owner computes each token is computed on one rank, and three
-exchanges move what the others need (see `plan.StepPlan` for the row conventions):
+exchanges move what the others need (see `routing.StepRouting` for the row conventions):
   - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries, via `step_queries`,
-    which skips the exchange in a replicated step; the final hidden states, so that every rank
+    which skips the exchange in a shared step; the final hidden states, so that every rank
     samples from the same bits);
   - `gather_partials`: each rank's packed partial attention of every query, to every rank; each
-    query's owner (every rank, in a replicated step) then merges its rows in rank order;
-  - `gather_columns`: in a replicated step, each rank's slice of a split linear layer's output
+    query's owner (every rank, in a shared step) then merges its rows in rank order;
+  - `gather_columns`: in a shared step, each rank's slice of a split linear layer's output
     columns (see `split_linear`), for every row.
-All are all-gathers: one collective each, equal sizes on every rank (padded to the plan's t_max),
-which vLLM's CPU communicator also runs over shared memory.
+Each collective is recorded in `stats.STATS` under its exchange kind and the step's kind, the
+names `step_policy.exchanges` predicts with. All are all-gathers: one collective each, equal
+sizes on every rank (padded to the routing's t_max), which vLLM's CPU communicator also runs over
+shared memory.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from vllm_kvp.columns import assemble_columns, pad_columns
-from vllm_kvp.plan import StepPlan
 from vllm_kvp.stats import STATS
+from vllm_kvp.step_policy import COLUMNS, PARTIALS, QUERIES
+
+if TYPE_CHECKING:
+    from vllm_kvp.step import Step
 
 _KVP_GROUP = None  # vllm GroupCoordinator, set once per worker process by init_kvp_group()
 
@@ -63,47 +70,46 @@ def kvp_world_size() -> int:
     return 1 if _KVP_GROUP is None else _KVP_GROUP.world_size
 
 
-def _count(kind: str, x: torch.Tensor) -> None:
-    nbytes = x.numel() * x.element_size()
-    STATS.exchanges += 1
-    STATS.exchanged_bytes += nbytes
-    setattr(STATS, kind, getattr(STATS, kind) + nbytes)
+def _count(kind: str, x: torch.Tensor, step_kind: str) -> None:
+    """Record one collective this rank sends `x` into (`kind`: a `step_policy` exchange kind)."""
+    STATS.record(kind, x.numel() * x.element_size(), step_kind)
 
 
-def gather_rows(x: torch.Tensor, plan: StepPlan, kind: str = "query_bytes") -> torch.Tensor:
-    """This rank's rows x (plan.rows, F) -> every token's row (plan.num_tokens, F), vLLM order.
-    `kind` names the counter the traffic is recorded under."""
-    if plan.world == 1:
-        return x[plan.restore_idx]
-    if x.shape[0] < plan.t_max:  # equal sizes on every rank
-        x = torch.cat([x, x.new_zeros((plan.t_max - x.shape[0], *x.shape[1:]))])
-    _count(kind, x)
-    return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[plan.restore_idx]
+def gather_rows(x: torch.Tensor, step: Step, kind: str = QUERIES) -> torch.Tensor:
+    """This rank's rows x (routing.rows, F) -> every token's row (T, F), vLLM order. `kind` names
+    the exchange the traffic is recorded under."""
+    r = step.routing
+    if r.world == 1:
+        return x[r.restore_idx]
+    if x.shape[0] < r.t_max:  # equal sizes on every rank
+        x = torch.cat([x, x.new_zeros((r.t_max - x.shape[0], *x.shape[1:]))])
+    _count(kind, x, step.kind)
+    return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[r.restore_idx]
 
 
-def step_queries(query: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+def step_queries(query: torch.Tensor, step: Step) -> torch.Tensor:
     """Every query of the step, (T, H * D) in vLLM order, from the layer's (out_rows, ...) output:
-    as computed in a replicated step (this rank ran every token), else all-gathered."""
-    rows = plan.out_rows
+    as computed in a shared step (this rank ran every token), else all-gathered."""
+    rows = step.out_rows
     mine = query[:rows].reshape(rows, -1)
-    return mine if plan.replicated else gather_rows(mine, plan)
+    return mine if step.shared else gather_rows(mine, step)
 
 
-def gather_partials(packed: torch.Tensor, plan: StepPlan) -> torch.Tensor:
+def gather_partials(packed: torch.Tensor, step: Step) -> torch.Tensor:
     """This rank's packed partials for every query, one row per query in vLLM order ((T, H * D + H)
     float32 on CPU: out then LSEs; `ops.partials` bytes on GPU) -> every rank's, (R, T, F), by KV
     rank."""
-    if plan.world == 1:
+    if step.world == 1:
         return packed.unsqueeze(0)
-    _count("partial_bytes", packed)
-    return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(plan.world, packed.shape[0], -1)
+    _count(PARTIALS, packed, step.kind)
+    return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(step.world, packed.shape[0], -1)
 
 
-def gather_columns(part: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+def gather_columns(part: torch.Tensor, bounds: list[int], step: Step) -> torch.Tensor:
     """This rank's output columns [bounds[rank], bounds[rank + 1]) of a linear layer, (rows, w) ->
     every rank's, (rows, features) in column order."""
     widest = max(b - a for a, b in zip(bounds, bounds[1:]))
     part = pad_columns(part, widest).contiguous()
-    _count("column_bytes", part)
+    _count(COLUMNS, part, step.kind)
     gathered = _KVP_GROUP.all_gather(part, dim=0)
     return assemble_columns(gathered.view(len(bounds) - 1, part.shape[0], widest), bounds)

@@ -101,8 +101,8 @@ class KVPConfig:
 
     @property
     def replicates_steps(self) -> bool:
-        """step_mode "auto": some steps run on every rank (see `plan.replicates`), with split
-        linear layers."""
+        """step_mode "auto": some steps run on every rank (shared steps, see `step_policy`), with
+        split linear layers."""
         return self.step_mode == "auto"
 
     def min_split_bytes(self, cuda: bool) -> int:
@@ -139,6 +139,20 @@ class KVPConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in dataclasses.asdict(self).items()}
+
+
+_PARSED: dict[int, tuple[Any, KVPConfig]] = {}
+
+
+def kvp_config(vllm_config: Any) -> KVPConfig:
+    """The KVPConfig of an engine's VllmConfig, parsed once per process (and per config object:
+    the parse is keyed by its `additional_config`, which is kept alive with it)."""
+    raw = getattr(vllm_config, "additional_config", None)
+    hit = _PARSED.get(id(raw))
+    if hit is None or hit[0] is not raw:
+        hit = (raw, KVPConfig.from_additional_config(raw))
+        _PARSED[id(raw)] = hit
+    return hit[1]
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:

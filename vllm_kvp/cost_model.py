@@ -8,11 +8,13 @@ Replica i holds GPUs [i*tp*pp, (i+1)*tp*pp), so the KVP group of a (pp, tp) posi
 once `tp * pp * kvp` exceeds the GPUs per node. Two execution modes:
 - "replicated" (the first version's lockstep): every KV rank runs every token's dense layers; per
   layer the ranks all-gather their attention partials (out, lse).
-- "owner": the rank that owns a token's KV slot runs its dense layers; per layer the queries go out
-  to all ranks and the partials come back (two exchanges), plus one gather of final hidden states.
-  A step whose tokens one rank owns (a batch-1 decode, a prompt chunk under `onboard`) runs whole
-  on every rank instead, as the plugin's default `kvp.step_mode` "auto" does: its queries are
-  already everywhere, so each layer gathers only the partials (`kvp_gathers`).
+- "owner": the plugin's runtime. The rank that owns a token's KV slot runs its dense layers; the
+  step policy (`step_policy`, the function the runtime routes with) decides per step whether it is
+  routed (per layer the queries go out to all ranks and the partials come back) or shared (every
+  rank runs every token: a batch-1 decode, a prompt chunk on one rank, small and uneven steps;
+  each layer gathers only the partials, and split linear layers their columns, each rank reading
+  1/N of their weights). One gather of final hidden states per step either way. The collectives
+  and bytes are `step_policy.exchanges`' (`kvp_gathers`), the same numbers the plugin counts.
 Times are sums of terms (steps x per-step overhead + bytes / bandwidth + FLOPs / FLOP/s + hops x
 latency + link bytes / link bandwidth), linear in the inverse rates, so `calibrate` fits them by
 least squares on the same terms.
@@ -27,9 +29,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from vllm_kvp import step_policy
+from vllm_kvp.step_policy import ExchangeShape, StepPolicy
+
 MODES = ("replicated", "owner")
 PLACEMENTS = ("onboard", "striped")
-PARTIAL_BYTES = 4          # partials (out, lse) are exchanged in float32
+CPU_PARTIAL_BYTES = 4      # CPU partial outputs travel as float32; GPUs send the model's dtype
 MEMORY_UTILIZATION = 0.9   # vLLM's default gpu_memory_utilization
 RUNTIME_RESERVE = 2**30    # CUDA context, communicator buffers, allocator slack per GPU
 
@@ -113,6 +118,7 @@ class Layout:
     kvp: int = 1
     placement: str = "onboard"
     max_tokens_per_rank: int = 0
+    split_min_bytes: int | None = None  # kvp.split_min_bytes; None: the plugin's per-device default
 
     @property
     def gpus(self) -> int:
@@ -218,51 +224,105 @@ def _hops(hw: Hardware, hops: float, nbytes: float, inter: bool) -> Terms:
     return Terms(intra_hops=hops, intra_link_bytes=nbytes)
 
 
-def replicated_step(mode: str, tokens: int, rows: int, step_mode: str = "auto") -> bool:
-    """Whether owner computes runs a step of `tokens` tokens whole on every rank: one rank owns
-    them all (the most one rank owns, `rows`, is all of them) and the step mode is "auto"
-    (plan.build_step_plan)."""
-    return mode == "owner" and step_mode == "auto" and rows == tokens
+def split_min_bytes(hw: Hardware, layout: Layout) -> int:
+    """`kvp.split_min_bytes` as the plugin resolves it (`KVPConfig.min_split_bytes`)."""
+    if layout.split_min_bytes is not None:
+        return layout.split_min_bytes
+    return (4 if hw.cpus > 0 else 32) << 20
+
+
+def split_layers(m: ModelShape, tp: int, min_bytes: int) -> list[tuple[int, int]]:
+    """(output features, input features) per TP rank of the linear layers of one decoder layer
+    that split by output columns over the KV ranks (`split_linear.splittable`: weights of at least
+    `min_bytes`): vLLM's fused qkv, o, fused gate_up and down projections. Experts (vLLM's fused
+    MoE layers) are not linear layers and never split."""
+    q, kv = math.ceil(m.heads / tp), max(1, m.kv_heads // tp)
+    width = math.ceil(m.intermediate / tp)
+    layers = [((q + 2 * kv) * m.head_dim, m.hidden), (m.hidden, q * m.head_dim)]
+    if m.experts == 1:
+        layers += [(2 * width, m.hidden), (m.hidden, width)]
+    return [(o, i) for o, i in layers if o * i * m.dtype_bytes >= min_bytes]
+
+
+def policy(m: ModelShape, layout: Layout, min_bytes: int, step_mode: str = "auto",
+           split_step_tokens: int = 128) -> StepPolicy:
+    """The step policy the plugin runs `layout` with (`worker.step_policy_for`)."""
+    return StepPolicy(world=layout.kvp, share_steps=step_mode == "auto",
+                      split_layers=bool(split_layers(m, layout.tp, min_bytes)),
+                      split_step_tokens=split_step_tokens)
+
+
+def exchange_shape(m: ModelShape, layout: Layout, min_bytes: int,
+                   out_bytes: int | None = None) -> ExchangeShape:
+    """One KV rank's exchange sizes (its TP shard of the heads, the last pipeline stage's layers,
+    which return the hidden states). `out_bytes`: bytes per partial output element (default the
+    model's dtype, as on GPUs; `CPU_PARTIAL_BYTES` on CPUs)."""
+    layers = math.ceil(m.layers / layout.pp)
+    widths = tuple(o for o, _ in split_layers(m, layout.tp, min_bytes)) * layers
+    return ExchangeShape(heads=math.ceil(m.heads / layout.tp), head_dim=m.head_dim,
+                         hidden=m.hidden, act_bytes=m.dtype_bytes,
+                         out_bytes=m.dtype_bytes if out_bytes is None else out_bytes,
+                         attn_layers=layers, split_widths=widths)
+
+
+def step_counts(layout: Layout, tokens: int, rows: int) -> list[int]:
+    """Tokens each KV rank owns in a step of `tokens` whose busiest rank owns `rows`, the rest
+    spread evenly over the others."""
+    rest = tokens - rows
+    others = layout.kvp - 1
+    return [rows] + [rest // others + (1 if i < rest % others else 0) for i in range(others)]
 
 
 def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int | None = None,
-                step_mode: str = "auto") -> list[tuple[int, float]]:
+                step_mode: str = "auto", min_bytes: int = 32 << 20,
+                out_bytes: int | None = None) -> list[tuple[int, float]]:
     """The all-gathers over the KVP group in one step, all layers, as (how many, bytes each rank
     sends in each). `tokens`: the step's T tokens; every rank attends all of their queries, so it
-    sends partials of T. `rows`: the most tokens one rank owns (t_max, default T: one rank owns
-    all); a row gather pads every rank's rows to it.
+    sends partials of T. `rows`: the most tokens one rank owns (default T: one rank owns all).
 
-    replicated: the partials (out, lse) once per layer.
-    owner: per layer the queries and the partials, plus the final hidden states once per step;
-    a replicated step (`replicated_step`) skips the queries: L + 1 gathers instead of 2 L + 1.
+    replicated (the first version's lockstep): the partials once per layer.
+    owner: what `step_policy.exchanges` lists for the kind the step policy gives the step: the
+    plugin's own accounting, so predictions and its counters agree.
     """
     if layout.kvp == 1:
         return []
     rows = tokens if rows is None else rows
-    heads = math.ceil(m.heads / layout.tp)
-    gathers = [(m.layers, tokens * heads * (m.head_dim + 1) * PARTIAL_BYTES)]
-    if mode == "owner":
-        if not replicated_step(mode, tokens, rows, step_mode):
-            gathers.append((m.layers, rows * heads * m.head_dim * m.dtype_bytes))
-        # Hidden states are whole on every TP rank, so each TP position gathers all of them.
-        gathers.append((1, rows * m.hidden * m.dtype_bytes))
-    return gathers
+    shape = exchange_shape(m, layout, min_bytes, out_bytes)
+    if mode != "owner":
+        return [(m.layers, tokens * shape.partial_row_bytes)]
+    counts = step_counts(layout, tokens, rows)
+    kind = policy(m, layout, min_bytes, step_mode).kind(counts)
+    sent = step_policy.exchanges(kind, counts, tokens, shape, layout.kvp)
+    return [(n, b / n) for n, b in sent.values() if n]
 
 
 def kvp_collectives(m: ModelShape, layout: Layout, tokens: int, mode: str,
-                    rows: int | None = None, step_mode: str = "auto") -> int:
+                    rows: int | None = None, step_mode: str = "auto",
+                    min_bytes: int = 32 << 20) -> int:
     """KVP collectives a rank issues per step: what the plugin counts (`exchanges` in its stats)."""
-    return sum(count for count, _ in kvp_gathers(m, layout, tokens, mode, rows, step_mode))
+    return sum(count for count, _ in kvp_gathers(m, layout, tokens, mode, rows, step_mode,
+                                                 min_bytes))
 
 
 def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str,
                  rows: int | None = None, step_mode: str = "auto") -> Terms:
     """Per-step exchange over the KVP group: `kvp_gathers` as ring all-gathers, kvp - 1 hops and
     kvp - 1 ranks' bytes received each."""
-    gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode)
+    gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode, split_min_bytes(hw, layout),
+                          CPU_PARTIAL_BYTES if hw.cpus > 0 else None)
     ring = layout.kvp - 1
     return _hops(hw, ring * sum(c for c, _ in gathers), ring * sum(c * b for c, b in gathers),
                  _crosses_nodes(hw, layout.gpus))
+
+
+def shared_weight_bytes(m: ModelShape, hw: Hardware, layout: Layout, step_mode: str) -> float:
+    """Weight bytes one KV rank reads in a shared step: split layers' 1/kvp of their columns, the
+    rest whole."""
+    whole = m.active_params * m.dtype_bytes / layout.tp
+    if layout.kvp == 1 or step_mode != "auto":
+        return whole
+    split = sum(o * i for o, i in split_layers(m, layout.tp, split_min_bytes(hw, layout)))
+    return whole - split * m.layers * m.dtype_bytes * (1 - 1 / layout.kvp)
 
 
 def tp_pp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int) -> Terms:
@@ -289,11 +349,13 @@ def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
     turn, so pp does not shorten it; each GPU streams its weights and its KV-rank's share of the
     KV once; all KV ranks attend in parallel, so the fullest rank sets the pace. Under owner
     computes the one token is owned by one rank, whatever the placement: with `step_mode` "auto"
-    every rank runs it (as many dense FLOPs as its owner alone) and no query is exchanged;
-    "owner" (every step routed) is here to read measurements taken with it."""
+    every rank runs it (a shared step: no query is exchanged, and each rank reads 1/N of the split
+    linear layers' weights); "owner" (every step routed) is here to read measurements taken with
+    it."""
     resident = tokens_per_rank(layout, context)
     kv = resident * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
-    weights = m.active_params * m.dtype_bytes / layout.tp
+    weights = (shared_weight_bytes(m, hw, layout, step_mode) if mode == "owner"
+               else m.active_params * m.dtype_bytes / layout.tp)
     flops = (2 * m.active_params + 4 * m.layers * m.heads * m.head_dim * resident) / layout.tp
     work = Terms(steps=1.0, hbm_bytes=weights + kv, flops=flops).scaled(core_sharing(hw, layout))
     return (work + kvp_exchange(m, hw, layout, 1, mode, step_mode=step_mode)

@@ -2,14 +2,17 @@
 
 vLLM's runner prepares the whole step (all T tokens) on every KV rank, as usual. The one seam it
 documents for changing how the model runs, `_model_forward`, is where each rank narrows the step
-to its own rows (the tokens whose KV slots it owns, see `plan.StepPlan`): it selects their ids and
+to its own rows (the tokens whose KV slots it owns, see `routing.StepRouting`): it selects their ids and
 positions, points the forward context's slot mapping at them, runs the model, and puts the final
 hidden states of all ranks back in vLLM's token order. Logits, sampling and logprobs then run
 unchanged, and identically on every rank, because every rank holds the same gathered bits.
 
 Attention layers see only local rows too; the KVP backend exchanges queries and partial outputs
 inside each layer. Dummy, profile and warm-up runs call the model directly, not through
-`_model_forward`, and carry no plan: every rank runs them whole, without collectives.
+`_model_forward`, and carry no step: every rank runs them whole, without collectives.
+
+The step (`step.Step`, built once by the KVP metadata builder) is published in the forward context
+here, so the layers that act on it (attention, split linear layers) read the same object.
 """
 
 from __future__ import annotations
@@ -18,18 +21,10 @@ from typing import Any
 
 import torch
 
-from vllm_kvp import comm, split_linear
-from vllm_kvp.plan import StepPlan
+from vllm_kvp import comm
 from vllm_kvp.stats import STATS
-
-
-def step_plan(attn_metadata: Any) -> StepPlan | None:
-    """The plan the KVP metadata builder attached to this step's attention metadata, if any."""
-    if isinstance(attn_metadata, list):  # micro-batched steps: never scheduled with KV ranks
-        return None
-    if not attn_metadata:
-        return None
-    return getattr(next(iter(attn_metadata.values())), "plan", None)
+from vllm_kvp.step import Step, publish, step_of
+from vllm_kvp.step_policy import HIDDEN
 
 
 class KVPRunnerMixin:
@@ -40,55 +35,64 @@ class KVPRunnerMixin:
         from vllm.forward_context import get_forward_context
 
         fc = get_forward_context()
-        plan = step_plan(fc.attn_metadata)
-        if plan is None or plan.world == 1:
-            if plan is not None:
-                STATS.tokens_computed += plan.num_tokens
+        step = step_of(fc.attn_metadata)
+        publish(step)
+        if step is not None:
+            STATS.record_step(step.kind, step.routing.counts, step.num_tokens)
+        if step is None or step.world == 1:
+            if step is not None:
+                STATS.tokens_computed += step.num_tokens
             return super()._model_forward(input_ids=input_ids, positions=positions,
                                           intermediate_tensors=intermediate_tensors,
                                           inputs_embeds=inputs_embeds, **model_kwargs)
         if model_kwargs:
             raise NotImplementedError(
                 f"vllm_kvp cannot split a step whose model takes {sorted(model_kwargs)}")
-        if plan.replicated:
-            # Every rank runs the whole step (see `plan.replicates`); the forward context's slot
-            # mapping is vLLM's, each rank writes only the slots it holds, and split linear layers
-            # compute only this rank's columns.
-            with split_linear.columns_split(plan):
-                out = super()._model_forward(input_ids=input_ids, positions=positions,
-                                             intermediate_tensors=intermediate_tensors,
-                                             inputs_embeds=inputs_embeds)
-            STATS.tokens_computed += plan.num_local
-            STATS.tokens_replicated += plan.num_tokens - plan.num_local
+        r = step.routing
+        if step.shared:
+            # Every rank runs the whole step; the forward context's slot mapping is vLLM's, each
+            # rank writes only the slots it holds, and split linear layers compute only this
+            # rank's columns.
+            out = super()._model_forward(input_ids=input_ids, positions=positions,
+                                         intermediate_tensors=intermediate_tensors,
+                                         inputs_embeds=inputs_embeds)
+            STATS.tokens_computed += r.num_local
+            STATS.tokens_shared += r.num_tokens - r.num_local
             if not isinstance(out, torch.Tensor):
                 return out
-            mine = out[plan.row_idx]  # the owner's rows are the ones every rank keeps
+            mine = out[r.row_idx]  # the owner's rows are the ones every rank keeps
         else:
-            idx = plan.row_idx
-            saved = fc.slot_mapping, fc.is_padding
-            # The layers write K/V through the forward context's slot mapping, one slot per row.
-            fc.slot_mapping = {name: plan.row_slots for name in (fc.slot_mapping or {})}
-            if fc.is_padding is not None:
-                fc.is_padding = fc.is_padding[idx]
-            try:
-                mine = self.model(
-                    input_ids=None if input_ids is None else input_ids[idx],
-                    positions=positions[..., idx],
-                    intermediate_tensors=intermediate_tensors,
-                    inputs_embeds=None if inputs_embeds is None else inputs_embeds[idx],
-                )
-            finally:
-                fc.slot_mapping, fc.is_padding = saved
-            STATS.tokens_computed += plan.num_local
-            if not isinstance(mine, torch.Tensor):  # IntermediateTensors for the next pipeline stage
+            mine = self._run_own_rows(fc, step, input_ids, positions, intermediate_tensors,
+                                      inputs_embeds)
+            STATS.tokens_computed += r.num_local
+            if not isinstance(mine, torch.Tensor):  # IntermediateTensors for the next stage
                 return mine
-        hidden = comm.gather_rows(mine, plan, "hidden_bytes")  # (T, hidden) in vLLM order
+        hidden = comm.gather_rows(mine, step, HIDDEN)  # (T, hidden) in vLLM order
         total = positions.shape[-1]  # vLLM may pad the step; padded rows are never read
-        if total == plan.num_tokens:
+        if total == r.num_tokens:
             return hidden
         full = hidden.new_zeros((total, hidden.shape[-1]))
-        full[: plan.num_tokens] = hidden
+        full[: r.num_tokens] = hidden
         return full
+
+    def _run_own_rows(self, fc, step: Step, input_ids, positions, intermediate_tensors,
+                      inputs_embeds):
+        """The model on this rank's rows of a routed step only."""
+        idx = step.routing.row_idx
+        saved = fc.slot_mapping, fc.is_padding
+        # The layers write K/V through the forward context's slot mapping, one slot per row.
+        fc.slot_mapping = {name: step.routing.row_slots for name in (fc.slot_mapping or {})}
+        if fc.is_padding is not None:
+            fc.is_padding = fc.is_padding[idx]
+        try:
+            return self.model(
+                input_ids=None if input_ids is None else input_ids[idx],
+                positions=positions[..., idx],
+                intermediate_tensors=intermediate_tensors,
+                inputs_embeds=None if inputs_embeds is None else inputs_embeds[idx],
+            )
+        finally:
+            fc.slot_mapping, fc.is_padding = saved
 
     def sync_and_gather_intermediate_tensors(self, num_tokens: int, intermediate_tensors,
                                              sync_self: bool):

@@ -1,37 +1,40 @@
-"""Linear layers split by output columns over the KV ranks, for replicated steps.
+"""Linear layers split by output columns over the KV ranks, for shared steps.
 
-Every KV rank holds the whole model. In a step that runs on every rank (`plan.replicated`: small
-decode batches, one-owner and uneven steps) a large linear layer computes only this rank's slice of
-its output columns for all the step's rows, and `comm.gather_columns` puts the slices together:
-each rank reads 1/N of the layer's weights (what bounds a small step) and does 1/N of its FLOPs
-(what bounds a prompt chunk that one rank owns). Column slices keep each output element's dot
-product whole, so the result is the unsplit layer's; on CPUs, where vLLM's kernels are chosen per
-layer shape, `patches/cpu_linear_slices.py` builds each slice's kernel the way vLLM builds the
-layer's, and the tests check the outputs are bit-identical.
+Every KV rank holds the whole model. In a step that runs on every rank (a shared step, see
+`step_policy`: small decode batches, one-owner and uneven steps) a large linear layer computes only
+this rank's slice of its output columns for all the step's rows, and `comm.gather_columns` puts
+the slices together: each rank reads 1/N of the layer's weights (what bounds a small step) and
+does 1/N of its FLOPs (what bounds a prompt chunk that one rank owns). The layer learns which step
+runs from the forward context (`step.current_step`).
+
+Exactness. Every rank gathers the same slices, so all ranks hold the same bits whatever the GEMM
+does. Whether those bits equal the unsplit layer's depends on the kernel: a column slice keeps each
+output element's dot product whole (same inputs, same length), and on CPUs, where vLLM's kernels
+are chosen per layer shape, `patches/cpu_linear_slices.py` builds each slice's kernel the way vLLM
+builds the layer's, and the tests check the outputs are bit-identical. On GPUs cuBLAS may choose
+another algorithm (tiling, split-K) for the narrower shape, so a slice can round differently from
+the unsplit GEMM: results then differ from an unsplit run at the rounding level, as they do between
+TP sizes.
 
 Only layers with vLLM's unquantized linear method and at least `split_min_bytes` of weights are
-split; the others (and every layer outside a replicated step) run as vLLM runs them. A rank's
+split; the others (and every layer outside a shared step) run as vLLM runs them. A rank's
 slice of a TP-sharded layer is a slice of its TP shard, so TP's own all-reduce is unaffected.
 """
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable
 
 import torch
 
 from vllm_kvp import comm
 from vllm_kvp.columns import column_bounds
-from vllm_kvp.plan import StepPlan
 from vllm_kvp.stats import STATS
-
-_ACTIVE: StepPlan | None = None  # the replicated step being run, while the model runs it
-_NUM_SPLIT = 0  # layers wrapped in this worker process
+from vllm_kvp.step import current_step
 
 
 class SplitLinearMethod:
-    """Stands in for a layer's `quant_method`: its own columns in a replicated step, the wrapped
+    """Stands in for a layer's `quant_method`: its own columns in a shared step, the wrapped
     method otherwise (and for everything but `apply`)."""
 
     def __init__(self, inner: Any, bounds: list[int], kernel: Callable) -> None:
@@ -45,32 +48,14 @@ class SplitLinearMethod:
         return getattr(self.inner, name)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        if _ACTIVE is None:
+        step = current_step()
+        if step is None or not step.shared or step.world < 2:
             return self.inner.apply(layer, x, bias)
         lead = x.shape[:-1]
         part = self.kernel(x.reshape(-1, x.shape[-1]),
                            None if bias is None else bias[self.lo:self.hi])
         STATS.split_linear_calls += 1
-        return comm.gather_columns(part, self.bounds).view(*lead, self.bounds[-1])
-
-
-def enabled() -> bool:
-    """Whether this worker has split layers (replicated steps then share their columns)."""
-    return _NUM_SPLIT > 0
-
-
-@contextlib.contextmanager
-def columns_split(plan: StepPlan):
-    """Split layers compute their own columns while the model runs this replicated step."""
-    global _ACTIVE
-    if not (plan.replicated and plan.world > 1 and _NUM_SPLIT):
-        yield
-        return
-    _ACTIVE = plan
-    try:
-        yield
-    finally:
-        _ACTIVE = None
+        return comm.gather_columns(part, self.bounds, step).view(*lead, self.bounds[-1])
 
 
 def splittable(layer: torch.nn.Module, min_bytes: int) -> bool:
@@ -88,7 +73,6 @@ def install(model: torch.nn.Module, world: int, min_bytes: int, cpu: bool) -> in
     """Wrap the eligible linear layers of `model`; returns how many. On CPUs the slices were built
     while the weights loaded (vLLM then drops each layer's weight for its packed kernel): a layer
     without one stays whole."""
-    global _NUM_SPLIT
     from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 
     n = 0
@@ -110,7 +94,6 @@ def install(model: torch.nn.Module, world: int, min_bytes: int, cpu: bool) -> in
                                   bounds[comm.kvp_rank() + 1])
         layer.quant_method = SplitLinearMethod(layer.quant_method, bounds, kernel)
         n += 1
-    _NUM_SPLIT += n
     return n
 
 

@@ -2,21 +2,27 @@
 computes (each rank runs the model on the tokens whose KV it holds, see runner.py).
 
 Each worker allocates only its own KV rank's blocks (the executor hands it a per-rank
-KVCacheConfig); the scheduler's block ids are logical over all ranks and are mapped to local ones
-inside the attention backend, the one place that reads or writes the KV cache.
+KVCacheConfig); the scheduler's block ids are logical over all ranks (`rank_map.RankMap`) and are
+mapped to local ones inside the attention backend, the one place that reads or writes the KV
+cache. Once the cache size is known the worker records its rank context (`step.configure`): its
+rank, the rank map and the step policy, derived from the config alone so every rank and pipeline
+stage routes every step alike.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 
 from vllm.platforms import current_platform
 
-from vllm_kvp import comm, split_linear
-from vllm_kvp.config import KVPConfig
+from vllm_kvp import comm, split_linear, step
+from vllm_kvp.config import KVPConfig, kvp_config
+from vllm_kvp.rank_map import RankMap
 from vllm_kvp.runner import install_owner_computes
 from vllm_kvp.stats import STATS
+from vllm_kvp.step_policy import StepPolicy
 
 logger = logging.getLogger("vllm.vllm_kvp")
 
@@ -46,11 +52,32 @@ def register_kvp_backend() -> None:
                          "vllm_kvp.backend_cuda.KVPFlashAttentionBackend")
 
 
+def step_policy_for(vllm_config, kvp: KVPConfig, cuda: bool) -> StepPolicy:
+    """The step policy of this engine, from its config only (the same on every rank and stage):
+    whether the model has split layers is the cost model's rule on the model's shape."""
+    from vllm_kvp import cost_model
+    from vllm_kvp.planner import PlanError, shape_from_config
+
+    split = False
+    if kvp.replicates_steps and kvp.size > 1:
+        mc = vllm_config.model_config
+        try:
+            shape = shape_from_config(mc.hf_config.to_dict(), mc.model)
+        except PlanError as e:  # not a shape the cost model reads: no step shares split layers
+            logger.warning("vllm_kvp: %s; linear layers are not split", e)
+        else:
+            shape = dataclasses.replace(shape, dtype_bytes=mc.dtype.itemsize)
+            tp = vllm_config.parallel_config.tensor_parallel_size
+            split = bool(cost_model.split_layers(shape, tp, kvp.min_split_bytes(cuda)))
+    return StepPolicy(world=kvp.size, share_steps=kvp.replicates_steps, split_layers=split,
+                      split_step_tokens=kvp.split_step_tokens)
+
+
 class KVPWorker(_base_worker()):
     def init_device(self) -> None:
         register_kvp_backend()
         super().init_device()
-        kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
+        kvp = kvp_config(self.vllm_config)
         comm.init_kvp_group(kvp.size)
         install_owner_computes(self.model_runner)
         if current_platform.is_cpu():
@@ -61,10 +88,22 @@ class KVPWorker(_base_worker()):
             if cpu_kernel.load() is not None:
                 logger.info("vllm_kvp: C++ CPU attention kernel ready")
 
+    def initialize_from_config(self, kv_cache_config) -> None:
+        """This rank's share of the KV cache (`blocks_per_rank` blocks) is known: record the rank
+        context every step is built with, then let vLLM allocate it."""
+        kvp = kvp_config(self.vllm_config)
+        block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
+        ranks = RankMap(kvp.size, kv_cache_config.num_blocks, block_size)
+        policy = step_policy_for(self.vllm_config, kvp, cuda=not current_platform.is_cpu())
+        step.configure(step.RankContext(comm.kvp_rank(), ranks, policy))
+        logger.info("vllm_kvp: KV rank %d of %d, %d blocks of %d tokens; %s", comm.kvp_rank(),
+                    kvp.size, ranks.blocks_per_rank, block_size, policy)
+        super().initialize_from_config(kv_cache_config)
+
     def load_model(self, *args, **kwargs) -> None:
         """vLLM's load, then the large linear layers split by columns over the KV ranks for
-        replicated steps (`split_linear`; step_mode "auto" only)."""
-        kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
+        shared steps (`split_linear`; step_mode "auto" only)."""
+        kvp = kvp_config(self.vllm_config)
         if not (kvp.enabled and kvp.replicates_steps):
             return super().load_model(*args, **kwargs)
         cpu = current_platform.is_cpu()
@@ -78,14 +117,14 @@ class KVPWorker(_base_worker()):
             super().load_model(*args, **kwargs)
         n = split_linear.install(self.model_runner.model, kvp.size, min_bytes, cpu)
         logger.info("vllm_kvp: %d linear layers split by output columns over %d KV ranks in "
-                    "replicated steps (weights >= %d bytes)", n, kvp.size, min_bytes)
+                    "shared steps (weights >= %d bytes)", n, kvp.size, min_bytes)
 
     def kvp_stats(self) -> dict:
         """This rank's KV allocation and traffic (for tests, benchmarks and debugging)."""
         storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
                     for t in self.model_runner.kv_caches}
         return {"kvp_rank": comm.kvp_rank(), "kv_cache_bytes": sum(storages.values()),
-                "num_blocks": self.cache_config.num_gpu_blocks, **STATS.as_dict()}
+                "num_blocks": step.rank_context().ranks.blocks_per_rank, **STATS.as_dict()}
 
     def shutdown(self) -> None:
         comm.destroy_kvp_group()

@@ -30,8 +30,7 @@ from hypothesis import strategies as st
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
-from test_attention import ref_attention  # noqa: E402
-from test_owner_computes_math import step_tensors, steps  # noqa: E402
+from support import ref_attention, step_tensors, steps  # noqa: E402
 from vllm.platforms.interface import DeviceCapability  # noqa: E402
 from vllm.v1.attention.backend import AttentionType, CommonAttentionMetadata  # noqa: E402
 from vllm.v1.attention.backends import flash_attn, registry  # noqa: E402
@@ -42,9 +41,12 @@ from vllm_kvp import backend_cuda, comm, layout, worker  # noqa: E402
 from vllm_kvp.backend_cuda import (KVPCudaMetadataBuilder, KVPFlashAttentionBackend,  # noqa: E402
                                    KVPFlashAttentionImpl)
 from vllm_kvp.config import KVPConfig, KVPConfigError  # noqa: E402
-from vllm_kvp.plan import build_step_plan  # noqa: E402
+from vllm_kvp.rank_map import RankMap  # noqa: E402
+from vllm_kvp.routing import route_step  # noqa: E402
 from vllm_kvp.shard_map import local_slots  # noqa: E402
 from vllm_kvp.stats import STATS, RankStats  # noqa: E402
+from vllm_kvp.step import RankContext  # noqa: E402
+from vllm_kvp.step_policy import StepPolicy  # noqa: E402
 
 HQ, HKV, D = 8, 2, 32  # the embedded model's attention shape
 SCALE = D ** -0.5
@@ -138,6 +140,19 @@ class ThreadGroup:
         return results
 
 
+class PerRankContext:
+    """Each simulated rank's own rank context, as each rank's process has its own."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def set(self, context: RankContext) -> None:
+        self._local.context = context
+
+    def __call__(self) -> RankContext:
+        return self._local.context
+
+
 class _Quiet:
     """Hides a fixture's value from hypothesis's report of a failing example (a VllmConfig does not
     pretty-print)."""
@@ -229,11 +244,13 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
     """Each rank builds its metadata, writes its rows' K/V through vLLM's write, attends every
     query (Triton) and merges its rows' partials (Triton): together, causal attention over the
     whole context, each new token written on exactly one rank. With step_mode "auto", a step
-    whose tokens one rank owns runs replicated: every rank runs every row, and the owner's rows
-    of its output are the result."""
+    whose tokens one rank owns is shared: every rank runs every row, and the owner's rows of its
+    output are the result."""
     world, bs, per_rank, past, new, tables, pad, step_mode = step
     vllm_config = config_holder.value
-    vllm_config.additional_config = {"kvp": {"size": max(world, 2), "step_mode": step_mode}}
+    policy = StepPolicy(world, share_steps=step_mode == "auto")
+    ranks = RankMap(world, per_rank, bs)
+    contexts = PerRankContext()
     assert backend_cuda.paged_attention_lse is INTERPRETED_ATTENTION
     table, qsl, seq_lens, slots = step_tensors(bs, past, new, tables)
     cm = common_metadata(table, qsl, seq_lens, slots, pad)
@@ -248,47 +265,48 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
                                for i, p in enumerate(past) for pos in range(p)], dtype=torch.int64)
     past_k = torch.cat([k[:p] for k, p in zip(ks, past)])
     past_v = torch.cat([v[:p] for v, p in zip(vs, past)])
-    vllm_config.cache_config.num_gpu_blocks = per_rank  # the executor gives each worker its share
     spec = FullAttentionSpec(block_size=bs, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
     group = ThreadGroup(world)
 
     def rank_step(rank):
+        contexts.set(RankContext(rank, ranks, policy))
         # vLLM's CUDA layout: block-major (LBNHC) storage, seen through the logical view.
         kv_cache = torch.zeros(per_rank, bs, HKV, 2 * D).transpose(1, 2)
         k_view, v_view = kv_cache.transpose(1, 2).split(D, dim=-1)
         reference_reshape_and_cache_flash(  # earlier steps' tokens this rank holds
-            past_k, past_v, k_view, v_view, local_slots(past_slots, bs, rank, per_rank),
+            past_k, past_v, k_view, v_view, local_slots(past_slots, rank, ranks),
             "auto", None, None)
         builder = KVPCudaMetadataBuilder(spec, ["model.layers.0.self_attn.attn"], vllm_config,
                                          torch.device("cpu"))
         md = builder.build(0, cm)
-        plan = md.plan
+        plan = md.routing
         impl = make_impl()
         # What the runner gives the layer: this rank's rows and their logical slots, or in a
-        # replicated step every row and vLLM's slot mapping.
-        run = torch.arange(t) if plan.replicated else plan.row_idx
-        run_slots = cm.slot_mapping if plan.replicated else plan.row_slots
+        # shared step every row and vLLM's slot mapping.
+        run = torch.arange(t) if md.shared else plan.row_idx
+        run_slots = cm.slot_mapping if md.shared else plan.row_slots
         k_rows, v_rows = new_k[run], new_v[run]
         impl.do_kv_cache_update(LAYER, k_rows, v_rows, kv_cache, run_slots)
         output = torch.full((run.numel(), HQ * D), float("nan"))
         impl.forward(LAYER, query[run], k_rows, v_rows, kv_cache, md, output)
-        if plan.replicated:
+        if md.shared:
             output = output[plan.row_idx]  # the owner's rows are the ones kept
-        return plan, output, int(backend_cuda.STATS.kv_tokens_written)
+        return md, output, int(backend_cuda.STATS.kv_tokens_written)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(comm, "_KVP_GROUP", group)
         stats = PerRankStats()
         mp.setattr(comm, "STATS", stats)
         mp.setattr(backend_cuda, "STATS", stats)
-        results = group.run(rank_step)
+        mp.setattr(backend_cuda, "rank_context", contexts)
+        results = [(md.routing, md.shared, out, n) for md, out, n in group.run(rank_step)]
 
     n_real = t - pad
-    assert sum(plan.num_local for plan, _, _ in results) == n_real
-    one_owner = world > 1 and max(plan.num_local for plan, _, _ in results) == n_real
-    assert all(plan.replicated == (step_mode == "auto" and one_owner) for plan, _, _ in results)
+    assert sum(plan.num_local for plan, _, _, _ in results) == n_real
+    one_owner = world > 1 and max(plan.num_local for plan, _, _, _ in results) == n_real
+    assert all(shared == (step_mode == "auto" and one_owner) for _, shared, _, _ in results)
     result = torch.full((n_real, HQ, D), float("nan"))
-    for plan, output, written in results:
+    for plan, _, output, written in results:
         assert written == plan.num_local  # each new token's K/V on its owner only
         if plan.num_local:
             result[plan.row_idx] = output.view(-1, HQ, D)
@@ -302,37 +320,34 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
 
 @settings(max_examples=150, deadline=None)
 @given(steps())
-def test_padded_step_plan_is_the_unpadded_plan(step):
+def test_padded_step_routing_is_the_unpadded_routing(step):
     world, bs, per_rank, past, new, tables = step
     table, qsl, seq_lens, slots = step_tensors(bs, past, new, tables)
     padded = torch.cat([slots, slots.new_full((2,), -1)])  # vLLM may pad a step (slot -1)
     t = slots.shape[0]
     for rank in range(world):
-        want = build_step_plan(slots, qsl, seq_lens, rank, world, per_rank * bs)
+        ranks = RankMap(world, per_rank, bs)
+        want = route_step(slots, qsl, seq_lens, rank, ranks)
         # Padding is owned by no rank and changes nothing else.
-        got_padded = build_step_plan(padded, qsl, seq_lens, rank, world, per_rank * bs)
+        got_padded = route_step(padded, qsl, seq_lens, rank, ranks)
         assert got_padded.num_tokens == t + 2 and got_padded.counts == want.counts
         for name in ("row_idx", "row_slots", "row_req", "row_pos"):
             assert torch.equal(getattr(got_padded, name), getattr(want, name)), name
         assert torch.equal(got_padded.restore_idx[:t], want.restore_idx)
 
 
-def test_builder_fills_persistent_buffers(vllm_config, monkeypatch):
-    """The tensors forward reads keep their addresses from step to step."""
+def test_builder_builds_the_step_with_host_bounds(vllm_config, monkeypatch):
+    """One Step per build: this rank's shards and the host bounds the kernel launches with."""
     bs, per_rank = 16, 4
-    monkeypatch.setattr(comm, "_KVP_GROUP", SimpleNamespace(world_size=2, rank_in_group=0))
-    vllm_config.cache_config.num_gpu_blocks = per_rank
+    monkeypatch.setattr(backend_cuda, "rank_context",
+                        lambda: RankContext(0, RankMap(2, per_rank, bs), StepPolicy(2)))
     spec = FullAttentionSpec(block_size=bs, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
     builder = KVPCudaMetadataBuilder(spec, ["l0"], vllm_config, torch.device("cpu"))
     assert not builder.supports_update_block_table
-    ptrs = []
     for past, new, tables in (([20, 3], [1, 1], [[1, 5], [2]]), ([21, 4, 0], [1, 1, 9], [[1, 5], [2], [6]])):
         md = builder.build(0, common_metadata(*step_tensors(bs, past, new, tables), pad=0))
-        ptrs.append([x.data_ptr() for x in (md.local_block_table, md.shard_lens, md.block_pos,
-                                            md.token_pos)])
         assert md.max_kv_len == min(max(p + q for p, q in zip(past, new)), per_rank * bs)
         assert md.max_query_len == max(new)
-    assert ptrs[0] == ptrs[1]
     assert md.shard_lens.tolist() == [16, 5, 0] and md.local_block_table[0, 0] == 1  # block 6: rank 1
 
 
@@ -350,19 +365,19 @@ def test_kv_update_and_forward_never_read_the_device(vllm_config, monkeypatch):
             host_read()
 
     bs, per_rank, world, rank = 16, 4, 2, 1
-    vllm_config.cache_config.num_gpu_blocks = per_rank
+    monkeypatch.setattr(backend_cuda, "rank_context",
+                        lambda: RankContext(rank, RankMap(world, per_rank, bs), StepPolicy(world)))
     table, qsl, seq_lens, slots = step_tensors(bs, [20, 3], [2, 5], [[1, 5], [2]])
     cm = common_metadata(table, qsl, seq_lens, slots, pad=1)
     spec = FullAttentionSpec(block_size=bs, num_kv_heads=HKV, head_size=D, dtype=torch.float32)
-    monkeypatch.setattr(comm, "_KVP_GROUP", SimpleNamespace(world_size=world, rank_in_group=rank))
     md = KVPCudaMetadataBuilder(spec, ["l0"], vllm_config, torch.device("cpu")).build(0, cm)
-    plan = md.plan
-    assert plan.num_local > 0
+    plan = md.routing
+    assert plan.num_local > 0 and not md.shared
     meta_plan = dataclasses.replace(plan, **{f.name: _to_meta(getattr(plan, f.name))
                                               for f in dataclasses.fields(plan)})
     md = dataclasses.replace(md, **{f.name: _to_meta(getattr(md, f.name))
-                                    for f in dataclasses.fields(md) if f.name != "plan"},
-                             plan=meta_plan)
+                                    for f in dataclasses.fields(md) if f.name != "routing"},
+                             routing=meta_plan)
 
     calls = []
 
@@ -392,7 +407,7 @@ def test_kv_update_and_forward_never_read_the_device(vllm_config, monkeypatch):
     kv_cache = torch.empty(per_rank, bs, HKV, 2 * D, device="meta").transpose(1, 2)
     key = torch.empty(rows, HKV, D, device="meta")
     impl = make_impl()
-    impl.do_kv_cache_update(LAYER, key, key, kv_cache, md.plan.row_slots)
+    impl.do_kv_cache_update(LAYER, key, key, kv_cache, md.routing.row_slots)
     output = torch.empty(rows, HQ * D, device="meta")
     assert impl.forward(LAYER, torch.empty(rows, HQ, D, device="meta"), key, key, kv_cache, md,
                         output) is output

@@ -63,31 +63,51 @@ def test_decode_time_one_gpu_is_bytes_plus_flops():
     assert t == pytest.approx(hbm + flops)
 
 
+NOSPLIT = 1 << 62  # kvp.split_min_bytes no layer reaches
+PARTIAL = 32 * (128 * 2 + 4)  # one query's partials on a GPU: bf16 outputs, float32 LSEs
+
+
 def test_decode_with_kv_ranks_reads_a_share_and_pays_hops():
     hw = dataclasses.replace(UNIT, intra_latency=1.0)
+    striped = cm.Layout(kvp=4, placement="striped", split_min_bytes=NOSPLIT)
     base = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(), 4000)
-    four = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000)
+    four = cm.decode_step_terms(LLAMA8B, hw, striped, 4000)
     assert base.hbm_bytes - four.hbm_bytes == 3000 * 131072
     assert four.intra_hops == 32 * 3                      # one all-gather of partials per layer
-    owner = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000, "owner")
+    owner = cm.decode_step_terms(LLAMA8B, hw, striped, 4000, "owner")
     # The one token's owner is one rank, so every rank runs it: partials per layer, hidden once.
     assert owner.intra_hops == 32 * 3 + 3
-    routed = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000,
-                                  "owner", step_mode="owner")
+    routed = cm.decode_step_terms(LLAMA8B, hw, striped, 4000, "owner", step_mode="owner")
     assert routed.intra_hops == 32 * 2 * 3 + 3            # queries out, partials back, hidden once
-    assert four.intra_link_bytes == 32 * 3 * 32 * 129 * 4  # float32 partials of 32 heads x (128 + 1)
+    assert four.intra_link_bytes == 32 * 3 * PARTIAL
+
+
+def test_decode_with_split_layers_reads_a_share_of_their_weights():
+    """Llama-8B's four projections of every layer are >= 32 MiB: a shared decode step reads 1/4
+    of them on each of 4 ranks and gathers their columns (4 more collectives per layer)."""
+    hw = dataclasses.replace(UNIT, intra_latency=1.0)
+    split = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000, "owner")
+    whole = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped",
+                                                        split_min_bytes=NOSPLIT), 4000, "owner")
+    projections = 6144 * 4096 + 4096 * 4096 + 2 * 14336 * 4096 + 4096 * 14336
+    assert whole.hbm_bytes - split.hbm_bytes == 32 * projections * 2 * 3 / 4
+    assert split.intra_hops == (32 + 32 * 4 + 1) * 3
+    # Per TP rank: at tp 2 only the MLP projections stay >= 32 MiB, at tp 8 none.
+    assert cm.split_layers(LLAMA8B, 2, 32 << 20) == [(14336, 4096), (4096, 7168)]
+    assert cm.split_layers(LLAMA8B, 8, 32 << 20) == []
 
 
 @pytest.mark.parametrize("placement", cm.PLACEMENTS)
 def test_owner_decode_at_batch_1_is_a_replicated_step(placement):
-    # kvp = 4, tp = 1: one token's partials are 32 heads x (128 + 1) x 4 B = 16,512 B, its query
+    # kvp = 4, tp = 1: one token's partials are 32 heads x (128 x 2 + 4) B, its query
     # 32 x 128 x 2 B = 8,192 B, its hidden state 4096 x 2 B = 8,192 B; each gather receives 3 ranks'.
-    layout = cm.Layout(kvp=4, placement=placement, max_tokens_per_rank=1000)
+    layout = cm.Layout(kvp=4, placement=placement, max_tokens_per_rank=1000,
+                       split_min_bytes=NOSPLIT)
     rep = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "replicated")
     auto = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "owner")
     routed = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "owner", step_mode="owner")
-    assert auto.intra_link_bytes == 3 * (32 * 16512 + 8192) == 1_609_728
-    assert routed.intra_link_bytes == 3 * (32 * (16512 + 8192) + 8192) == 2_396_160
+    assert auto.intra_link_bytes == 3 * (32 * PARTIAL + 8192)
+    assert routed.intra_link_bytes == 3 * (32 * (PARTIAL + 8192) + 8192)
     # The same dense work and KV in all three; owner computes adds only the hidden-state gather.
     assert (auto.steps, auto.hbm_bytes, auto.flops) == (rep.steps, rep.hbm_bytes, rep.flops)
     assert (auto.intra_hops - rep.intra_hops, auto.intra_link_bytes - rep.intra_link_bytes) \
@@ -95,14 +115,18 @@ def test_owner_decode_at_batch_1_is_a_replicated_step(placement):
 
 
 def test_collectives_per_step_by_mode_and_ownership():
-    striped, one = cm.Layout(kvp=4, placement="striped"), cm.Layout()
+    striped, one = cm.Layout(kvp=4, placement="striped", split_min_bytes=NOSPLIT), cm.Layout()
     assert cm.kvp_collectives(LLAMA8B, one, 1, "owner") == 0           # no KV ranks, no exchange
     assert cm.kvp_collectives(LLAMA8B, striped, 1, "replicated") == 32
-    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner") == 33      # batch 1: one rank owns it
+    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner", min_bytes=NOSPLIT) == 33  # one owner
     assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner", step_mode="owner") == 65
+    # Split layers (the default 32 MiB: all four projections): their columns are gathered too,
+    # and a small step of several owners is shared as well.
+    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner") == 32 + 4 * 32 + 1
+    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2) == 32 + 4 * 32 + 1
     # 8 decode tokens: striped spreads them (2 per rank): routed; all on one rank: replicated.
-    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2) == 65
-    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=8) == 33
+    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2, min_bytes=NOSPLIT) == 65
+    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=8, min_bytes=NOSPLIT) == 33
     hw = dataclasses.replace(UNIT, intra_latency=1.0)
     assert cm.kvp_exchange(LLAMA8B, hw, striped, 8, "owner", rows=2).intra_hops == 65 * 3
 
@@ -140,8 +164,9 @@ def test_prefill_exchange_by_placement_under_owner_computes():
     # Only latency (1 s a hop) or only link bytes (1 B/s) counts; 4 KV ranks: 3 hops a gather.
     hops = dataclasses.replace(UNIT, hbm_bw=1e30, flops=1e30, intra_latency=1.0)
     link = dataclasses.replace(UNIT, hbm_bw=1e30, flops=1e30, intra_bw=1.0)
-    onboard = cm.Layout(kvp=4, placement="onboard", max_tokens_per_rank=8192)
-    striped = cm.Layout(kvp=4, placement="striped")
+    onboard = cm.Layout(kvp=4, placement="onboard", max_tokens_per_rank=8192,
+                        split_min_bytes=NOSPLIT)
+    striped = cm.Layout(kvp=4, placement="striped", split_min_bytes=NOSPLIT)
     # onboard: the chunk lands on one rank, so every rank runs it: partials per layer, hidden once.
     def chunk(hw, layout, mode="owner"):
         return cm.prefill_chunk_time(LLAMA8B, hw, layout, 4096, 0, mode)
@@ -150,8 +175,8 @@ def test_prefill_exchange_by_placement_under_owner_computes():
     assert chunk(hops, onboard, "replicated") == pytest.approx(32 * 3)
     # striped: 1024 tokens a rank, routed: queries and partials per layer, hidden once.
     assert chunk(hops, striped) == pytest.approx((2 * 32 + 1) * 3)
-    # Every rank sends partials of all 4096 queries (32 x 129 x 4 B each); rows are 8,192 B.
-    partials, row = 4096 * 16512, 8192
+    # Every rank sends partials of all 4096 queries; rows are 8,192 B.
+    partials, row = 4096 * PARTIAL, 8192
     assert chunk(link, onboard) == pytest.approx(3 * (32 * partials + 4096 * row))
     assert chunk(link, striped) == pytest.approx(3 * (32 * (partials + 1024 * row) + 1024 * row))
 
@@ -223,7 +248,7 @@ def test_core_sharing_counts_workers_and_the_engine_process():
 
 def test_core_sharing_stretches_work_but_not_the_exchange():
     hw = dataclasses.replace(UNIT, cpus=2, intra_latency=1.0)
-    layout = cm.Layout(kvp=2, placement="striped")
+    layout = cm.Layout(kvp=2, placement="striped", split_min_bytes=NOSPLIT)
     alone = cm.decode_step_terms(LLAMA8B, UNIT, layout, 4000, "owner")
     shared = cm.decode_step_terms(LLAMA8B, hw, layout, 4000, "owner")
     assert shared.steps == 1.5 and alone.steps == 1.0

@@ -17,15 +17,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-pytest.importorskip("triton", reason="the shared cases live in the Triton kernel's test module")
+from support import DTYPES, LSE_TOL, OUT_TOL, make_case, reference, require_cpu_kernel
 
-from test_triton_paged_attention import DTYPES, LSE_TOL, OUT_TOL, make_case, reference  # noqa: E402
+from vllm_kvp.ops import cpu_kernel
+from vllm_kvp.ops import paged_attention as pa
+from vllm_kvp.rank_map import RankMap
 
-from vllm_kvp.ops import cpu_kernel  # noqa: E402
-from vllm_kvp.ops import paged_attention as pa  # noqa: E402
 
-if cpu_kernel.load() is None:
-    pytest.skip(f"the C++ kernel cannot be built here: {cpu_kernel.failure()}", allow_module_level=True)
+@pytest.fixture(scope="module", autouse=True)
+def _kernel_built():
+    require_cpu_kernel()
 
 
 @pytest.fixture
@@ -242,11 +243,9 @@ def test_write_kv_rank_matches_torch_write(dtype):
     """The C++ store of a step's K/V against local_slots + write_kv: rows of this rank written at
     their local slots, other ranks' and padding rows skipped, strided key/value (views of a fused
     qkv output, as vLLM passes them), and the count of rows written."""
-    from vllm_kvp.ops.attention import write_kv
+    from vllm_kvp.ops.paged_attention import write_kv
     from vllm_kvp.shard_map import local_slots
 
-    if cpu_kernel.load() is None:
-        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
     g = torch.Generator().manual_seed(6)
     nb, hkv, bs, d, rank = 5, 2, 16, 32, 1
     per_rank = nb * bs
@@ -256,11 +255,12 @@ def test_write_kv_rank_matches_torch_write(dtype):
     # logical slots: rank 1's (80..159), rank 0's, rank 2's, padding; one at each end of the rank
     slots = torch.tensor([80, 3, 159, 200, -1, 100, 117, 79, 160], dtype=torch.int64)
     want = torch.zeros(nb, hkv, bs, 2 * d, dtype=dtype)
-    write_kv(want, key, value, local_slots(slots, bs, rank, nb))
+    ranks = RankMap(3, nb, bs)
+    write_kv(want, key, value, local_slots(slots, rank, ranks))
     got = torch.zeros_like(want)
-    n = cpu_kernel.write_kv_rank_cpu(got, key, value, slots, bs, rank, nb)
+    n = cpu_kernel.write_kv_rank_cpu(got, key, value, slots, rank, ranks)
     assert n == 4
     assert torch.equal(got, want)
     # a dtype the cache does not have is left to the torch path
     assert cpu_kernel.write_kv_rank_cpu(got, key.float() if dtype != torch.float32 else key.half(),
-                                        value, slots, bs, rank, nb) is None
+                                        value, slots, rank, ranks) is None

@@ -1,4 +1,4 @@
-"""merge_partials / merge_two against float64 full attention.
+"""merge_partials against float64 full attention.
 
 A random attention problem's keys are split into R arbitrary shards (possibly empty or one token);
 each shard's exact (out, lse) is rounded to the tested dtype, merged, and compared with full attention
@@ -14,7 +14,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvp.ops.merge import merge_partials, merge_two
+from support import require_cpu_kernel
+
+from vllm_kvp.ops.merge import merge_partials
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (atol, rtol) on outputs; the partials are rounded to the dtype before merging.
@@ -98,7 +100,9 @@ def test_empty_partner_is_identity():
     o = torch.randn(5, 3, 16, generator=g)
     l = torch.randn(5, 3, generator=g) * 10
     empty_o, empty_l = torch.zeros_like(o), torch.full_like(l, -math.inf)
-    for out, lse in (merge_two(o, l, empty_o, empty_l), merge_two(empty_o, empty_l, o, l)):
+    for outs, lses in ((torch.stack([o, empty_o]), torch.stack([l, empty_l])),
+                       (torch.stack([empty_o, o]), torch.stack([empty_l, l]))):
+        out, lse = merge_partials(outs, lses)
         assert torch.equal(out, o) and torch.equal(lse, l)
 
 
@@ -133,21 +137,6 @@ def test_deterministic_and_order_insensitive(dtype):
     atol, rtol = OUT_TOL[dtype]
     torch.testing.assert_close(out_p.double(), first[0].double(), atol=atol, rtol=rtol)
     torch.testing.assert_close(lse_p, first[1], atol=LSE_ATOL, rtol=1e-5)
-    # merge_two is the same math as merge_partials on two partials, bit for bit.
-    two = merge_two(outs[0], lses[0], outs[1], lses[1])
-    stacked = merge_partials(outs[:2], lses[:2])
-    assert torch.equal(two[0], stacked[0]) and torch.equal(two[1], stacked[1])
-
-
-def test_pairwise_merges_compose():
-    g = torch.Generator().manual_seed(4)
-    outs = torch.randn(3, 5, 2, 8, generator=g)
-    lses = torch.randn(3, 5, 2, generator=g)
-    ab = merge_two(outs[0], lses[0], outs[1], lses[1])
-    abc = merge_two(*ab, outs[2], lses[2])
-    out, lse = merge_partials(outs, lses)
-    torch.testing.assert_close(abc[0], out, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(abc[1], lse, atol=1e-6, rtol=1e-6)
 
 
 def test_shape_errors():
@@ -171,8 +160,8 @@ def test_merge_gathered_rows_against_float64(path, out_dtype, monkeypatch):
     from vllm_kvp.ops import cpu_kernel
     from vllm_kvp.ops.merge import merge_gathered_rows
 
-    if path == "cpp" and cpu_kernel.load() is None:
-        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
+    if path == "cpp":
+        require_cpu_kernel()
     if path == "torch":
         monkeypatch.setattr(cpu_kernel, "merge_gathered_rows_cpu", lambda *a: False)
     g = torch.Generator().manual_seed(4)
@@ -198,8 +187,7 @@ def test_merge_gathered_rows_cpp_matches_torch_merge():
     from vllm_kvp.ops import cpu_kernel
     from vllm_kvp.ops.merge import merge_gathered_rows
 
-    if cpu_kernel.load() is None:
-        pytest.skip(f"C++ kernel unavailable: {cpu_kernel.failure()}")
+    require_cpu_kernel()
     g = torch.Generator().manual_seed(5)
     outs, lses = torch.randn(4, 6, 8, 128, generator=g), torch.randn(4, 6, 8, generator=g)
     rows = torch.arange(6)

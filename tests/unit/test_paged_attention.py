@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 pytest.importorskip("triton", reason="the shared cases live in the Triton kernel's test module")
 
-from test_triton_paged_attention import DTYPES, LSE_TOL, OUT_TOL, make_case, reference  # noqa: E402
+from support import DTYPES, LSE_TOL, OUT_TOL, make_case, reference  # noqa: E402
 
 from vllm_kvp.ops import paged_attention as pa  # noqa: E402
 

@@ -10,7 +10,7 @@ import pytest
 from vllm_kvp import cost_model as cm
 from vllm_kvp import planner
 from vllm_kvp.cli import main as cli_main
-from vllm_kvp.gpus import get_gpu
+from vllm_kvp.gpus import CATALOGUE, get_gpu
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA8B = str(REPO / "examples/planner/llama-8b-1m.json")
@@ -109,15 +109,22 @@ def test_8b_at_1m_on_8_h100_matches_the_hand_worked_floor(capsys):
     assert row["fits"] and row["tpot_ms"] == pytest.approx(1e3 * predicted, rel=1e-3)
 
 
-def test_owner_decode_pays_one_gather_more_than_replicated(capsys):
+def test_owner_decode_against_replicated(capsys):
     # One request's decode token is owned by one rank, so owner computes runs it on every rank (the
     # plugin's default step mode): per layer the same partials gather as replicated, plus the
-    # final hidden states once: 8 KV ranks over 8 nodes, 7 hops x 4 us and 7 x 8192 x 2 B over
-    # 400 Gb/s. The serve line needs no step-mode flag: the default is the one predicted.
+    # final hidden states once (8 KV ranks over 8 nodes: 7 hops x 4 us and 7 x 8192 x 2 B over
+    # 400 Gb/s), plus the split MLP projections (>= 32 MiB per TP rank at tp 8): each rank reads
+    # 1/8 of their weights and gathers their columns (2 collectives a layer: 896 and 1024 columns
+    # of 2 B). The serve line needs no step-mode flag: the default is the one predicted.
     rows = _plan_json(capsys, LLAMA70B, "--context", "10M", "--gpus", "64", "--mode", "all")
     pick = {r["mode"]: r for r in rows if (r["tp"], r["kvp"], r["placement"]) == (8, 8, "striped")}
-    hidden = 7 * 4e-6 + 7 * 8192 * 2 / (400e9 / 8)
-    assert pick["owner"]["tpot_ms"] - pick["replicated"]["tpot_ms"] == pytest.approx(1e3 * hidden)
+    link, hop = 400e9 / 8, 4e-6
+    hidden = 7 * hop + 7 * 8192 * 2 / link
+    columns = 80 * 2 * 7 * hop + 80 * 7 * (896 + 1024) * 2 / link
+    hbm_bw = CATALOGUE["h100"].effective().hbm_bw
+    saved = 80 * (7168 * 8192 + 8192 * 3584) * 2 * 7 / 8 / hbm_bw
+    assert pick["owner"]["tpot_ms"] - pick["replicated"]["tpot_ms"] == pytest.approx(
+        1e3 * (hidden + columns - saved))
     assert not any("step-mode" in r["command"] for r in rows)
 
 

@@ -3,6 +3,7 @@
 import torch
 from hypothesis import given, settings, strategies as st
 
+from vllm_kvp.rank_map import RankMap
 from vllm_kvp.shard_map import local_blocks, local_slots
 
 
@@ -25,7 +26,7 @@ def test_local_shards_hold_exactly_the_past_tokens_of_each_rank(layout):
     ranks, per_rank, bs, table, past = layout
     seen = [[] for _ in range(table.shape[0])]
     for rank in range(ranks):
-        local, lens, block_pos = local_blocks(table, past, bs, rank, per_rank)
+        local, lens, block_pos = local_blocks(table, past, rank, RankMap(ranks, per_rank, bs))
         for i in range(table.shape[0]):
             # Reference: walk the request's past tokens; keep those whose block lives on `rank`.
             expected = [(table[i, t // bs].item() - rank * per_rank, t % bs)
@@ -45,5 +46,5 @@ def test_local_shards_hold_exactly_the_past_tokens_of_each_rank(layout):
 def test_local_slots_keep_only_own_slots():
     per_rank, bs = 3, 4
     slots = torch.tensor([0, 5, 11, 12, 13, 23, -1, 20])
-    assert local_slots(slots, bs, 0, per_rank).tolist() == [0, 5, 11, -1, -1, -1, -1, -1]
-    assert local_slots(slots, bs, 1, per_rank).tolist() == [-1, -1, -1, 0, 1, 11, -1, 8]
+    assert local_slots(slots, 0, RankMap(2, per_rank, bs)).tolist() == [0, 5, 11, -1, -1, -1, -1, -1]
+    assert local_slots(slots, 1, RankMap(2, per_rank, bs)).tolist() == [-1, -1, -1, 0, 1, 11, -1, 8]

@@ -1,11 +1,10 @@
-"""Linear layers split by output columns over KV ranks (replicated steps): the slicing and
-reassembly math, when a step replicates, and vLLM's CPU kernels on a slice against the whole layer."""
+"""Linear layers split by output columns over KV ranks (shared steps): the slicing and
+reassembly math, and vLLM's CPU kernels on a slice against the whole layer."""
 
 import pytest
 import torch
 
 from vllm_kvp.columns import assemble_columns, column_bounds, pad_columns
-from vllm_kvp.plan import replicates
 
 
 @pytest.mark.parametrize("features,world", [(256, 2), (256, 3), (1536, 4), (7, 3), (2, 4), (0, 2)])
@@ -47,26 +46,6 @@ def test_slices_computed_apart_and_assembled_equal_the_whole_layer(features, wor
 def test_assemble_refuses_a_rank_count_mismatch():
     with pytest.raises(ValueError):
         assemble_columns(torch.zeros(3, 2, 4), column_bounds(8, 2))
-
-
-@pytest.mark.parametrize("counts,split,tokens,want", [
-    ([0, 5], False, 0, True),        # one owner: always
-    ([5, 0, 0], True, 0, True),
-    ([3, 4], False, 128, False),     # nothing split: only one-owner steps
-    ([3, 4], True, 128, True),       # small step
-    ([64, 64], True, 128, True),
-    ([65, 64], True, 128, False),    # balanced and over the limit: routed
-    ([1024, 1024], True, 128, False),
-    ([7, 1074], True, 128, True),    # busiest rank >= 1.5x its share
-    ([300, 700], True, 128, False),  # 1.4x
-    ([100, 100, 400], True, 128, True),  # 2x of a third
-    ([3, 4], True, 0, False),        # split_step_tokens 0: small balanced steps are routed
-    ([0, 0], True, 128, False),      # nothing to run
-    ([9], True, 128, False),         # one rank
-])
-def test_which_steps_replicate(counts, split, tokens, want):
-    assert replicates(counts, True, split, tokens) == want
-    assert not replicates(counts, False, split, tokens)  # step_mode "owner"
 
 
 def _vllm_cpu_kernel(weight):

@@ -22,11 +22,7 @@ from hypothesis import strategies as st
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 import vllm_kvp.ops  # noqa: E402  (locates the package; imports neither triton nor vllm)
-
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (atol, rtol) on outputs: fp16/bf16 probabilities are rounded to the input dtype before P @ V.
-OUT_TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}
-LSE_TOL = {torch.float32: 2e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+from support import DTYPES, LSE_TOL, OUT_TOL, make_case, reference  # noqa: E402
 
 
 def _load_interpreted():
@@ -51,62 +47,6 @@ def _load_interpreted():
 
 kernel_module = _load_interpreted()
 paged_attention_lse = kernel_module.paged_attention_lse
-
-
-def reference(q, kv_cache, block_table, kv_lens, qsl, scale, q_pos=None, block_pos=None):
-    """float64 out (T, Hq, D), lse (T, Hq) straight from the contract; empty rows: 0 and -inf."""
-    t, hq, d = q.shape
-    _, hkv, bs, _ = kv_cache.shape
-    out = torch.zeros(t, hq, d, dtype=torch.float64)
-    lse = torch.full((t, hq), -math.inf, dtype=torch.float64)
-    for b in range(block_table.shape[0]):
-        s, e, n = int(qsl[b]), int(qsl[b + 1]), int(kv_lens[b])
-        if e == s or n == 0:
-            continue
-        idx = torch.arange(n)
-        kv = kv_cache[block_table[b, idx // bs].long(), :, idx % bs].double()  # (n, Hkv, 2D)
-        k, v = (x.repeat_interleave(hq // hkv, dim=1) for x in (kv[..., :d], kv[..., d:]))
-        scores = torch.einsum("qhd,khd->qhk", q[s:e].double(), k) * scale
-        if q_pos is not None:
-            key_pos = block_pos[b, idx // bs].long() + idx % bs
-            visible = key_pos[None, :] <= q_pos[s:e].long()[:, None]  # (Tq, n)
-            scores = scores.masked_fill(~visible[:, None, :], -math.inf)
-        l = torch.logsumexp(scores, dim=-1)
-        p = torch.exp(scores - torch.where(torch.isneginf(l), 0.0, l)[..., None])
-        out[s:e], lse[s:e] = torch.einsum("qhk,khd->qhd", p, v), l
-    return out, lse
-
-
-def make_cache(g, num_blocks, hkv, bs, d, dtype, block_major):
-    """Garbage-filled cache (large values, so a stray read shows), in either physical layout."""
-    if block_major:  # vLLM's FlashAttention layout, seen through the shared logical view
-        return (torch.randn(num_blocks, bs, hkv, 2 * d, generator=g) * 3).to(dtype).transpose(1, 2)
-    return (torch.randn(num_blocks, hkv, bs, 2 * d, generator=g) * 3).to(dtype)
-
-
-def make_case(g, q_lens, kv_lens, hq, hkv, d, bs, dtype, block_major, causal, stripe=1):
-    """Random block tables (distinct physical blocks, garbage ids past each length). With causal, block
-    j of a request holds logical positions starting at stripe * j * bs (stripe 2: every other block,
-    as a KV rank sees it) and each query sits at a random position around the shard's end."""
-    nblk = [-(-n // bs) for n in kv_lens]
-    m = max(nblk + [1]) + 1
-    num_blocks = sum(nblk) + 2
-    cache = make_cache(g, num_blocks, hkv, bs, d, dtype, block_major)
-    ids = torch.randperm(num_blocks, generator=g).int()
-    table = torch.randint(0, 10**6, (len(kv_lens), m), generator=g, dtype=torch.int32)  # garbage: never read
-    used = 0
-    for b, n in enumerate(nblk):
-        table[b, :n] = ids[used : used + n]
-        used += n
-    lens = torch.tensor(kv_lens, dtype=torch.int32)
-    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(q_lens), hq, d, generator=g).to(dtype)
-    if not causal:
-        return q, cache, table, lens, qsl, None, None
-    block_pos = (torch.arange(m, dtype=torch.int32) * stripe * bs).expand(len(kv_lens), m).contiguous()
-    span = [max(1, stripe * n) for n in kv_lens]
-    q_pos = torch.cat([torch.randint(-2, span[b] + 2, (ql,), generator=g) for b, ql in enumerate(q_lens)])
-    return q, cache, table, lens, qsl, q_pos.int(), block_pos
 
 
 def check(q, cache, table, lens, qsl, q_pos, block_pos, dtype, **kwargs):

@@ -90,13 +90,6 @@ def failure() -> str | None:
     return _failed
 
 
-def supported(q, kv_cache, out) -> bool:
-    """Whether the kernel covers these tensors (dtypes, head dim, a contiguous last dim)."""
-    m = load()
-    return (m is not None and q.stride(-1) == 1 and kv_cache.stride(-1) == 1
-            and m.supports(kv_cache.dtype, q.dtype, out.dtype, q.shape[-1]))
-
-
 def paged_attention_lse_cpu(q, kv_cache, block_table, kv_lens, query_start_loc, scale, q_pos=None, block_pos=None,
                             out=None, lse=None, num_splits: int = 0):
     """The contract of paged_attention_lse on CPU tensors, or None when the kernel is unavailable or
@@ -133,22 +126,22 @@ def merge_gathered_rows_cpu(gathered, rows, h: int, d: int, out) -> bool:
     return True
 
 
-def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, block_size: int, rank: int,
-                      blocks_per_rank: int) -> int | None:
-    """Store the rows whose logical slot is on `rank` (see :func:`vllm_kvp.shard_map.local_slots`)
-    into this rank's `kv_cache`; returns how many, or None when the kernel is unavailable or does
-    not cover the tensors (the caller then uses the torch path)."""
+def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, rank: int, ranks) -> int | None:
+    """Store the rows whose logical slot is on `rank` of `ranks` (a RankMap; see
+    :func:`vllm_kvp.shard_map.local_slots`) into this rank's `kv_cache`; returns how many, or None
+    when the kernel is unavailable or does not cover the tensors (the caller then uses the torch
+    path)."""
     m = _module if _module is not None else load()
     if (m is None or key.dtype != kv_cache.dtype or value.dtype != kv_cache.dtype
             or slot_mapping.dtype != torch.int64 or kv_cache.stride(-1) != 1):
         return None
-    per_rank = blocks_per_rank * block_size
-    return m.write_kv_rank(kv_cache, key, value, slot_mapping, rank * per_rank, per_rank)
+    return m.write_kv_rank(kv_cache, key, value, slot_mapping, ranks.first_slot(rank),
+                           ranks.tokens_per_rank)
 
 
 def step_routing_cpu(slot_mapping, query_start_loc, seq_lens, block_table, rank: int, world: int,
                      blocks_per_rank: int, block_size: int):
-    """:func:`vllm_kvp.plan.build_step_plan`'s routing and :func:`vllm_kvp.shard_map.local_blocks`'
+    """:func:`vllm_kvp.routing.route_step`'s routing and :func:`vllm_kvp.shard_map.local_blocks`'
     table of one step, computed in one C++ pass: (counts, row_idx, row_slots, row_req, row_pos,
     restore_idx, token_req, token_pos, local_table, shard_lens, block_pos), or None when the kernel
     is unavailable (the caller then uses those torch functions)."""

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["merge_gathered_rows", "merge_partials", "merge_two"]
+__all__ = ["merge_gathered_rows", "merge_partials"]
 
 
 def _merge_seq(
@@ -91,13 +91,3 @@ def merge_gathered_rows(gathered: torch.Tensor, rows: torch.Tensor, h: int, d: i
                                mine[..., h * d:])
     out.copy_(merged)
     return out
-
-
-def merge_two(
-    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two partials (a first, then b). out_*: (T, H, D); lse_*: (T, H). Same conventions as
-    :func:`merge_partials`; the output dtype is ``out_a.dtype``."""
-    if out_a.shape != out_b.shape or lse_a.shape != lse_b.shape:
-        raise ValueError("merge_two: partials must have matching shapes")
-    return _merge_seq([out_a, out_b], [lse_a, lse_b])

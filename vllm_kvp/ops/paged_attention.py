@@ -24,7 +24,7 @@ import math
 
 import torch
 
-__all__ = ["paged_attention_lse", "torch_paged_attention"]
+__all__ = ["paged_attention_lse", "torch_paged_attention", "write_kv"]
 
 # Gathered float32 K/V per step. Measured on one EPYC core (1 MiB L2, 32 MiB L3): 2 MiB beat 128-512
 # KiB (the fixed cost of a step's ~15 small ops dominates) and 8 MiB (both products then read L3).
@@ -163,3 +163,19 @@ class _HeadMajorGather:
         if self.fbuf is not self.buf:
             kv = self.fbuf[:size].view(na * hkv, cc * bs, d2).copy_(kv)
         return kv
+
+
+def write_kv(kv_cache: torch.Tensor, key: torch.Tensor, value: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Store new tokens' K/V in place.
+
+    kv_cache: (num_blocks, Hkv, block_size, 2D); key/value: (T, Hkv, D); slot_mapping: (T,) int64 local
+    slot ``block * block_size + offset``; tokens with a negative slot (not stored on this rank) are skipped.
+    """
+    _, hkv, bs, d2 = kv_cache.shape
+    if key.shape != value.shape or key.shape[1:] != (hkv, d2 // 2):
+        raise ValueError(f"key/value {tuple(key.shape)} do not fit kv_cache {tuple(kv_cache.shape)}")
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    kv = torch.cat([key[keep], value[keep]], dim=-1).to(kv_cache.dtype)  # (N, Hkv, 2D)
+    # Advanced indices split by a slice put the index dimension first: target shape is (N, Hkv, 2D).
+    kv_cache[slots // bs, :, slots % bs] = kv
