@@ -37,7 +37,7 @@ LAYOUTS = {  # name: (CPU binding, engine kwargs)
     "tp2": ("0|1", {"tensor_parallel_size": 2}),
     "kvp2-striped": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "striped"}}}),
     "kvp2-onboard": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "onboard"}}}),
-    # Every step routed by owner (no replicated steps): what the per-step switch saves.
+    # Every step routed by owner (no shared steps): what the per-step switch saves.
     "kvp2-striped-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "striped",
                                                                  "step_mode": "owner"}}}),
     "kvp2-onboard-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "onboard",

@@ -1,7 +1,7 @@
 """CPU: build each large linear layer's column-slice kernel while the weights load.
 
 Why: `split_linear` has each KV rank compute its slice of a large linear layer's output columns in
-replicated steps. On CPUs vLLM 0.32 turns every unquantized linear layer's weight into a packed
+shared steps. On CPUs vLLM 0.32 turns every unquantized linear layer's weight into a packed
 kernel (oneDNN, sgl or zentorch, chosen by the layer's shape) in `dispatch_cpu_unquantized_gemm`
 and then drops the weight (`remove_weight=True`), so after loading there is no weight left to
 slice, and no extension point runs in between.
@@ -17,32 +17,26 @@ that still sees it (then `split_linear.install` slices views, as it does on GPUs
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 
-@contextlib.contextmanager
 def capture_column_slices(rank: int, world: int, min_bytes: int):
-    from vllm.model_executor.layers import utils
+    """A context manager (`vllm_compat.wrapped_cpu_gemm_dispatch`) active while the weights load."""
     from vllm_kvp.columns import column_bounds
     from vllm_kvp.split_linear import splittable
+    from vllm_kvp.vllm_compat import wrapped_cpu_gemm_dispatch
 
-    original = utils.dispatch_cpu_unquantized_gemm
+    def make(original):
+        def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
+            if splittable(layer, min_bytes):
+                w = layer.weight
+                bounds = column_bounds(w.shape[0], world)
+                proxy = torch.nn.Module()
+                proxy.weight = torch.nn.Parameter(
+                    w.detach()[bounds[rank]:bounds[rank + 1]].clone(), requires_grad=False)
+                original(proxy, remove_weight=remove_weight)
+                layer._kvp_column_slice = (bounds, proxy)
+            return original(layer, remove_weight)
+        return dispatch
 
-    def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
-        if splittable(layer, min_bytes):
-            w = layer.weight
-            bounds = column_bounds(w.shape[0], world)
-            proxy = torch.nn.Module()
-            proxy.weight = torch.nn.Parameter(w.detach()[bounds[rank]:bounds[rank + 1]].clone(),
-                                              requires_grad=False)
-            original(proxy, remove_weight=remove_weight)
-            layer._kvp_column_slice = (bounds, proxy)
-        return original(layer, remove_weight)
-
-    utils.dispatch_cpu_unquantized_gemm = dispatch
-    try:
-        yield
-    finally:
-        utils.dispatch_cpu_unquantized_gemm = original
+    return wrapped_cpu_gemm_dispatch(make)

@@ -1,6 +1,6 @@
 """Output columns of a linear layer shared out over KV ranks (pure tensor math, no communication).
 
-In a replicated step (see `plan`) every rank runs every row, and a large linear layer computes only
+In a shared step (see `step_policy`) every rank runs every row, and a large linear layer computes only
 rank r's slice [bounds[r], bounds[r + 1]) of its output columns; the slices are all-gathered, padded
 to the widest, and put back side by side. A column slice leaves each output element's dot product
 whole (same inputs, same length), so the assembled output is the unsplit layer's.

@@ -374,7 +374,7 @@ def prefill_chunk_time(m: ModelShape, hw: Hardware, layout: Layout, chunk: int, 
     pipeline stages in turn). Dense work is split over KV ranks only when the chunk's tokens are
     spread over them (owner computes with striped placement: a routed step); under `onboard` the
     chunk lands on the rank being filled, so owner computes runs it whole on every rank (a
-    replicated step: no query exchange), in the owner's time. A chunk that straddles two ranks'
+    shared step: no query exchange), in the owner's time. A chunk that straddles two ranks'
     limits (at most kvp - 1 of a prompt) is counted as if on one. Attention to the past is split by
     where the past lives (striped: evenly; onboard: the fullest rank holds up to its limit)."""
     spread = mode == "owner" and layout.placement == "striped"

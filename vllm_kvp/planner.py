@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = plan(m, hw, peak, args.model, contexts, gpu_counts, slo, chunk, modes)
         if args.plot:
             planner_report.plot(rows, m, hw, args.plot)
-    except (PlanError, CalibrationError, gpu_catalogue.GPUSpecError) as e:
+    except (PlanError, CalibrationError, gpu_catalogue.GPUSpecError, ImportError) as e:
         print(f"vllm-kvp plan: error: {e}", file=sys.stderr)
         return 2
     if args.json:

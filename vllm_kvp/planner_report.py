@@ -81,9 +81,7 @@ def plot(rows: list[dict], m: cm.ModelShape, hw: cm.Hardware, path: str, curves:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        from vllm_kvp.planner import PlanError
-
-        raise PlanError("--plot needs matplotlib (install the `bench` extra)") from None
+        raise ImportError("--plot needs matplotlib (install the `bench` extra)") from None
     top = max(r["context"] for r in rows)
     chosen = [r for r in shown_rows([r for r in rows if r["context"] == top], False) if r["fits"]]
     xs = [int(top * 2.0 ** (k / 4)) for k in range(-40, 1)]

@@ -97,7 +97,7 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     query_rows = [q // (layers * q_heads * head_dim * 4) for q in diff["query_bytes"]]
     hidden_rows = [h // (hidden_size * 4) for h in diff["hidden_bytes"]]
     assert all(tokens_processed // 2 <= r <= tokens_processed for r in hidden_rows)
-    # Queries travel only in routed steps. A step one rank owns runs replicated (step_mode auto):
+    # Queries travel only in routed steps. A step one rank owns is shared (step_mode auto):
     # every decode step of this one request, and every prefill chunk but the one that crosses
     # from one rank to the next.
     assert all(q <= h - (MAX_TOKENS - 1)

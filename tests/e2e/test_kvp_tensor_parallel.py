@@ -1,6 +1,6 @@
 """KV ranks compose with tensor parallelism: KVP = 2 x TP = 2 is four workers, one KVP group per TP
 position, and gives the tokens of a single plain worker, with linear layers split by columns over
-the KV ranks in replicated steps."""
+the KV ranks in shared steps."""
 
 import pytest
 
@@ -15,7 +15,7 @@ def test_kvp2_tp2_matches_single_worker(model_path):
     prompts = random_prompts([7, 130, 900, 2500], 4096, seed=31)
     with engine(model_path, **ENGINE) as llm:
         reference = generate(llm, prompts, 12)
-    # Every linear layer split by columns over the KV ranks in replicated steps (split_min_bytes 0):
+    # Every linear layer split by columns over the KV ranks in shared steps (split_min_bytes 0):
     # a KV rank's slice of a TP shard, TP's all-reduce after the KV ranks' gather.
     kvp = {"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024, "split_min_bytes": 0}
     with engine(model_path, kvp=kvp, tensor_parallel_size=2, **ENGINE) as llm:

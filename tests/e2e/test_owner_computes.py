@@ -6,7 +6,7 @@
   is computed exactly once (the sum over ranks of `tokens_computed` is the tokens processed);
 - a rank that owns no token of a step (here: of the whole run) still takes part in every
   collective, so nothing hangs and the tokens are exact, whether such steps are routed
-  (step_mode "owner") or run on every rank (replicated, step_mode "auto").
+  (step_mode "owner") or run on every rank (shared, step_mode "auto").
 """
 
 import pytest
@@ -84,7 +84,7 @@ def short_reference(model_path, short_prompt):
 def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_prompt,
                                                            short_reference, step_mode):
     """One short request lives on one of 2 ranks. "owner": the other rank runs a dummy row in every
-    step; "auto": every step has one owner, so both ranks run every token (replicated) and the
+    step; "auto": every step has one owner, so both ranks run every token (shared) and the
     owner's results are kept. Either way the idle rank joins every collective."""
     prompts, ref = short_prompt, short_reference
     kvp = {"size": 2, "placement": "onboard", "step_mode": step_mode}
@@ -93,13 +93,13 @@ def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_pro
         got = generate(llm, prompts, 16)
         stats1 = llm.collective_rpc("kvp_stats")
     assert_same_generation(ref, got, f"one short request on 2 ranks, step_mode {step_mode}")
-    delta = [{k: b[k] - a[k] for k in ("tokens_computed", "tokens_replicated", "exchanges",
+    delta = [{k: b[k] - a[k] for k in ("tokens_computed", "tokens_shared", "exchanges",
                                         "query_bytes")} for a, b in zip(stats0, stats1)]
     owner = max(range(2), key=lambda r: delta[r]["tokens_computed"])
     idle = 1 - owner
     assert (delta[idle]["tokens_computed"], delta[owner]["tokens_computed"]) == (0, 50 + 16 - 1)
-    assert delta[owner]["tokens_replicated"] == 0
-    assert delta[idle]["tokens_replicated"] == (50 + 16 - 1 if step_mode == "auto" else 0)
+    assert delta[owner]["tokens_shared"] == 0
+    assert delta[idle]["tokens_shared"] == (50 + 16 - 1 if step_mode == "auto" else 0)
     assert delta[0]["exchanges"] == delta[1]["exchanges"] > 0  # the idle rank joined every collective
-    # Replicated steps exchange no queries; routed ones do in every layer.
+    # Shared steps exchange no queries; routed ones do in every layer.
     assert (delta[owner]["query_bytes"] == 0) == (step_mode == "auto")

@@ -81,7 +81,7 @@ def test_kv_ranks_x_pipeline_striped_adaptive(model_path, prompts, reference):
 
 @pytest.fixture(scope="module")
 def onboard_pipeline(model_path):
-    # Linear layers split by columns over the KV ranks in replicated steps, on both stages.
+    # Linear layers split by columns over the KV ranks in shared steps, on both stages.
     kvp = {"size": 2, "placement": "onboard", "max_tokens_per_rank": 1024, "split_min_bytes": 0}
     with engine(model_path, kvp=kvp, pipeline_parallel_size=2, **ENGINE) as llm:
         yield llm

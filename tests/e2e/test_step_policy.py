@@ -1,0 +1,65 @@
+"""The planner's prediction of a step's exchanges equals what the plugin counts, on real steps.
+
+The bench-size model (4 layers, hidden 1024: every projection of its layers is >= 4 MiB in fp32,
+so all of them split by columns in shared steps) runs prompts in several prefill chunks and then
+decodes, with 2 KV ranks in both placements. Each rank logs every step it ran (kind, tokens owned
+per rank, tokens) and counts the bytes it sent per exchange kind. From the model's config.json
+alone, the cost model (the planner's) must give each logged step the kind the runtime gave it,
+and its exchanges summed over the steps must equal the counters: collectives and bytes, per kind.
+"""
+
+import dataclasses
+
+import pytest
+
+from engines import engine, generate, random_prompts
+
+from vllm_kvp import cost_model as cm
+from vllm_kvp import step_policy
+from vllm_kvp.model import build_default_model
+from vllm_kvp.planner import load_model
+from vllm_kvp.step_policy import EXCHANGE_KINDS, ROUTED, SHARED
+
+pytestmark = pytest.mark.e2e
+
+CPU_SPLIT_MIN = 4 << 20  # the plugin's CPU default for split_min_bytes
+
+
+@pytest.fixture(scope="module")
+def bench_model(tmp_path_factory):
+    return str(build_default_model(tmp_path_factory.mktemp("bench") / "bench", size="bench"))
+
+
+@pytest.mark.parametrize("placement", ["striped", "onboard"])
+def test_predicted_exchanges_equal_the_counters(bench_model, placement):
+    kvp = {"size": 2, "placement": placement, "max_tokens_per_rank": 256}
+    # 600-token prompts in chunks of at most 256 tokens: routed chunks spread over both ranks
+    # (striped), one-owner chunks (onboard), small decode steps.
+    with engine(bench_model, kvp=kvp, max_model_len=1024, max_num_batched_tokens=256,
+                max_num_seqs=4) as llm:
+        generate(llm, random_prompts([600, 420, 90], 4096, seed=5), 6)
+        stats = llm.collective_rpc("kvp_stats")
+
+    shape = dataclasses.replace(load_model(bench_model), dtype_bytes=4)  # run in float32
+    layout = cm.Layout(kvp=2, placement=placement)
+    policy = cm.policy(shape, layout, CPU_SPLIT_MIN)
+    exchange_shape = cm.exchange_shape(shape, layout, CPU_SPLIT_MIN, cm.CPU_PARTIAL_BYTES)
+    assert policy.split_layers and len(exchange_shape.split_widths) == 4 * 4
+    kinds = set()
+    for rank in stats:
+        log = rank["step_log"]
+        assert 0 < len(log) == sum(rank["steps"].values())
+        want = {k: [0, 0] for k in EXCHANGE_KINDS}
+        for kind, counts, tokens in log:
+            assert policy.kind(counts) == kind, (kind, counts)
+            kinds.add(kind)
+            for name, (n, nbytes) in step_policy.exchanges(kind, counts, tokens, exchange_shape,
+                                                           2).items():
+                want[name][0] += n
+                want[name][1] += nbytes
+        assert {k: rank[f"{k}_bytes"] for k in EXCHANGE_KINDS} == {k: b for k, (_, b) in
+                                                                   want.items()}
+        assert rank["exchanges"] == sum(n for n, _ in want.values())
+        assert rank["split_linear_calls"] == want["column"][0]
+    # Decode steps are shared; striped prefill chunks are routed (every rank owns half).
+    assert SHARED in kinds and (ROUTED in kinds or placement != "striped")
