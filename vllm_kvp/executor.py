@@ -15,30 +15,14 @@ from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from vllm_kvp.config import KVPConfig
 from vllm_kvp.layout import ensure_cpu_thread_binding
+from vllm_kvp.vllm_compat import ExecutorHooks, shrink_to_rank_share
+
+__all__ = ["KVPExecutor", "KVPMixin", "shrink_to_rank_share"]
 
 logger = logging.getLogger("vllm.vllm_kvp")
 
 
-def shrink_to_rank_share(config, per_rank: int) -> None:
-    """Turn the pooled KVCacheConfig (N x P blocks) into one worker's share (P blocks).
-
-    Byte sizes and strides that span all blocks of a layer scale with the block count; the
-    per-block page and a block-outermost stride do not.
-    """
-    if len(config.kv_cache_groups) != 1:
-        raise NotImplementedError(
-            "vllm_kvp supports models with one KV cache group (uniform full attention); this "
-            f"model has {len(config.kv_cache_groups)}")
-    total = config.num_blocks
-    for tensor in config.kv_cache_tensors:
-        if tensor.layer_stride >= tensor.block_stride * total:  # layer-outermost layout
-            tensor.layer_stride = tensor.layer_stride // total * per_rank
-        tensor.offset = tensor.offset // total * per_rank
-        tensor.size = tensor.size // total * per_rank
-    config.num_blocks = per_rank
-
-
-class KVPMixin:
+class KVPMixin(ExecutorHooks):
     """Shared by the executors: world-size override and pooled KV-cache sizing."""
 
     def _setup_kvp(self) -> None:
@@ -47,8 +31,7 @@ class KVPMixin:
         replica = pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.prefill_context_parallel_size
         pc.world_size = replica * self.kvp.size
 
-    def _get_parallel_sizes(self) -> tuple[int, int, int]:
-        tp, pp, pcp = super()._get_parallel_sizes()
+    def kvp_parallel_sizes(self, tp: int, pp: int, pcp: int) -> tuple[int, int, int]:
         # Reported so the executors' `world_size == tp * pp * pcp` check holds; the KV ranks are
         # the outer (ExternalDP) dimension of the world.
         return tp * self.kvp.size, pp, pcp

@@ -8,15 +8,16 @@ Start Ray in the driver (`ray.init(...)` or `RAY_ADDRESS`) and shut it down ther
 
 from __future__ import annotations
 
-from typing import Any
-
 from vllm.platforms import current_platform
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
 
 from vllm_kvp.executor import KVPMixin
+from vllm_kvp.vllm_compat import RayExecutorHooks
 
 
-class KVPRayExecutor(KVPMixin, RayExecutorV2):
+class KVPRayExecutor(RayExecutorHooks, KVPMixin, RayExecutorV2):
+    """RayExecutorHooks: on CPU hosts the actors ask Ray for no GPU."""
+
     uses_ray: bool = True
 
     def _init_executor(self) -> None:
@@ -27,10 +28,3 @@ class KVPRayExecutor(KVPMixin, RayExecutorV2):
             ray_cpu.apply()
         super()._init_executor()
         self._pool_override()
-
-    @staticmethod
-    def _get_actor_resource_kwargs() -> dict[str, Any]:
-        if current_platform.is_cpu():
-            # The placement-group bundle reserves the CPU; Ray refuses "CPU" as a custom resource.
-            return {"num_gpus": 0}
-        return RayExecutorV2._get_actor_resource_kwargs()
