@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from vllm_kvp import vllm_compat
 from vllm_kvp.config import KVPConfig, KVPConfigError
 
 EXECUTOR = "vllm_kvp.executor.KVPExecutor"
@@ -41,22 +42,22 @@ def _apply_cuda_settings(engine_args: Any) -> None:
     """The KVP backend in vLLM's CUSTOM slot (every worker registers it), eager execution, and
     Model Runner V1, whose `_model_forward` is the hook owner computes runs the model through."""
     chosen = getattr(engine_args.attention_backend, "name", engine_args.attention_backend)
-    if chosen not in (None, "CUSTOM"):
+    if chosen not in (None, vllm_compat.CUSTOM_BACKEND):
         raise KVPConfigError(
             f"kvp.size > 1 runs its own attention backend; attention_backend={chosen!r} cannot be "
             f"combined with it (leave it unset)")
-    engine_args.attention_backend = "CUSTOM"
+    engine_args.attention_backend = vllm_compat.CUSTOM_BACKEND
     # CUDA graphs are off: docs/design.md, "CUDA graphs under owner computes", says what blocks them.
     engine_args.enforce_eager = True
     # vLLM reads this variable whenever it asks which runner to use (front end, engine core and
     # workers); they all start from this process's environment, Ray actors included (vLLM copies
     # its registered variables to them).
-    current = os.environ.get("VLLM_USE_V2_MODEL_RUNNER")
-    if current not in (None, "") and current.strip() != "0":
+    current = vllm_compat.selected_model_runner_v2()
+    if current is not None:
         raise KVPConfigError(
-            f"kvp.size > 1 runs on vLLM's Model Runner V1; VLLM_USE_V2_MODEL_RUNNER={current!r} "
-            f"selects V2 (unset it or set it to 0)")
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+            f"kvp.size > 1 runs on vLLM's Model Runner V1; {vllm_compat.MODEL_RUNNER_ENV}="
+            f"{current!r} selects V2 (unset it or set it to 0)")
+    vllm_compat.force_model_runner_v1()
 
 
 def apply_chunking_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:
@@ -121,8 +122,24 @@ def _refuse_unsupported(engine_args: Any) -> None:
 
 
 def check_engine_config(vllm_config: Any) -> None:
-    """Refusals that need the resolved model (front-end side, before any worker starts)."""
+    """Refusals (and the one rewrite, of kv_cache_dtype) that need the resolved config
+    (front-end side, before any worker starts)."""
     model = vllm_config.model_config
+    cache = vllm_config.cache_config
+    cache.cache_dtype = kv_cache_dtype_for(cache.cache_dtype, model.dtype)
+    # Owner computes runs through Model Runner V1 (`_model_forward`); these settings make vLLM
+    # use V2 whatever VLLM_USE_V2_MODEL_RUNNER says, and V2 would run the model unsplit, wrongly.
+    forcers = vllm_compat.model_runner_v2_forcers(vllm_config)
+    if forcers:
+        raise KVPConfigError(
+            f"kvp.size > 1 runs on vLLM's Model Runner V1; {', '.join(forcers)} makes vLLM use "
+            f"Model Runner V2 (unset it)")
+    overrides = vllm_compat.attention_backend_overrides(vllm_config)
+    if overrides:
+        raise KVPConfigError(
+            f"kvp.size > 1 runs its own attention backend for every layer; "
+            f"attention_config.backend_per_kind={overrides!r} would replace it for some layers "
+            f"(leave it empty)")
     if getattr(model, "runner_type", "generate") != "generate":
         raise KVPConfigError(
             f"kvp.size > 1 serves generative models; this one runs as {model.runner_type!r}")
@@ -138,6 +155,36 @@ def check_engine_config(vllm_config: Any) -> None:
         raise KVPConfigError(
             f"kvp.size > 1 needs attention layers on every pipeline stage; "
             f"pipeline_parallel_size={pp} exceeds the model's {layers} layers")
+
+
+# Names of unquantized KV cache dtypes (vLLM's CacheDType, plus torch's aliases).
+_PLAIN_KV_DTYPES = {"float16": "float16", "half": "float16", "bfloat16": "bfloat16",
+                    "float32": "float32", "float": "float32"}
+
+
+def kv_cache_dtype_for(cache_dtype: str | None, model_dtype: Any) -> str:
+    """The kv_cache_dtype KVP hands vLLM: "auto" for the model's own dtype, named or not.
+
+    KVP stores K/V in the model's dtype: its kernels read the cache in the queries' dtype and
+    refuse quantized caches. vLLM's cache write (`reshape_and_cache_flash`) accepts only "auto"
+    and fp8 names, so an explicit "bfloat16" equal to the model's dtype (which users of
+    checkpoints with an fp8 KV scheme pass to turn it off) becomes "auto"; any other dtype is
+    refused here, before workers start.
+    """
+    import torch
+
+    if cache_dtype in (None, "auto"):
+        return "auto"
+    plain = _PLAIN_KV_DTYPES.get(cache_dtype)
+    if plain is None:
+        raise KVPConfigError(
+            f"kvp.size > 1 does not support a quantized KV cache; kv_cache_dtype={cache_dtype!r} "
+            f"cannot be combined with it (use 'auto')")
+    if getattr(torch, plain) != model_dtype:
+        raise KVPConfigError(
+            f"kvp.size > 1 stores the KV cache in the model's dtype ({model_dtype}); "
+            f"kv_cache_dtype={cache_dtype!r} differs (use 'auto')")
+    return "auto"
 
 
 def cpu_thread_binding(num_workers: int, allowed_cpus: list[int]) -> str:

@@ -263,3 +263,58 @@ def test_more_stages_than_layers_is_refused_with_kv_ranks(model_path):
     assert "2 layers" in str(info.value)
     assert _children() == before
 
+
+
+# --- settings resolved by vLLM that KVP rewrites or refuses -------------------------------------
+
+def _kvp_config(model_path, **kw):
+    return EngineArgs(model=model_path, additional_config={"kvp": {"size": 2}},
+                      **{"dtype": "float32", **kw}).create_engine_config()
+
+
+def test_kv_cache_dtype_equal_to_the_model_dtype_reaches_vllm_as_auto(model_path):
+    config = _kvp_config(model_path, dtype="bfloat16", kv_cache_dtype="bfloat16")
+    assert config.cache_config.cache_dtype == "auto"
+
+
+def test_kv_cache_dtype_unchanged_without_kvp(model_path):
+    config = EngineArgs(model=model_path, dtype="bfloat16",
+                        kv_cache_dtype="bfloat16").create_engine_config()
+    assert config.cache_config.cache_dtype == "bfloat16"
+
+
+def test_kv_cache_dtype_other_than_the_model_dtype_is_refused_before_workers(model_path):
+    before = _children()
+    with pytest.raises(KVPConfigError, match="kv_cache_dtype='bfloat16' differs"):
+        _kvp_config(model_path, dtype="float32", kv_cache_dtype="bfloat16")
+    assert _children() == before
+
+
+def test_settings_forcing_model_runner_v2_are_refused(model_path):
+    # vLLM uses Model Runner V2 with HiSparse or watermarking whatever VLLM_USE_V2_MODEL_RUNNER
+    # says (VllmConfig.use_v2_model_runner); the resolved config is checked.
+    config = _kvp_config(model_path)
+    config.watermark_config = object()
+    with pytest.raises(KVPConfigError, match="watermark_config makes vLLM use Model Runner V2"):
+        layout.check_engine_config(config)
+    config.watermark_config = None
+    config.attention_config.hisparse_config = object()
+    with pytest.raises(KVPConfigError, match="attention_config.hisparse_config"):
+        layout.check_engine_config(config)
+    config.attention_config.hisparse_config = None
+    layout.check_engine_config(config)
+
+
+def test_backend_per_kind_is_refused(model_path):
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    config = _kvp_config(model_path)
+    config.attention_config.backend_per_kind = {"full_attention": AttentionBackendEnum.FLASH_ATTN}
+    with pytest.raises(KVPConfigError, match="backend_per_kind"):
+        layout.check_engine_config(config)
+
+
+def test_backend_per_kind_through_engine_args_is_refused(model_path):
+    with pytest.raises(KVPConfigError, match="backend_per_kind"):
+        _kvp_config(model_path, attention_config={"backend_per_kind": {"full_attention":
+                                                                        "FLASH_ATTN"}})

@@ -182,3 +182,47 @@ def test_cpu_thread_binding_covers_cores_evenly(workers, ncpus):
         assert len(flat) == ncpus // workers * workers
     else:
         assert {g[0] for g in groups} == set(cpus), "every core is used"
+
+
+# --- KV cache dtype ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, model_dtype", [
+    (None, "bfloat16"), ("auto", "float16"), ("bfloat16", "bfloat16"), ("float16", "float16"),
+    ("half", "float16"), ("float32", "float32"),
+])
+def test_kv_cache_dtype_equal_to_the_model_dtype_becomes_auto(name, model_dtype):
+    import torch
+
+    assert layout.kv_cache_dtype_for(name, getattr(torch, model_dtype)) == "auto"
+
+
+@pytest.mark.parametrize("name, model_dtype", [("bfloat16", "float16"), ("float16", "bfloat16"),
+                                               ("half", "float32"), ("float32", "bfloat16")])
+def test_kv_cache_dtype_other_than_the_model_dtype_is_refused(name, model_dtype):
+    import torch
+
+    with pytest.raises(KVPConfigError, match=f"kv_cache_dtype='{name}' differs") as info:
+        layout.kv_cache_dtype_for(name, getattr(torch, model_dtype))
+    assert "kvp.size > 1" in str(info.value) and model_dtype in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["fp8", "fp8_e4m3", "fp8_e5m2", "fp8_inc", "nvfp4_ds_mla",
+                                  "turboquant_k8v4"])
+def test_quantized_kv_cache_is_refused(name):
+    import torch
+
+    with pytest.raises(KVPConfigError, match="quantized KV cache"):
+        layout.kv_cache_dtype_for(name, torch.bfloat16)
+
+
+# --- packaging -----------------------------------------------------------------------------------
+
+def test_cuda_extra_takes_flash_attention_from_vllm():
+    # vLLM's CUDA wheel ships its own flash-attention; PyPI's flash-attn is a source build.
+    import pathlib
+    import tomllib
+
+    root = pathlib.Path(__file__).resolve().parents[2]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert not [d for d in extras["cuda"] if d.replace("_", "-").startswith("flash-attn")]
+    assert any(d.startswith("vllm") for d in extras["cuda"])
