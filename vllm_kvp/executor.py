@@ -45,8 +45,31 @@ class KVPMixin(ExecutorHooks):
 
     def determine_available_memory(self) -> list[int]:
         per_worker = super().determine_available_memory()
-        pooled = min(per_worker) * self.kvp.size
+        available = min(per_worker)
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():  # on CPUs VLLM_CPU_KVCACHE_SPACE sizes the cache
+            available -= self._reserve_transient(available)
+        pooled = available * self.kvp.size
         return [pooled] * len(per_worker)
+
+    def _reserve_transient(self, available: int) -> int:
+        """KVP's exchange buffers, which vLLM's profile run does not hold (transient_memory)."""
+        from vllm_kvp.transient_memory import transient_memory_for
+
+        est = transient_memory_for(self.vllm_config, self.kvp.size, self.kvp.replicates_steps)
+        if est.peak >= available:
+            raise RuntimeError(
+                f"vllm_kvp: KV-parallel exchange buffers need up to {est.peak / 2**30:.2f} GiB "
+                f"per worker, more than the {available / 2**30:.2f} GiB vLLM left for the KV "
+                f"cache; lower max_num_batched_tokens or raise gpu_memory_utilization")
+        logger.info(
+            "vllm_kvp: reserving %.2f GiB per worker for KV-parallel exchange buffers (attention "
+            "%.2f, split-layer columns %.2f, hidden states %.2f GiB at %d tokens per step), not "
+            "in vLLM's profile run", est.peak / 2**30, est.attention / 2**30,
+            est.columns / 2**30, est.hidden / 2**30,
+            self.vllm_config.scheduler_config.max_num_batched_tokens)
+        return est.peak
 
     def initialize_from_config(self, kv_cache_configs) -> None:
         for config in kv_cache_configs:
