@@ -1,13 +1,15 @@
 #!/usr/bin/env python
 """GPU check of the KVP attention kernels against float64 torch references, plus merge timings.
 
-    python benchmarks/gpu_kernel_check.py                # on a CUDA machine
-    python benchmarks/gpu_kernel_check.py --with-vllm-fa # also check vLLM's flash-attention build
+    python benchmarks/gpu_kernel_check.py                # on a CUDA machine (torch + Triton, no vLLM)
     TRITON_INTERPRET=1 python benchmarks/gpu_kernel_check.py --device cpu --quick   # smoke test
 
-Checks: triton_merge_partials (vs float64 merge, vs the torch merge, bit-determinism), the CUDA
-branch of shard_attention / causal_attention (upstream flash_attn if importable; vLLM's build only
-with --with-vllm-fa, because importing it imports vLLM, which this script otherwise never does), and
+Checks: triton_merge_partials (vs float64 merge, vs the torch merge, bit-determinism); a simulated
+KV-rank step (N ranks in one process, each with its own paged KV shard in vLLM's FlashAttention
+cache layout: the Triton paged kernel's partials, packed as they travel (ops.partials), "gathered"
+by stacking, merged by the Triton merge on every rank; bf16 against a float64 attention over the
+whole context, and bit-identical across ranks); split linear layers (each rank's column slice of a
+bf16 GEMM, reassembled, against the unsplit GEMM); and
 the Triton paged attention kernel (paged_attention_lse): small cases in every dtype / layout / mask,
 then decode at 32k, 128k and 1M KV tokens per rank (bf16, Hq=32, Hkv=8, D=128, blocks of 16 and 128,
 batch 1 and 8 requests sharing the rank's tokens) and a 512-query causal prefill over 32k keys, each
@@ -32,7 +34,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from vllm_kvp.ops import attention as attn  # noqa: E402  (none of these import vLLM)
+from vllm_kvp.columns import assemble_columns, column_bounds, pad_columns  # noqa: E402
+from vllm_kvp.ops import partials  # noqa: E402  (none of these import vLLM)
 from vllm_kvp.ops.merge import merge_partials  # noqa: E402
 from vllm_kvp.ops.triton_merge import triton_merge_partials  # noqa: E402
 from vllm_kvp.ops.triton_paged_attention import KernelConfig, paged_attention_lse  # noqa: E402
@@ -98,70 +101,127 @@ def check_merge(dev, quick):
                    f"out {e_out:.1e} lse {e_lse:.1e} vs-torch {e_torch:.1e} det={det}")
 
 
-def check_attention(dev, with_vllm):
-    """shard_attention + causal_attention on `dev`; on CUDA this exercises the flash branch."""
-    kinds = []
-    if dev.type == "cuda":
-        try:
-            from flash_attn import flash_attn_varlen_func as fa
+# ---------------------------------------------------------------------------------------------------
+# A KV-rank step simulated in one process, and split linear layers
 
-            kinds.append(("flash_attn", fa))
-        except Exception as e:  # noqa: BLE001 - report, do not fail: the torch path is the fallback
-            rows.append(("flash_attn", "import", "skipped", repr(e)[:60]))
-        if with_vllm:
-            try:
-                from vllm.vllm_flash_attn import flash_attn_varlen_func as vfa
-
-                kinds.append(("vllm", vfa))
-            except Exception as e:  # noqa: BLE001
-                rows.append(("vllm_flash_attn", "import", "skipped", repr(e)[:60]))
-    kinds.append(("torch", None))
-    for kind, fn in kinds:
-        calls = []
-        if fn is not None:
-            def counted(*a, _fn=fn, **k):
-                calls.append(1)
-                return _fn(*a, **k)
-            attn._flash_varlen_fn = lambda c=counted, k=kind: (c, k)
-        else:
-            attn._flash_varlen_fn = lambda: None
-        for dtype in (torch.float16, torch.bfloat16):
-            _attention_case(dev, kind, dtype, calls)
+# bf16 rank step: partials are bf16 (the kernel's output dtype), LSEs float32, merge weights
+# computed in float32; the error is dominated by bf16 rounding of the partial and merged outputs
+# (a few ulps at |out| < 1), so the same tolerance as one kernel call.
+RANK_STEP_TOL = {"out": TOL[torch.bfloat16], "lse": 1e-2}
+# Split linear: max |slices - unsplit| / max |unsplit|. A column slice keeps each dot product whole,
+# but cuBLAS may pick another algorithm (tile, split-K) for the narrower shape, so the sums can
+# round differently: not bit-identical to the unsplit GEMM, within about one bf16 ulp.
+SPLIT_LINEAR_TOL = 2 ** -7
 
 
-def _attention_case(dev, kind, dtype, calls):
-    hkv, hq, d, bs = 2, 8, 128, 16
-    lens, q_lens = [300, 0, 1, 17], [5, 3, 1, 0]
-    nblk = [-(-n // bs) for n in lens]
-    kv_cache = torch.randn(sum(nblk) + 2, hkv, bs, 2 * d, device=dev).to(dtype) * 100
-    ids = torch.randperm(kv_cache.shape[0], device=dev)
-    table = torch.zeros(len(lens), max(nblk), dtype=torch.int32, device=dev)
-    shards, used = [], 0
-    for i, n in enumerate(lens):
-        table[i, : nblk[i]] = ids[used : used + nblk[i]].int()
-        used += nblk[i]
-        k, v = torch.randn(n, hkv, d, device=dev).to(dtype), torch.randn(n, hkv, d, device=dev).to(dtype)
-        pos = torch.arange(n, device=dev)
-        attn.write_kv(kv_cache, k, v, table[i, pos // bs].long() * bs + pos % bs)
-        shards.append((k, v))
-    cu = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
-    q = torch.randn(sum(q_lens), hq, d, device=dev).to(dtype)
-    kn, vn = torch.randn(sum(q_lens), hkv, d, device=dev).to(dtype), torch.randn(sum(q_lens), hkv, d, device=dev).to(dtype)
-    scale = d**-0.5
-    calls.clear()
-    out, lse = attn.shard_attention(q, kv_cache, table, torch.tensor(lens, device=dev), cu, scale)
-    c_out, c_lse = attn.causal_attention(q, kn, vn, cu, scale)
-    e = [0.0, 0.0]
-    for i, (k, v) in enumerate(shards):
-        s, t = int(cu[i]), int(cu[i + 1])
-        for (o, l), (ro, rl) in (((out[s:t], lse[s:t]), ref_attention(q[s:t], k, v, scale, False)),
-                                 ((c_out[s:t], c_lse[s:t]), ref_attention(q[s:t], kn[s:t], vn[s:t], scale, True))):
-            e = [max(e[0], err(o, ro)), max(e[1], err(l, rl))]
-    used_flash = bool(calls)
-    ok = e[0] <= TOL[dtype] and e[1] <= 1e-2 and (used_flash or kind == "torch")
-    record(f"attention[{kind}]", str(dtype)[6:], ok,
-           f"out {e[0]:.1e} lse {e[1]:.1e} kernel_called={used_flash}")
+def rank_shards(lens, num_ranks, bs, stripe_blocks):
+    """Which KV rank holds each block of each request: runs of `stripe_blocks` blocks, request b's
+    first run on rank b % N (so shards are uneven and some requests miss some ranks)."""
+    return [[(b + j // stripe_blocks) % num_ranks for j in range(-(-n // bs))]
+            for b, n in enumerate(lens)]
 
+
+def simulated_rank_step(dev, num_ranks, lens, q_lens, hq, hkv, d, bs, stripe_blocks, seed=0):
+    """One step of `sum(q_lens)` queries (each request's last q_len positions, as in a chunked
+    prefill or a decode) over requests whose KV is spread over `num_ranks` ranks; returns the
+    merged output and LSE of every rank and the float64 reference."""
+    torch.manual_seed(seed)
+    dtype = torch.bfloat16
+    keys = [torch.randn(n, hkv, 2 * d, device=dev, dtype=dtype) for n in lens]  # K | V per token
+    owner = rank_shards(lens, num_ranks, bs, stripe_blocks)
+    qsl = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
+    q = torch.randn(sum(q_lens), hq, d, device=dev, dtype=dtype)
+    q_pos = torch.cat([torch.arange(n - ql, n, device=dev) for n, ql in zip(lens, q_lens)]).int()
+    scale = d ** -0.5
+    packed = []
+    for r in range(num_ranks):
+        mine = [[j for j, o in enumerate(own) if o == r] for own in owner]
+        num_blocks = max(1, sum(len(m) for m in mine)) + 1  # + a never-read block
+        # vLLM's FlashAttention layout: physical (num_blocks, block_size, Hkv, 2D) per layer, seen
+        # through the logical (num_blocks, Hkv, block_size, 2D) view every backend indexes.
+        phys = torch.randn(num_blocks, bs, hkv, 2 * d, device=dev, dtype=dtype)  # stale contents
+        kv = phys.transpose(1, 2)
+        m = max(1, max(len(x) for x in mine))
+        table = torch.full((len(lens), m), num_blocks - 1, dtype=torch.int32, device=dev)
+        block_pos = torch.zeros(len(lens), m, dtype=torch.int32, device=dev)
+        shard_lens, next_block = [], 0
+        for b, blocks in enumerate(mine):
+            held = 0
+            for i, j in enumerate(blocks):
+                n_tok = min(bs, lens[b] - j * bs)
+                # The cache write (reshape_and_cache_flash) by slot: block next_block, offsets 0..
+                phys[next_block, :n_tok] = keys[b][j * bs:j * bs + n_tok]
+                table[b, i], block_pos[b, i] = next_block, j * bs
+                next_block += 1
+                held += n_tok
+            shard_lens.append(held)
+        lens_t = torch.tensor(shard_lens, dtype=torch.int32, device=dev)
+        out, lse = paged_attention_lse(q, kv, table, lens_t, qsl, scale, q_pos, block_pos,
+                                       max_kv_len=max(shard_lens + [1]),
+                                       max_query_len=max(q_lens))
+        packed.append(partials.pack(out, lse))  # what this rank sends
+    gathered = torch.stack(packed)  # the all-gather, in rank order
+    rows = torch.arange(q.shape[0], device=dev)
+    merged = []
+    for _ in range(num_ranks):  # every rank merges the same gathered bytes
+        outs, lses = partials.unpack(gathered, rows, hq, d, dtype)
+        merged.append(triton_merge_partials(outs, lses))
+    # float64 reference: each query attends over its request's keys up to its own position
+    ref_out = torch.empty(q.shape, dtype=torch.float64, device=dev)
+    ref_lse = torch.empty(q.shape[:2], dtype=torch.float64, device=dev)
+    for b, n in enumerate(lens):
+        s, e = int(qsl[b]), int(qsl[b + 1])
+        for i in range(s, e):
+            p = int(q_pos[i]) + 1
+            o, l = ref_attention(q[i:i + 1], keys[b][:p, :, :d], keys[b][:p, :, d:], scale, False)
+            ref_out[i], ref_lse[i] = o[0], l[0]
+    return merged, ref_out, ref_lse
+
+
+def check_rank_step(dev, quick):
+    cases = [(2, [200, 37, 64], [1, 1, 1], 8, 2, 64, 16, 2),
+             (3, [300, 90], [24, 5], 8, 2, 128, 16, 1)]
+    if not quick:
+        cases += [(4, [4096, 1000, 17, 2048], [1, 1, 1, 1], 32, 8, 128, 16, 4),
+                  (8, [8192, 513], [256, 64], 32, 8, 128, 16, 16),
+                  (2, [3000], [512], 32, 8, 128, 128, 1)]
+    for n, lens, q_lens, hq, hkv, d, bs, stripe in cases:
+        name = f"N{n} lens{lens} q{q_lens} Hq{hq}/Hkv{hkv} D{d} bs{bs}"
+        res = guarded("rank_step", name, simulated_rank_step, dev, n, lens, q_lens, hq, hkv, d, bs,
+                      stripe)
+        if res is None:
+            continue
+        merged, ref_out, ref_lse = res
+        same = all(torch.equal(merged[0][0], o) and torch.equal(merged[0][1], l)
+                   for o, l in merged[1:])
+        e_out, e_lse = err(merged[0][0], ref_out), err(merged[0][1], ref_lse)
+        ok = e_out <= RANK_STEP_TOL["out"] and e_lse <= RANK_STEP_TOL["lse"] and same
+        record("rank_step", name, ok, f"out {e_out:.1e} lse {e_lse:.1e} ranks-identical={same}")
+
+
+def check_split_linear(dev, quick):
+    shapes = [(7, 64, 96)] if quick else [(1, 4096, 14336 * 2), (8, 4096, 6144), (128, 4096, 4096),
+                                          (2048, 4096, 14336 * 2), (3, 1000, 777)]
+    for rows, k, o in shapes:
+        torch.manual_seed(0)
+        x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
+        w = torch.randn(o, k, device=dev, dtype=torch.bfloat16) * k ** -0.5
+        bias = torch.randn(o, device=dev, dtype=torch.bfloat16)
+        whole = torch.nn.functional.linear(x, w, bias)
+        for n in (2, 3, 8):
+            bounds = column_bounds(o, n)
+            widest = max(b - a for a, b in zip(bounds, bounds[1:]))
+            slices = [pad_columns(torch.nn.functional.linear(x, w[a:b], bias[a:b]), widest)
+                      for a, b in zip(bounds, bounds[1:])]
+            again = [torch.nn.functional.linear(x, w[a:b], bias[a:b])
+                     for a, b in zip(bounds, bounds[1:])]
+            deterministic = all(torch.equal(s[:, :a.shape[1]], a) for s, a in zip(slices, again))
+            split = assemble_columns(torch.stack(slices), bounds)  # what every rank assembles
+            rel = (split.double() - whole.double()).abs().max().item() / whole.double().abs().max().item()
+            exact = (split == whole).double().mean().item()
+            ok = rel <= SPLIT_LINEAR_TOL and deterministic and split.shape == whole.shape
+            record("split_linear", f"rows{rows} K{k} O{o} N{n}", ok,
+                   f"rel {rel:.1e} bit-equal {exact:.1%} deterministic={deterministic}")
 
 def time_merge(dev, quick):
     if dev.type != "cuda":
@@ -460,7 +520,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--quick", action="store_true", help="small shapes only (for interpreter smoke tests)")
-    p.add_argument("--with-vllm-fa", action="store_true", help="also check vllm.vllm_flash_attn (imports vLLM)")
     p.add_argument("--out", default="docs/benchmarks", help="directory for gpu_kernel_check.{json,md}")
     args = p.parse_args()
     dev = torch.device(args.device)
@@ -470,7 +529,8 @@ def main() -> int:
     torch.manual_seed(0)
     t0 = time.time()
     check_merge(dev, args.quick)
-    check_attention(dev, args.with_vllm_fa)
+    check_rank_step(dev, args.quick)
+    check_split_linear(dev, args.quick)
     timings = time_merge(dev, args.quick)
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     peak = peak_bandwidth(name) if dev.type == "cuda" else None
@@ -492,7 +552,7 @@ def main() -> int:
     meta = {"device": name, "torch": torch.__version__, "triton": triton.__version__, "peak_bw": peak,
             "seconds": round(time.time() - t0, 1)}
     print("\n" + write_report(args.out, meta, paged, sweep, timings))
-    if "vllm" in sys.modules and not args.with_vllm_fa:
+    if "vllm" in sys.modules:
         print("ERROR: vllm was imported")
         return 1
     print(f"\n{failures} mismatch(es)")
