@@ -65,6 +65,12 @@ class CPUKernels:
     def merge(self, gathered, rows, out) -> None:
         merge_gathered_rows(gathered, rows, self.h, self.d, out)
 
+    def attend_own(self, q, kv_cache, step: Step, scale: float, out) -> None:
+        lse = torch.empty(q.shape[:2], dtype=torch.float32, device=q.device)
+        paged_attention_lse(q, kv_cache, step.local_block_table, step.shard_lens,
+                            step.own_query_start_loc, scale, q_pos=step.own_pos,
+                            block_pos=step.block_pos, out=out, lse=lse)
+
 
 class KVPAttentionImpl(AttentionImpl):
     def __init__(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int,

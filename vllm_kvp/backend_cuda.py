@@ -159,6 +159,12 @@ class TritonKernels:
         merged, _ = triton_merge_partials(outs, lses)  # (R, n, H, D), (R, n, H) -> (n, H, D)
         out.copy_(merged.view(out.shape))
 
+    def attend_own(self, q, kv_cache, step: Step, scale: float, out) -> None:
+        paged_attention_lse(
+            q, kv_cache, step.local_block_table, step.shard_lens, step.own_query_start_loc,
+            scale, q_pos=step.own_pos, block_pos=step.block_pos, out=out,
+            max_kv_len=step.max_kv_len, max_query_len=step.max_query_len)
+
 
 class KVPFlashAttentionImpl(FlashAttentionImpl):
     """FlashAttention's impl for the cache write only; attention is `forward` below."""

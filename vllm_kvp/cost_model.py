@@ -275,10 +275,11 @@ def step_counts(layout: Layout, tokens: int, rows: int) -> list[int]:
 
 def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int | None = None,
                 step_mode: str = "auto", min_bytes: int = 32 << 20,
-                out_bytes: int | None = None) -> list[tuple[int, float]]:
+                out_bytes: int | None = None, spans: bool = True) -> list[tuple[int, float]]:
     """The all-gathers over the KVP group in one step, all layers, as (how many, bytes each rank
     sends in each). `tokens`: the step's T tokens; every rank attends all of their queries, so it
     sends partials of T. `rows`: the most tokens one rank owns (default T: one rank owns all).
+    `spans`: some request of the step holds KV on more than one rank (else the step is local).
 
     replicated (the first version's lockstep): the partials once per layer.
     owner: what `step_policy.exchanges` lists for the kind the step policy gives the step: the
@@ -291,25 +292,25 @@ def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int
     if mode != "owner":
         return [(m.layers, tokens * shape.partial_row_bytes)]
     counts = step_counts(layout, tokens, rows)
-    kind = policy(m, layout, min_bytes, step_mode).kind(counts)
+    kind = policy(m, layout, min_bytes, step_mode).kind(counts, spans)
     sent = step_policy.exchanges(kind, counts, tokens, shape, layout.kvp)
     return [(n, b / n) for n, b in sent.values() if n]
 
 
 def kvp_collectives(m: ModelShape, layout: Layout, tokens: int, mode: str,
                     rows: int | None = None, step_mode: str = "auto",
-                    min_bytes: int = 32 << 20) -> int:
+                    min_bytes: int = 32 << 20, spans: bool = True) -> int:
     """KVP collectives a rank issues per step: what the plugin counts (`exchanges` in its stats)."""
     return sum(count for count, _ in kvp_gathers(m, layout, tokens, mode, rows, step_mode,
-                                                 min_bytes))
+                                                 min_bytes, spans=spans))
 
 
 def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str,
-                 rows: int | None = None, step_mode: str = "auto") -> Terms:
+                 rows: int | None = None, step_mode: str = "auto", spans: bool = True) -> Terms:
     """Per-step exchange over the KVP group: `kvp_gathers` as ring all-gathers, kvp - 1 hops and
     kvp - 1 ranks' bytes received each."""
     gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode, split_min_bytes(hw, layout),
-                          CPU_PARTIAL_BYTES if hw.cpus > 0 else None)
+                          CPU_PARTIAL_BYTES if hw.cpus > 0 else None, spans)
     ring = layout.kvp - 1
     return _hops(hw, ring * sum(c for c, _ in gathers), ring * sum(c * b for c, b in gathers),
                  _crosses_nodes(hw, layout.gpus))
@@ -349,16 +350,21 @@ def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
     turn, so pp does not shorten it; each GPU streams its weights and its KV-rank's share of the
     KV once; all KV ranks attend in parallel, so the fullest rank sets the pace. Under owner
     computes the one token is owned by one rank, whatever the placement: with `step_mode` "auto"
-    every rank runs it (a shared step: no query is exchanged, and each rank reads 1/N of the split
+    and a context on one rank the step is local (no exchange but the hidden states); else every
+    rank runs it (a shared step: no query is exchanged, and each rank reads 1/N of the split
     linear layers' weights); "owner" (every step routed) is here to read measurements taken with
     it."""
     resident = tokens_per_rank(layout, context)
+    spans = resident < context
+    kind = policy(m, layout, split_min_bytes(hw, layout), step_mode).kind(
+        step_counts(layout, 1, 1), spans) if layout.kvp > 1 else step_policy.LOCAL
     kv = resident * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
-    weights = (shared_weight_bytes(m, hw, layout, step_mode) if mode == "owner"
+    weights = (shared_weight_bytes(m, hw, layout, step_mode)
+               if mode == "owner" and kind == step_policy.SHARED
                else m.active_params * m.dtype_bytes / layout.tp)
     flops = (2 * m.active_params + 4 * m.layers * m.heads * m.head_dim * resident) / layout.tp
     work = Terms(steps=1.0, hbm_bytes=weights + kv, flops=flops).scaled(core_sharing(hw, layout))
-    return (work + kvp_exchange(m, hw, layout, 1, mode, step_mode=step_mode)
+    return (work + kvp_exchange(m, hw, layout, 1, mode, step_mode=step_mode, spans=spans)
             + tp_pp_exchange(m, hw, layout, 1))
 
 

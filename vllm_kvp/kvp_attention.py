@@ -11,6 +11,8 @@ the tokens whose KV slots it owns. One step, in every attention layer:
   4. the partials are exchanged and each rank merges, in rank order, those of its own rows.
 In a shared step (see `step_policy`) every rank runs every row: step 2 is skipped and each rank
 merges every row. A rank holding nothing of a request contributes out = 0, lse = -inf.
+In a local step no request spans ranks: each rank attends its own rows over its own KV, which is
+all of their context, so steps 2 and 4 (and their collectives) disappear.
 
 The device kernels plug in through `AttentionKernels` (C++ on CPUs: `backend.py`; Triton on
 CUDA: `backend_cuda.py`); the backends hold nothing else but vLLM's metadata and cache hooks.
@@ -36,11 +38,20 @@ class AttentionKernels(Protocol):
         """gathered (R, T, F) every rank's packed partials; rows (n,) int64 queries -> out (n, H,
         D) their merged outputs, ranks in order."""
 
+    def attend_own(self, q: torch.Tensor, kv_cache: torch.Tensor, step: Step, scale: float,
+                   out: torch.Tensor) -> None:
+        """q (rows, H, D) this rank's own rows -> out (rows, H, D) their attention over this
+        rank's KV (a local step: it holds all of their requests' context)."""
+
 
 def attend(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor,
            num_heads: int, head_size: int, scale: float, kernels: AttentionKernels) -> torch.Tensor:
     """Steps 2-4 of one attention layer; `output` (>= out_rows, H * D) receives this rank's rows."""
     t, h, d, rows = step.num_tokens, num_heads, head_size, step.out_rows
+    if step.local:
+        out = output[:rows].view(rows, h, d)
+        kernels.attend_own(query[:rows].view(rows, h, d), kv_cache, step, scale, out)
+        return output
     q = comm.step_queries(query, step).view(t, h, d)  # 2.
     packed = kernels.partials(q, kv_cache, step, scale)  # 3.
     gathered = comm.gather_partials(packed, step)  # 4. (R, T, F)

@@ -18,7 +18,7 @@ either way (a shared step still keeps each token's result from its owner).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -40,6 +40,7 @@ class StepRouting:
     restore_idx: torch.Tensor  # (T,) int64 rank-major row holding each vLLM-order token
     token_req: torch.Tensor  # (T,) int64 request of each token
     token_pos: torch.Tensor  # (T,) int64 position of each token in its request
+    read_along: list[int] = field(default_factory=list)  # host values of route_step's read_along
 
     @property
     def num_local(self) -> int:
@@ -56,8 +57,9 @@ def token_requests(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tens
 
 
 def route_step(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_lens: torch.Tensor,
-               rank: int, ranks: RankMap) -> StepRouting:
-    """The routing of one step on `rank`.
+               rank: int, ranks: RankMap, read_along: torch.Tensor | None = None) -> StepRouting:
+    """The routing of one step on `rank`. `read_along`: a small int or bool tensor the caller
+    needs on the host too, read in the same transfer as the counts (`StepRouting.read_along`).
 
     slot_mapping (T,) int64 logical slots of the step's tokens (negative: padding, owned by no
     rank); query_start_loc (B+1,) int; seq_lens (B,) int tokens of each request after this step.
@@ -70,7 +72,11 @@ def route_step(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_le
                         torch.full_like(slots, -1))
     mine = owner.unsqueeze(0) == torch.arange(world, device=dev).unsqueeze(1)  # (N, T)
     # The one host read of the step: the exchange sizes must be host ints on every rank.
-    counts = mine.sum(dim=1).tolist()
+    counts = mine.sum(dim=1)
+    if read_along is not None:
+        counts = torch.cat([counts, read_along.reshape(-1).to(torch.int64)])
+    counts = counts.tolist()
+    counts, along = counts[:world], counts[world:]
     rows = max(counts[rank], 1)
     t_max = max(max(counts), 1)
 
@@ -91,13 +97,15 @@ def route_step(slot_mapping: torch.Tensor, query_start_loc: torch.Tensor, seq_le
                            row_slots=torch.full((1,), -1, dtype=torch.int64, device=dev),
                            row_req=torch.full((1,), -1, dtype=torch.int64, device=dev),
                            row_pos=torch.zeros(1, dtype=torch.int64, device=dev),
-                           restore_idx=restore_idx, token_req=req, token_pos=pos)
+                           restore_idx=restore_idx, token_req=req, token_pos=pos,
+                           read_along=along)
     # A stable sort puts this rank's tokens first, in vLLM order; unlike `nonzero` it needs no
     # second host read (the size is counts[rank], already on the host).
     row_idx = torch.argsort((owner != rank).to(torch.int32), stable=True)[:rows]
     return StepRouting(rank, world, t, counts, rows, t_max, row_idx=row_idx,
                        row_slots=slots[row_idx], row_req=req[row_idx], row_pos=pos[row_idx],
-                       restore_idx=restore_idx, token_req=req, token_pos=pos)
+                       restore_idx=restore_idx, token_req=req, token_pos=pos,
+                           read_along=along)
 
 
 def routing_from_tensors(routed, rank: int, world: int) -> StepRouting:

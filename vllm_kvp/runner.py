@@ -38,7 +38,7 @@ class KVPRunnerMixin:
         step = step_of(fc.attn_metadata)
         publish(step)
         if step is not None:
-            STATS.record_step(step.kind, step.routing.counts, step.num_tokens)
+            STATS.record_step(step.kind, step.routing.counts, step.num_tokens, step.spans)
         if step is None or step.world == 1:
             if step is not None:
                 STATS.tokens_computed += step.num_tokens
@@ -77,7 +77,7 @@ class KVPRunnerMixin:
 
     def _run_own_rows(self, fc, step: Step, input_ids, positions, intermediate_tensors,
                       inputs_embeds):
-        """The model on this rank's rows of a routed step only."""
+        """The model on this rank's rows of a routed or local step only."""
         idx = step.routing.row_idx
         saved = fc.slot_mapping, fc.is_padding
         # The layers write K/V through the forward context's slot mapping, one slot per row.

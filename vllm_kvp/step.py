@@ -21,8 +21,8 @@ import torch
 
 from vllm_kvp.rank_map import RankMap
 from vllm_kvp.routing import StepRouting, route_step, routing_from_tensors
-from vllm_kvp.shard_map import local_blocks
-from vllm_kvp.step_policy import SHARED, StepPolicy
+from vllm_kvp.shard_map import local_blocks, own_query_start_loc, spanning
+from vllm_kvp.step_policy import LOCAL, SHARED, StepPolicy
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,8 @@ class Step:
     """One step as this rank runs it; also the attention metadata of every KVP layer."""
 
     routing: StepRouting
-    kind: str  # step_policy.ROUTED or SHARED
+    kind: str  # step_policy.LOCAL, ROUTED or SHARED
+    spans: bool  # some request of the step holds KV on more than one rank
     num_actual_tokens: int
     query_start_loc: torch.Tensor  # (B+1,) int32, offsets of each request's new tokens
     local_block_table: torch.Tensor  # (B, M) int32, this rank's blocks of each request first
@@ -68,6 +69,15 @@ class Step:
     token_pos: torch.Tensor  # (T,) int32, position of each query of the step
     max_query_len: int  # host bound on the step's query lengths (kernel launch parameters)
     max_kv_len: int  # host bound on shard_lens
+    # A local step attends this rank's own rows only: their offsets per request (B+1,) int32 and
+    # positions (rows,) int32.
+    own_query_start_loc: torch.Tensor | None = None
+    own_pos: torch.Tensor | None = None
+
+    @property
+    def local(self) -> bool:
+        """No request spans ranks: each rank attends its own rows, nothing is exchanged."""
+        return self.kind == LOCAL
 
     @property
     def shared(self) -> bool:
@@ -104,6 +114,7 @@ def build_step(cm, context: RankContext) -> Step:
     # cm.max_seq_len bounds every request's length (host int): columns past it hold no token.
     cols = min(cm.block_table_tensor.shape[1], -(-cm.max_seq_len // ranks.block_size))
     table = cm.block_table_tensor[:n, :cols]
+    spans_t = spanning(table, seq_lens, ranks)
     routed = None
     if slots.device.type == "cpu":
         from vllm_kvp.ops import cpu_kernel
@@ -114,15 +125,23 @@ def build_step(cm, context: RankContext) -> Step:
     if routed is not None:
         routing = routing_from_tensors(routed[:8], rank, ranks.num_ranks)
         local_table, lens, block_pos = routed[8:]
+        spans = bool(spans_t)  # a host tensor: no transfer
     else:
         # Every token up to the end of the step: owners write this step's K/V before attending.
         local_table, lens, block_pos = local_blocks(table, seq_lens, rank, ranks)
-        routing = route_step(slots, qsl, seq_lens, rank, ranks)
-    return Step(routing=routing, kind=context.policy.kind(routing.counts), num_actual_tokens=t,
+        routing = route_step(slots, qsl, seq_lens, rank, ranks, read_along=spans_t)
+        spans = bool(routing.read_along[0])
+    kind = context.policy.kind(routing.counts, spans)
+    own_qsl = own_pos = None
+    if kind == LOCAL:
+        own_qsl = own_query_start_loc(routing.row_req, n)
+        own_pos = routing.row_pos.to(torch.int32)
+    return Step(routing=routing, kind=kind, spans=spans, num_actual_tokens=t,
                 query_start_loc=qsl, local_block_table=local_table, shard_lens=lens,
                 block_pos=block_pos, token_pos=routing.token_pos.to(torch.int32),
                 max_query_len=cm.max_query_len,
-                max_kv_len=min(cm.max_seq_len, ranks.tokens_per_rank))
+                max_kv_len=min(cm.max_seq_len, ranks.tokens_per_rank),
+                own_query_start_loc=own_qsl, own_pos=own_pos)
 
 
 def step_of(attn_metadata) -> Step | None:

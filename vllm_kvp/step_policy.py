@@ -7,6 +7,9 @@ planner's cost model predicts with both, so a prediction and the plugin's counte
 count the same collectives and bytes (tests/e2e/test_step_policy.py checks they are equal).
 
 Step kinds (under owner computes every token is computed by the rank that owns its KV slot):
+  "local": no request of the step spans ranks (each one's KV is all on the rank that computes its
+      new tokens), so each rank runs its own tokens and attends them over its own KV: no
+      attention layer exchanges anything. What most requests of a long-context service need.
   "routed": each rank runs the model on its own tokens; in every attention layer the step's
       queries are all-gathered and every rank's partials of every query are all-gathered.
   "shared": every rank runs every token of the step. The queries are already everywhere, so each
@@ -15,8 +18,14 @@ Step kinds (under owner computes every token is computed by the rank that owns i
       owns whole (a batch-1 decode, a prompt chunk on one rank) is shared: nobody runs more rows
       than the owner would. With split layers, small steps (weight-read bound: each rank then
       reads 1/N of those weights) and uneven ones (the busiest rank would set the time) are too.
-Either way the final hidden states of the owners' rows are all-gathered once per step (on the last
-pipeline stage), so every rank samples from the same bits.
+Whatever the kind, the final hidden states of the owners' rows are all-gathered once per step (on
+the last pipeline stage): every rank samples (vLLM keeps each request's output tokens in every
+worker's input batch) and must sample from the same bits.
+
+Local or shared, when both apply: a step whose requests are all local but that the shared rule
+picks (one owner, small or uneven, with split layers) is shared. There each rank reads 1/N of the
+split layers' weights, which is what bounds a decode step of a large model; without split layers a
+shared step only adds collectives, so local wins.
 """
 
 from __future__ import annotations
@@ -25,8 +34,8 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
-ROUTED, SHARED = "routed", "shared"
-STEP_KINDS = (ROUTED, SHARED)
+LOCAL, ROUTED, SHARED = "local", "routed", "shared"
+STEP_KINDS = (LOCAL, ROUTED, SHARED)
 # Exchange kinds, the names of their byte counters in `kvp_stats()` (`<kind>_bytes`).
 QUERIES, PARTIALS, HIDDEN, COLUMNS = "query", "partial", "hidden", "column"
 EXCHANGE_KINDS = (QUERIES, PARTIALS, HIDDEN, COLUMNS)
@@ -45,16 +54,19 @@ class StepPolicy:
     split_layers: bool = False
     split_step_tokens: int = 128
 
-    def kind(self, counts: Sequence[int]) -> str:
-        """The kind of a step whose ranks own `counts` tokens (padding tokens belong to none)."""
+    def kind(self, counts: Sequence[int], spans: bool = True) -> str:
+        """The kind of a step whose ranks own `counts` tokens (padding tokens belong to none);
+        `spans`: some request of the step has KV on more than one rank. step_mode "owner"
+        (`share_steps` False) routes every step."""
         total, busiest = sum(counts), max(counts, default=0)
         if not self.share_steps or self.world < 2 or total == 0:
             return ROUTED
-        if busiest == total:
-            return SHARED
         small = total <= self.split_step_tokens
         uneven = 2 * busiest * self.world >= 3 * total  # the busiest owns >= 1.5x its share
-        return SHARED if self.split_layers and (small or uneven) else ROUTED
+        split_shares = self.split_layers and (busiest == total or small or uneven)
+        if not spans:
+            return SHARED if split_shares else LOCAL
+        return SHARED if busiest == total or split_shares else ROUTED
 
 
 @dataclass(frozen=True)
@@ -96,11 +108,13 @@ def exchanges(kind: str, counts: Sequence[int], tokens: int, shape: ExchangeShap
     if world < 2:
         return {}
     t_max = row_span(counts)
-    out = {PARTIALS: (shape.attn_layers, shape.attn_layers * tokens * shape.partial_row_bytes)}
+    out = {}
+    if kind != LOCAL:
+        out[PARTIALS] = (shape.attn_layers, shape.attn_layers * tokens * shape.partial_row_bytes)
     if kind == ROUTED:
-        q = tokens and t_max * shape.heads * shape.head_dim * shape.act_bytes
+        q = t_max * shape.heads * shape.head_dim * shape.act_bytes
         out[QUERIES] = (shape.attn_layers, shape.attn_layers * q)
-    elif shape.split_widths:
+    elif kind == SHARED and shape.split_widths:
         sent = sum(tokens * math.ceil(w / world) * shape.act_bytes for w in shape.split_widths)
         out[COLUMNS] = (len(shape.split_widths), sent)
     if shape.last_stage:

@@ -6,7 +6,8 @@
   is computed exactly once (the sum over ranks of `tokens_computed` is the tokens processed);
 - a rank that owns no token of a step (here: of the whole run) still takes part in every
   collective, so nothing hangs and the tokens are exact, whether such steps are routed
-  (step_mode "owner") or run on every rank (shared, step_mode "auto").
+  (step_mode "owner"), local (the request lives on one rank: nothing but the final hidden states
+  is exchanged) or run on every rank (shared).
 """
 
 import pytest
@@ -80,26 +81,39 @@ def short_reference(model_path, short_prompt):
         return generate(llm, short_prompt, 16)
 
 
-@pytest.mark.parametrize("step_mode", ["owner", "auto"])
+@pytest.mark.parametrize("step_mode,kind", [("owner", "routed"), ("auto", "local"),
+                                            ("auto", "shared")])
 def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_prompt,
-                                                           short_reference, step_mode):
-    """One short request lives on one of 2 ranks. "owner": the other rank runs a dummy row in every
-    step; "auto": every step has one owner, so both ranks run every token (shared) and the
-    owner's results are kept. Either way the idle rank joins every collective."""
+                                                           short_reference, step_mode, kind):
+    """One short request lives on one of 2 ranks. "routed" (step_mode "owner"): the other rank runs
+    a dummy row in every step and every layer exchanges queries and partials; "local" (the
+    default): no request spans ranks, so no layer exchanges anything, only the final hidden
+    states travel; "shared" (split layers): both ranks run every token and the owner's results
+    are kept. Either way the idle rank joins every collective and the tokens are exact."""
     prompts, ref = short_prompt, short_reference
     kvp = {"size": 2, "placement": "onboard", "step_mode": step_mode}
+    if kind == "shared":
+        kvp["split_min_bytes"] = 0  # every linear layer split: one-owner steps are shared
     with engine(model_path, kvp=kvp, **SHORT) as llm:
         stats0 = llm.collective_rpc("kvp_stats")
         got = generate(llm, prompts, 16)
         stats1 = llm.collective_rpc("kvp_stats")
-    assert_same_generation(ref, got, f"one short request on 2 ranks, step_mode {step_mode}")
-    delta = [{k: b[k] - a[k] for k in ("tokens_computed", "tokens_shared", "exchanges",
-                                        "query_bytes")} for a, b in zip(stats0, stats1)]
+    assert_same_generation(ref, got, f"one short request on 2 ranks, {kind} steps")
+    keys = ("tokens_computed", "tokens_shared", "exchanges", "query_bytes", "partial_bytes",
+            "hidden_bytes")
+    delta = [{k: b[k] - a[k] for k in keys} for a, b in zip(stats0, stats1)]
+    steps = [{k: b["steps"][k] - a["steps"][k] for k in a["steps"]} for a, b in zip(stats0, stats1)]
     owner = max(range(2), key=lambda r: delta[r]["tokens_computed"])
     idle = 1 - owner
-    assert (delta[idle]["tokens_computed"], delta[owner]["tokens_computed"]) == (0, 50 + 16 - 1)
+    tokens = 50 + 16 - 1
+    assert (delta[idle]["tokens_computed"], delta[owner]["tokens_computed"]) == (0, tokens)
+    assert steps[0] == steps[1] and set(k for k, v in steps[0].items() if v) == {kind}
     assert delta[owner]["tokens_shared"] == 0
-    assert delta[idle]["tokens_shared"] == (50 + 16 - 1 if step_mode == "auto" else 0)
+    assert delta[idle]["tokens_shared"] == (tokens if kind == "shared" else 0)
     assert delta[0]["exchanges"] == delta[1]["exchanges"] > 0  # the idle rank joined every collective
-    # Shared steps exchange no queries; routed ones do in every layer.
-    assert (delta[owner]["query_bytes"] == 0) == (step_mode == "auto")
+    # Queries travel only in routed steps, partials in routed and shared ones: a local step
+    # sends the final hidden states alone (one collective per step).
+    assert (delta[owner]["query_bytes"] > 0) == (kind == "routed")
+    assert (delta[owner]["partial_bytes"] > 0) == (kind != "local")
+    if kind == "local":
+        assert delta[owner]["exchanges"] == sum(steps[owner].values())

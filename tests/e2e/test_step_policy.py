@@ -18,7 +18,7 @@ from vllm_kvp import cost_model as cm
 from vllm_kvp import step_policy
 from vllm_kvp.model import build_default_model
 from vllm_kvp.planner import load_model
-from vllm_kvp.step_policy import EXCHANGE_KINDS, ROUTED, SHARED
+from vllm_kvp.step_policy import EXCHANGE_KINDS, LOCAL, ROUTED, SHARED
 
 pytestmark = pytest.mark.e2e
 
@@ -50,8 +50,8 @@ def test_predicted_exchanges_equal_the_counters(bench_model, placement):
         log = rank["step_log"]
         assert 0 < len(log) == sum(rank["steps"].values())
         want = {k: [0, 0] for k in EXCHANGE_KINDS}
-        for kind, counts, tokens in log:
-            assert policy.kind(counts) == kind, (kind, counts)
+        for kind, counts, tokens, spans in log:
+            assert policy.kind(counts, spans) == kind, (kind, counts, spans)
             kinds.add(kind)
             for name, (n, nbytes) in step_policy.exchanges(kind, counts, tokens, exchange_shape,
                                                            2).items():

@@ -244,8 +244,9 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
     """Each rank builds its metadata, writes its rows' K/V through vLLM's write, attends every
     query (Triton) and merges its rows' partials (Triton): together, causal attention over the
     whole context, each new token written on exactly one rank. With step_mode "auto", a step
-    whose tokens one rank owns is shared: every rank runs every row, and the owner's rows of its
-    output are the result."""
+    whose requests all live on one rank each is local (each rank attends its own rows, nothing is
+    exchanged); one whose tokens one rank owns but whose requests span ranks is shared: every rank
+    runs every row, and the owner's rows of its output are the result."""
     world, bs, per_rank, past, new, tables, pad, step_mode = step
     vllm_config = config_holder.value
     policy = StepPolicy(world, share_steps=step_mode == "auto")
@@ -299,12 +300,14 @@ def test_layer_on_simulated_ranks_matches_dense_attention(config_holder, kernels
         mp.setattr(comm, "STATS", stats)
         mp.setattr(backend_cuda, "STATS", stats)
         mp.setattr(backend_cuda, "rank_context", contexts)
-        results = [(md.routing, md.shared, out, n) for md, out, n in group.run(rank_step)]
+        results = [(md.routing, md.kind, out, n) for md, out, n in group.run(rank_step)]
 
     n_real = t - pad
     assert sum(plan.num_local for plan, _, _, _ in results) == n_real
-    one_owner = world > 1 and max(plan.num_local for plan, _, _, _ in results) == n_real
-    assert all(shared == (step_mode == "auto" and one_owner) for _, shared, _, _ in results)
+    # Every rank gives the step the kind the policy gives it from the owners and the tables.
+    spans = any(len({b // per_rank for b in blocks}) > 1 for blocks in tables)
+    counts = results[0][0].counts
+    assert {kind for _, kind, _, _ in results} == {policy.kind(counts, spans)}
     result = torch.full((n_real, HQ, D), float("nan"))
     for plan, _, output, written in results:
         assert written == plan.num_local  # each new token's K/V on its owner only

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.step_policy import (COLUMNS, HIDDEN, PARTIALS, QUERIES, ROUTED, SHARED,
+from vllm_kvp.step_policy import (COLUMNS, HIDDEN, LOCAL, PARTIALS, QUERIES, ROUTED, SHARED,
                                   ExchangeShape, StepPolicy, exchanges)
 
 
@@ -66,3 +66,20 @@ def test_rank_map_places_blocks_and_slots():
     assert RankMap.from_pooled(31, 3, 16) == ranks
     with pytest.raises(ValueError, match="blocks_per_rank"):
         RankMap(2, 0, 16)
+
+
+@pytest.mark.parametrize("counts,split,want", [
+    ([3, 4], False, "local"),         # no split layers: a shared step would only add collectives
+    ([0, 1], False, "local"),         # a batch-1 decode of a request on one rank
+    ([300, 300], True, "local"),      # balanced and large: would be routed
+    ([0, 1], True, "shared"),         # one owner with split layers: 1/N of their weights each
+    ([3, 4], True, "shared"),         # small
+])
+def test_steps_of_local_requests(counts, split, want):
+    policy = StepPolicy(len(counts), True, split, 128)
+    assert policy.kind(counts, spans=False) == want
+    assert StepPolicy(len(counts), False, split).kind(counts, spans=False) == ROUTED  # "owner"
+
+
+def test_local_step_exchanges_only_hidden_states():
+    assert exchanges(LOCAL, [3, 5], 8, SHAPE, 2) == {HIDDEN: (1, 5 * 256 * 4)}
