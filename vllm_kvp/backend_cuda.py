@@ -24,7 +24,7 @@ from vllm.config.cache import CacheDType
 from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, AttentionType, MultipleOf
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
 
-from vllm_kvp import kvp_attention
+from vllm_kvp import kvp_attention, vllm_compat
 from vllm_kvp.ops import partials
 from vllm_kvp.ops.triton_merge import triton_merge_partials
 from vllm_kvp.ops.triton_paged_attention import paged_attention_lse
@@ -183,15 +183,10 @@ class KVPFlashAttentionImpl(FlashAttentionImpl):
         if kv_cache_dtype not in (None, *KVPFlashAttentionBackend.supported_kv_cache_dtypes):
             raise NotImplementedError(f"vllm_kvp does not support kv_cache_dtype={kv_cache_dtype!r}")
         # FlashAttentionImpl.__init__ is not called: it picks and announces an FA version that
-        # is never used. These are the attributes its do_kv_cache_update and vLLM's layer read.
-        self.num_heads, self.head_size = num_heads, head_size
-        self.num_kv_heads, self.scale = num_kv_heads, float(scale)
-        self.num_queries_per_kv = num_heads // num_kv_heads
-        self.kv_cache_dtype = kv_cache_dtype or "auto"
-        self.attn_type = attn_type
-        self.alibi_slopes, self.sinks, self.logits_soft_cap = None, None, 0
-        self.sliding_window = (-1, -1)
-        self.kv_sharing_target_layer_name = None
+        # is never used; what its cache write reads is set instead.
+        vllm_compat.init_flash_impl_for_kv_update(
+            self, num_heads=num_heads, head_size=head_size, num_kv_heads=num_kv_heads,
+            scale=scale, kv_cache_dtype=kv_cache_dtype, attn_type=attn_type)
         self.kernels = TritonKernels(num_heads, head_size)
 
     def do_kv_cache_update(self, layer, key: torch.Tensor, value: torch.Tensor,

@@ -17,18 +17,20 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvp.chunking import attention_ratio_from_hf_config, chunk_tokens
-from vllm_kvp.config import KVPConfig
+from vllm_kvp.config import kvp_config
+from vllm_kvp.vllm_compat import SchedulerHooks
 
 logger = logging.getLogger("vllm.vllm_kvp")
 
 
 class AdaptiveChunkingMixin:
     """Caps a long prefill's chunk by `chunking.chunk_tokens` when `kvp.prefill_chunking` is
-    "adaptive"; a no-op with "fixed". Put it before vLLM's `Scheduler` in the bases."""
+    "adaptive"; a no-op with "fixed". Put it before `vllm_compat.SchedulerHooks` (which calls
+    `kvp_cap_prefill`) and vLLM's `Scheduler` in the bases."""
 
     def __init__(self, vllm_config, *args: Any, **kwargs: Any) -> None:
         super().__init__(vllm_config, *args, **kwargs)
-        kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
+        kvp = kvp_config(vllm_config)
         self.chunk_ratio: float | None = None
         if not kvp.adaptive_chunking:
             return
@@ -45,11 +47,11 @@ class AdaptiveChunkingMixin:
             chunk_tokens(probe, self.first_chunk, self.chunk_ratio),
         )
 
-    def _reserve_prefill_lookahead(self, request, num_computed_tokens: int,
-                                   num_new_tokens: int) -> int:
+    def kvp_cap_prefill(self, request, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """`vllm_compat.SchedulerHooks`' per-request cap on the tokens a prefill may take."""
         if self.chunk_ratio is not None and num_new_tokens > 1:
             num_new_tokens = min(num_new_tokens, self.adaptive_cap(num_computed_tokens))
-        return super()._reserve_prefill_lookahead(request, num_computed_tokens, num_new_tokens)
+        return num_new_tokens
 
     def adaptive_cap(self, num_computed_tokens: int) -> int:
         """Tokens a prefill whose prompt has `num_computed_tokens` done may take this step."""
@@ -60,11 +62,11 @@ class AdaptiveChunkingMixin:
         return max(1, min(cap, self.max_num_scheduled_tokens - others))
 
 
-class AdaptiveChunkScheduler(AdaptiveChunkingMixin, Scheduler):
+class AdaptiveChunkScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
     """vLLM's scheduler with adaptive prefill chunks: what `kvp.size == 1` with
     `prefill_chunking="adaptive"` runs (no other vllm_kvp class is involved then)."""
 
 
-class AdaptiveChunkAsyncScheduler(AdaptiveChunkingMixin, AsyncScheduler):
+class AdaptiveChunkAsyncScheduler(AdaptiveChunkingMixin, SchedulerHooks, AsyncScheduler):
     """The same over vLLM's asynchronous scheduler, which vLLM picks for one CUDA worker without
     pipeline stages (never on CPU; see `layout.finish_engine_config`)."""

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from vllm_kvp import vllm_compat
 from vllm_kvp.columns import assemble_columns, pad_columns
 from vllm_kvp.stats import STATS
 from vllm_kvp.step_policy import COLUMNS, PARTIALS, QUERIES
@@ -51,7 +52,7 @@ def init_kvp_group(kvp_size: int) -> None:
     # over shared memory instead of gloo's sockets; the name has no other effect.
     _KVP_GROUP = init_model_parallel_group(
         kvp_group_ranks(world.world_size, kvp_size), world.local_rank, backend,
-        group_name="tp_kvp",
+        group_name=vllm_compat.KVP_GROUP_NAME,
     )
 
 

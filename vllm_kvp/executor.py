@@ -13,7 +13,8 @@ import logging
 
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
-from vllm_kvp.config import KVPConfig
+from vllm_kvp.config import kvp_config
+from vllm_kvp.rank_map import RankMap
 from vllm_kvp.layout import ensure_cpu_thread_binding
 from vllm_kvp.vllm_compat import ExecutorHooks, shrink_to_rank_share
 
@@ -26,7 +27,7 @@ class KVPMixin(ExecutorHooks):
     """Shared by the executors: world-size override and pooled KV-cache sizing."""
 
     def _setup_kvp(self) -> None:
-        self.kvp = KVPConfig.from_additional_config(self.vllm_config.additional_config)
+        self.kvp = kvp_config(self.vllm_config)
         pc = self.vllm_config.parallel_config
         replica = pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.prefill_context_parallel_size
         pc.world_size = replica * self.kvp.size
@@ -72,22 +73,19 @@ class KVPMixin(ExecutorHooks):
         return est.peak
 
     def initialize_from_config(self, kv_cache_configs) -> None:
+        block_size = kv_cache_configs[0].kv_cache_groups[0].kv_cache_spec.block_size
+        ranks = RankMap.from_pooled(kv_cache_configs[0].num_blocks, self.kvp.size, block_size)
         for config in kv_cache_configs:
-            shrink_to_rank_share(config, config.num_blocks // self.kvp.size)
-        self._log_layout(kv_cache_configs[0])
+            shrink_to_rank_share(config, ranks.blocks_per_rank)
+        self._log_layout(ranks)
         super().initialize_from_config(kv_cache_configs)
 
-
-    def _log_layout(self, config) -> None:
-        blocks = config.num_blocks
-        block_size = config.kv_cache_groups[0].kv_cache_spec.block_size
-        # The null block (one per pool) is never handed out.
-        servable = min(self.vllm_config.model_config.max_model_len,
-                       (blocks * self.kvp.size - 1) * block_size)
+    def _log_layout(self, ranks: RankMap) -> None:
+        servable = min(self.vllm_config.model_config.max_model_len, ranks.largest_context())
         logger.info(
             "vllm_kvp layout: %d KV ranks x %d blocks per rank (%d tokens per rank, block size "
             "%d), %d workers; placement %s; largest context servable: %d tokens",
-            self.kvp.size, blocks, blocks * block_size, block_size,
+            ranks.num_ranks, ranks.blocks_per_rank, ranks.tokens_per_rank, ranks.block_size,
             self.vllm_config.parallel_config.world_size, self.kvp.placement, servable,
         )
 

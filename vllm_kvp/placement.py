@@ -122,7 +122,7 @@ class RankPlacement:
         """A scheduling step starts: blocks handed out from now on count toward its balance."""
         self._step_blocks = [0] * self.num_ranks
 
-    def plan(
+    def choose(
         self, req_id: str, num_new_blocks: int, free_blocks: Sequence[int]
     ) -> Optional[list[int]]:
         """Rank for each of the request's next num_new_blocks blocks, given every rank's free
@@ -136,7 +136,7 @@ class RankPlacement:
             )
         if num_new_blocks == 0:
             return []
-        # Work on a copy: blocks taken earlier in this plan reduce what later ones can use.
+        # Work on a copy: blocks taken earlier in this choice reduce what later ones can use.
         free = list(free_blocks)
         st = self._reqs.get(req_id)
         if self.policy == "striped":
@@ -154,7 +154,7 @@ class RankPlacement:
     def _plan_onboard(
         self, st: Optional[_ReqState], n: int, free: list[int]
     ) -> Optional[list[int]]:
-        # Local view of the request's state, so the plan can onboard mid-way without mutating.
+        # Local view of the request's state, so the choice can onboard mid-way without mutating.
         used = set(st.used) if st else set()
         newest = st.ranks[-1] if st and st.ranks else None
         on_newest = st.counts.get(newest, 0) if newest is not None else 0
@@ -171,7 +171,7 @@ class RankPlacement:
                     # Every rank with room already holds part of this request and the newest is
                     # full: take the used rank with the most room (None: the pool is full). It is
                     # for this block only: the newest rank does not change (commit keeps
-                    # st.ranks as is), so the next block picks again, as a later plan() would.
+                    # st.ranks as is), so the next block picks again, as a later choose() would.
                     r = self._pick_rank(used, free, among_used=True)
                     if r is None:
                         return None
@@ -217,7 +217,7 @@ class RankPlacement:
             self._step_blocks[r] += 1
 
     def add_existing(self, req_id: str, rank: int) -> None:
-        """A block the request got without plan() (a prefix-cache hit) on `rank`. It counts
+        """A block the request got without choose() (a prefix-cache hit) on `rank`. It counts
         toward the request's usage of that rank, and a new rank becomes its newest rank."""
         st = self._reqs.setdefault(req_id, _ReqState())
         self._add_block(req_id, st, rank)

@@ -1,9 +1,9 @@
 """RankedFreeQueue: vLLM's free-block queue split into one queue per KV rank.
 
-The scheduler sees one logical block space of N x P blocks; logical block b lives on rank b // P.
-vLLM's BlockPool takes new blocks from a single free queue that knows no request; this drop-in
+The scheduler sees one logical block space over all KV ranks (`rank_map.RankMap`). vLLM's
+BlockPool takes new blocks from a single free queue that knows no request; this drop-in
 replacement keeps one `FreeKVCacheBlockQueue` per rank and pops from the ranks that the placement
-plan of the request being allocated names. Everything else (prefix caching, eviction order within a
+policy chooses for the request being allocated. Everything else (prefix caching, eviction order within a
 rank, freeing) keeps vLLM's semantics.
 """
 
@@ -13,22 +13,24 @@ from typing import Callable, Sequence
 
 from vllm.v1.core.kv_cache_utils import FreeKVCacheBlockQueue, KVCacheBlock
 
-# A planner receives (number of blocks, free blocks per rank) and returns a rank per block.
-Planner = Callable[[int, Sequence[int]], list[int]]
+from vllm_kvp.rank_map import RankMap
+
+# A chooser receives (number of blocks, free blocks per rank) and returns a rank per block.
+Chooser = Callable[[int, Sequence[int]], list[int]]
 
 
 class RankedFreeQueue:
-    def __init__(self, free_blocks: list[KVCacheBlock], num_ranks: int, blocks_per_rank: int):
-        self.num_ranks = num_ranks
-        self.blocks_per_rank = blocks_per_rank
-        per_rank: list[list[KVCacheBlock]] = [[] for _ in range(num_ranks)]
+    def __init__(self, free_blocks: list[KVCacheBlock], ranks: RankMap):
+        self.ranks = ranks
+        self.num_ranks = ranks.num_ranks
+        per_rank: list[list[KVCacheBlock]] = [[] for _ in range(self.num_ranks)]
         for block in free_blocks:
             per_rank[self.rank_of(block.block_id)].append(block)
         self.queues = [FreeKVCacheBlockQueue(blocks) for blocks in per_rank]
-        self.planner: Planner | None = None
+        self.chooser: Chooser | None = None
 
     def rank_of(self, block_id: int) -> int:
-        return block_id // self.blocks_per_rank
+        return self.ranks.rank_of_block(block_id)
 
     @property
     def num_free_blocks(self) -> int:
@@ -44,14 +46,14 @@ class RankedFreeQueue:
         if n == 0:
             return []
         free = self.free_per_rank()
-        ranks = self.planner(n, free) if self.planner is not None else None
+        ranks = self.chooser(n, free) if self.chooser is not None else None
         if ranks is None:
             ranks = most_free_first(n, free)
         counts = [0] * self.num_ranks
         for r in ranks:
             counts[r] += 1
         popped = {r: iter(self.queues[r].popleft_n(c)) for r, c in enumerate(counts) if c}
-        # Keep the plan's order: block i of the allocation comes from ranks[i].
+        # Keep the chosen order: block i of the allocation comes from ranks[i].
         return [next(popped[r]) for r in ranks]
 
     def remove(self, block: KVCacheBlock) -> None:
@@ -79,7 +81,7 @@ class RankedFreeQueue:
 
 
 def most_free_first(n: int, free: Sequence[int]) -> list[int]:
-    """Fallback when no plan applies (e.g. the null block at start-up): take from the ranks with
+    """Fallback when no choice applies (e.g. the null block at start-up): take from the ranks with
     the most free blocks. Correctness never depends on placement, only balance does."""
     free = list(free)
     ranks = []

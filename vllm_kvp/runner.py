@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vllm_kvp import comm
+from vllm_kvp import comm, vllm_compat
 from vllm_kvp.stats import STATS
 from vllm_kvp.step import Step, publish, step_of
 from vllm_kvp.step_policy import HIDDEN
@@ -32,10 +32,7 @@ class KVPRunnerMixin:
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs: Any) -> Any:
-        from vllm.forward_context import get_forward_context
-
-        fc = get_forward_context()
-        step = step_of(fc.attn_metadata)
+        step = step_of(vllm_compat.forward_attn_metadata())
         publish(step)
         if step is not None:
             STATS.record_step(step.kind, step.routing.counts, step.num_tokens, step.spans)
@@ -62,7 +59,7 @@ class KVPRunnerMixin:
                 return out
             mine = out[r.row_idx]  # the owner's rows are the ones every rank keeps
         else:
-            mine = self._run_own_rows(fc, step, input_ids, positions, intermediate_tensors,
+            mine = self._run_own_rows(step, input_ids, positions, intermediate_tensors,
                                       inputs_embeds)
             STATS.tokens_computed += r.num_local
             if not isinstance(mine, torch.Tensor):  # IntermediateTensors for the next stage
@@ -75,24 +72,18 @@ class KVPRunnerMixin:
         full[: r.num_tokens] = hidden
         return full
 
-    def _run_own_rows(self, fc, step: Step, input_ids, positions, intermediate_tensors,
+    def _run_own_rows(self, step: Step, input_ids, positions, intermediate_tensors,
                       inputs_embeds):
-        """The model on this rank's rows of a routed or local step only."""
+        """The model on this rank's rows of a routed or local step only; the layers write K/V
+        through the forward context's slot mapping, narrowed to one slot per row run."""
         idx = step.routing.row_idx
-        saved = fc.slot_mapping, fc.is_padding
-        # The layers write K/V through the forward context's slot mapping, one slot per row.
-        fc.slot_mapping = {name: step.routing.row_slots for name in (fc.slot_mapping or {})}
-        if fc.is_padding is not None:
-            fc.is_padding = fc.is_padding[idx]
-        try:
+        with vllm_compat.narrowed_forward_context(step.routing.row_slots, idx):
             return self.model(
                 input_ids=None if input_ids is None else input_ids[idx],
                 positions=positions[..., idx],
                 intermediate_tensors=intermediate_tensors,
                 inputs_embeds=None if inputs_embeds is None else inputs_embeds[idx],
             )
-        finally:
-            fc.slot_mapping, fc.is_padding = saved
 
     def sync_and_gather_intermediate_tensors(self, num_tokens: int, intermediate_tensors,
                                              sync_self: bool):
@@ -109,7 +100,4 @@ class KVPRunnerMixin:
 def install_owner_computes(runner: Any) -> None:
     """Give an already built model runner the KVP mixin (it adds methods only, so swapping the
     class after __init__ is safe, and vLLM's own runner classes stay untouched)."""
-    cls = type(runner)
-    if issubclass(cls, KVPRunnerMixin):
-        return
-    runner.__class__ = type(f"KVP{cls.__name__}", (KVPRunnerMixin, cls), {})
+    vllm_compat.swap_runner_class(runner, KVPRunnerMixin)

@@ -15,7 +15,8 @@ from typing import Any
 from vllm.v1.core.sched.scheduler import Scheduler
 
 from vllm_kvp.chunk_scheduler import AdaptiveChunkingMixin
-from vllm_kvp.config import KVPConfig
+from vllm_kvp.config import kvp_config
+from vllm_kvp.rank_map import RankMap
 from vllm_kvp.metrics import KVPMetrics
 from vllm_kvp.placement import RankPlacement
 from vllm_kvp.rank_pool import RankedFreeQueue, most_free_first
@@ -26,24 +27,24 @@ from vllm_kvp.vllm_compat import (SchedulerHooks, allocate_slots_args, blocks_he
 logger = logging.getLogger("vllm.vllm_kvp")
 
 
-class KVPScheduler(SchedulerHooks, AdaptiveChunkingMixin, Scheduler):
+class KVPScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
     def __init__(self, vllm_config, kv_cache_config, *args: Any, **kwargs: Any) -> None:
-        self.kvp = KVPConfig.from_additional_config(vllm_config.additional_config)
-        kv_cache_config, self.blocks_per_rank = pooled_scheduler_kv_config(
+        self.kvp = kvp_config(vllm_config)
+        kv_cache_config, blocks_per_rank = pooled_scheduler_kv_config(
             vllm_config, kv_cache_config, self.kvp.size)
         super().__init__(vllm_config, kv_cache_config, *args, **kwargs)
+        self.ranks = RankMap(self.kvp.size, blocks_per_rank, self.block_size)
 
         manager = self.kv_cache_manager
         self.rank_queue = replace_free_block_queue(
-            manager.block_pool,
-            lambda free: RankedFreeQueue(free, self.kvp.size, self.blocks_per_rank))
+            manager.block_pool, lambda free: RankedFreeQueue(free, self.ranks))
         self.placement = RankPlacement(
             self.kvp.size, self.block_size, policy=self.kvp.placement,
             max_tokens_per_rank=self.kvp.max_tokens_per_rank,
-            blocks_per_rank=self.blocks_per_rank,
+            blocks_per_rank=self.ranks.blocks_per_rank,
         )
         self.placement.on_onboard = self._on_onboard
-        self.metrics = KVPMetrics(self.kvp.size, self.blocks_per_rank)
+        self.metrics = KVPMetrics(self.kvp.size, self.ranks.blocks_per_rank)
         # The manager is vLLM's; wrapping its instance methods (not the class) keeps every other
         # engine in the process untouched.
         self._allocate = manager.allocate_slots
@@ -54,25 +55,25 @@ class KVPScheduler(SchedulerHooks, AdaptiveChunkingMixin, Scheduler):
     def _allocate_slots(self, request, num_new_tokens: int, *args: Any, **kwargs: Any):
         req_id = request.request_id
         call = allocate_slots_args(request, num_new_tokens, args, kwargs)
-        if self.placement.plan(req_id, self._blocks_needed(request, call),
-                               self.rank_queue.free_per_rank()) is None:
+        if self.placement.choose(req_id, self._blocks_needed(request, call),
+                                 self.rank_queue.free_per_rank()) is None:
             return None  # vLLM's answer to "not enough KV cache": wait or preempt
         for block in computed_blocks(call["new_computed_blocks"]):
             if not block.is_null:
                 self.placement.add_existing(req_id, self.rank_queue.rank_of(block.block_id))
 
-        def planner(n, free):
+        def choose(n, free):
             # vLLM's exact count can differ from the estimate above; if the policy cannot place
             # it, any rank with room will do (exactness never depends on placement).
-            ranks = self.placement.plan(req_id, n, free) or most_free_first(n, free)
+            ranks = self.placement.choose(req_id, n, free) or most_free_first(n, free)
             self.placement.commit(req_id, ranks)
             return ranks
 
-        self.rank_queue.planner = planner
+        self.rank_queue.chooser = choose
         try:
             blocks = self._allocate(request, num_new_tokens, *args, **kwargs)
         finally:
-            self.rank_queue.planner = None
+            self.rank_queue.chooser = None
         if blocks is None and not self.kv_cache_manager.get_block_ids(req_id)[0]:
             # A request that got nothing holds nothing: forget the prefix hits recorded above.
             self.placement.free(req_id)
@@ -123,12 +124,8 @@ class KVPScheduler(SchedulerHooks, AdaptiveChunkingMixin, Scheduler):
 
     def _record_usage(self) -> None:
         free = self.rank_queue.free_per_rank()
-        usable = self._usable_blocks()
+        usable = self.ranks.usable_blocks()  # the null block is never free nor usable
         self.metrics.record_usage([u - f for u, f in zip(usable, free)], usable)
-
-    def _usable_blocks(self) -> list[int]:
-        # Rank 0 holds vLLM's null block, which is never free nor usable.
-        return [self.blocks_per_rank - (1 if r == 0 else 0) for r in range(self.kvp.size)]
 
     def kvp_zero_new_blocks(self) -> bool:
         # KVP attention reads only the tokens each shard holds, so a fresh block's stale contents

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from vllm_kvp import comm
+from vllm_kvp import comm, vllm_compat
 from vllm_kvp.columns import column_bounds
 from vllm_kvp.stats import STATS
 from vllm_kvp.step import current_step
@@ -103,5 +103,5 @@ def _cpu_kernel(proxy: torch.nn.Module) -> Callable:
 
 def _view_kernel(layer: torch.nn.Module, weight: torch.Tensor, lo: int, hi: int) -> Callable:
     # vLLM's GEMM for this layer, on a view of the rows of the weight that make this rank's columns.
-    gemm, rows = layer.quant_method._gemm_impl, weight[lo:hi]
+    gemm, rows = vllm_compat.unquantized_gemm(layer), weight[lo:hi]
     return lambda x, bias: gemm(layer, x, rows, bias)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vllm_kvp import vllm_compat
 from vllm_kvp.rank_map import RankMap
 from vllm_kvp.routing import StepRouting, route_step, routing_from_tensors
 from vllm_kvp.shard_map import local_blocks, own_query_start_loc, spanning
@@ -153,20 +154,11 @@ def step_of(attn_metadata) -> Step | None:
     return md if isinstance(md, Step) else None
 
 
-_KEY = "kvp_step"  # the forward context's `additional_kwargs` entry
-
-
 def publish(step: Step | None) -> None:
     """Make `step` the current step of this forward (read by `current_step`)."""
-    from vllm.forward_context import get_forward_context
-
-    get_forward_context().additional_kwargs[_KEY] = step
+    vllm_compat.publish_step(step)
 
 
 def current_step() -> Step | None:
     """The step the model is running now, if it is a KVP step (None outside a forward)."""
-    from vllm.forward_context import get_forward_context, is_forward_context_available
-
-    if not is_forward_context_available():
-        return None
-    return get_forward_context().additional_kwargs.get(_KEY)
+    return vllm_compat.current_step()

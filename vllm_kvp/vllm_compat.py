@@ -331,9 +331,13 @@ def pooled_scheduler_kv_config(vllm_config: Any, kv_cache_config: Any, num_ranks
                                ) -> tuple[Any, int]:
     """The KVCacheConfig the scheduler's block pool is built from: the executor planned about
     N x P blocks; trimmed to exactly N x P (P = each worker's blocks). Returns (config, P)."""
+    from vllm_kvp.rank_map import RankMap
+
     config = copy.deepcopy(kv_cache_config)
-    per_rank = config.num_blocks // num_ranks
-    config.num_blocks = per_rank * num_ranks
+    block_size = config.kv_cache_groups[0].kv_cache_spec.block_size
+    ranks = RankMap.from_pooled(config.num_blocks, num_ranks, block_size)
+    per_rank = ranks.blocks_per_rank
+    config.num_blocks = ranks.pooled_blocks
     vllm_config.cache_config.num_gpu_blocks = config.num_blocks
     return config, per_rank
 

@@ -17,7 +17,7 @@ import logging
 
 from vllm.platforms import current_platform
 
-from vllm_kvp import comm, split_linear, step
+from vllm_kvp import comm, split_linear, step, vllm_compat
 from vllm_kvp.config import KVPConfig, kvp_config
 from vllm_kvp.rank_map import RankMap
 from vllm_kvp.runner import install_owner_computes
@@ -43,13 +43,10 @@ def register_kvp_backend() -> None:
     CPU: the platform's only backend, CPU_ATTN, is overridden. CUDA: `layout.apply_to_engine_args`
     selects vLLM's CUSTOM slot, so other lookups of FLASH_ATTN in the worker (vision encoders,
     drafters, backend probing) still get vLLM's own class."""
-    from vllm.v1.attention.backends.registry import AttentionBackendEnum, register_backend
-
-    if current_platform.is_cpu():
-        register_backend(AttentionBackendEnum.CPU_ATTN, "vllm_kvp.backend.KVPAttentionBackend")
-    else:
-        register_backend(AttentionBackendEnum.CUSTOM,
-                         "vllm_kvp.backend_cuda.KVPFlashAttentionBackend")
+    cpu = current_platform.is_cpu()
+    vllm_compat.register_attention_backend(
+        cpu, "vllm_kvp.backend.KVPAttentionBackend" if cpu
+        else "vllm_kvp.backend_cuda.KVPFlashAttentionBackend")
 
 
 def step_policy_for(vllm_config, kvp: KVPConfig, cuda: bool) -> StepPolicy:

@@ -72,7 +72,7 @@ def _run(sched, steps=50):
 
 def test_pool_is_exactly_n_times_the_rank_share(model_path):
     sched, config = _scheduler(model_path)
-    assert sched.blocks_per_rank == PER_RANK
+    assert sched.ranks.blocks_per_rank == PER_RANK
     assert config.cache_config.num_gpu_blocks == 2 * PER_RANK
     assert sched.rank_queue.free_per_rank() == [PER_RANK - 1, PER_RANK]  # rank 0: null block
 

@@ -62,7 +62,7 @@ def grow(p, req, n, free):
     """Allocate n blocks one decode step at a time, updating `free` like the real pool would."""
     placed = []
     for _ in range(n):
-        got = p.plan(req, 1, free)
+        got = p.choose(req, 1, free)
         assert got is not None
         p.commit(req, got)
         free[got[0]] -= 1
@@ -92,11 +92,11 @@ def test_quota_is_ceil_of_tokens_over_block_size():
 
 def test_bad_plan_arguments():
     p = RankPlacement(2, 4)
-    for bad in (lambda: p.plan("a", 1, [5]), lambda: p.plan("a", -1, [5, 5]),
+    for bad in (lambda: p.choose("a", 1, [5]), lambda: p.choose("a", -1, [5, 5]),
                 lambda: p.commit("a", [2])):  # wrong rank count, negative n, rank out of range
         with pytest.raises(ValueError):
             bad()
-    assert p.plan("a", 0, [0, 0]) == []
+    assert p.choose("a", 0, [0, 0]) == []
 
 
 @given(num_ranks=st.integers(1, 6), block_size=st.integers(1, 8), max_tokens=st.integers(1, 40),
@@ -109,7 +109,7 @@ def test_onboards_exactly_at_token_multiples(num_ranks, block_size, max_tokens, 
     quota = -(-max_tokens // block_size)
     n = quota * num_ranks  # exactly fills every rank's quota; plenty of free blocks everywhere
     free = [10 * n] * num_ranks
-    placed = grow(p, "r", n, free) if stepwise else p.plan("r", n, free)
+    placed = grow(p, "r", n, free) if stepwise else p.choose("r", n, free)
     if not stepwise:
         p.commit("r", placed)
     order = runs(placed)
@@ -125,7 +125,7 @@ def test_onboards_exactly_at_token_multiples(num_ranks, block_size, max_tokens, 
     assert p.num_onboard_events == num_ranks
     # Every rank is at quota and none is unused: the threshold is not a cap, so further blocks
     # keep growing on the newest rank (no new onboarding).
-    more = p.plan("r", 3, free)
+    more = p.choose("r", 3, free)
     assert more == [order[-1]] * 3
     p.commit("r", more)
     assert p.blocks_on("r")[order[-1]] == quota + 3 and p.num_onboard_events == num_ranks
@@ -133,24 +133,24 @@ def test_onboards_exactly_at_token_multiples(num_ranks, block_size, max_tokens, 
 
 
 def test_least_loaded_choice_lowest_id_on_ties():
-    assert RankPlacement(4, 16).plan("a", 1, [3, 9, 9, 2]) == [1]
-    assert RankPlacement(4, 16).plan("a", 1, [5, 5, 5, 5]) == [0]
+    assert RankPlacement(4, 16).choose("a", 1, [3, 9, 9, 2]) == [1]
+    assert RankPlacement(4, 16).choose("a", 1, [5, 5, 5, 5]) == [0]
     p = RankPlacement(4, 1, max_tokens_per_rank=2)
     # rank 1 first (most free), then rank 3 (most free among unused), then 0 over 2 (tie -> low id)
-    assert p.plan("a", 6, [5, 9, 5, 7]) == [1, 1, 3, 3, 0, 0]
+    assert p.choose("a", 6, [5, 9, 5, 7]) == [1, 1, 3, 3, 0, 0]
 
 
 def test_prompts_of_one_step_start_on_different_ranks():
     """Free blocks alone would put both on rank 0 (a one-block tie after rank 1's decode block);
     the blocks handed out in the step send the second prompt to rank 1."""
     p = RankPlacement(2, 128)
-    p.commit("a", p.plan("a", 8, [99, 100]))  # first step: "a" alone, on the freer rank
+    p.commit("a", p.choose("a", 8, [99, 100]))  # first step: "a" alone, on the freer rank
     assert p.ranks_of("a") == [1]
     p.begin_step()
-    p.commit("a", p.plan("a", 1, [99, 92]))  # "a" decodes past its block on rank 1
-    b = p.plan("b", 8, [99, 91])
+    p.commit("a", p.choose("a", 1, [99, 92]))  # "a" decodes past its block on rank 1
+    b = p.choose("b", 8, [99, 91])
     p.commit("b", b)
-    c = p.plan("c", 8, [91, 91])
+    c = p.choose("c", 8, [91, 91])
     assert b == [0] * 8 and c == [1] * 8
 
 
@@ -163,13 +163,13 @@ def test_new_requests_start_where_fewest_requests_grow():
         p.add_existing(req, rank)
     assert p.growing_on() == [2, 1, 0]
     p.begin_step()
-    assert p.plan("d", 1, [50, 50, 10]) == [2]
-    assert p.plan("d", 20, [50, 50, 10]) == [1] * 20  # rank 2 cannot hold 20 blocks
-    assert p.plan("d", 90, [50, 50, 10]) == [2] * 10 + [0] * 50 + [1] * 30  # none can: any rank
+    assert p.choose("d", 1, [50, 50, 10]) == [2]
+    assert p.choose("d", 20, [50, 50, 10]) == [1] * 20  # rank 2 cannot hold 20 blocks
+    assert p.choose("d", 90, [50, 50, 10]) == [2] * 10 + [0] * 50 + [1] * 30  # none can: any rank
     p.free("c")
     p.free("unknown")
     assert p.growing_on() == [2, 0, 0]
-    assert p.plan("d", 1, [50, 60, 60]) == [1]
+    assert p.choose("d", 1, [50, 60, 60]) == [1]
     p.add_existing("a", 2)  # "a" onboards rank 2: its tokens now run there
     assert p.growing_on() == [1, 0, 1]
 
@@ -177,8 +177,8 @@ def test_new_requests_start_where_fewest_requests_grow():
 def test_mid_plan_accounts_for_own_blocks():
     # Unlimited quota: the request fills rank 0, and once the plan exhausted it moves on.
     p = RankPlacement(3, 16)
-    assert p.plan("a", 7, [4, 2, 3]) == [0] * 4 + [2] * 3
-    assert p.plan("a", 10, [4, 2, 3]) is None
+    assert p.choose("a", 7, [4, 2, 3]) == [0] * 4 + [2] * 3
+    assert p.choose("a", 10, [4, 2, 3]) is None
 
 
 @given(k=st.integers(1, 4), num_ranks=st.integers(1, 6), blocks=st.integers(1, 3))
@@ -188,7 +188,7 @@ def test_short_requests_are_balanced(k, num_ranks, blocks):
     free = [100] * num_ranks
     per_rank = [0] * num_ranks
     for i in range(k * num_ranks):
-        got = p.plan(f"r{i}", blocks, free)
+        got = p.choose(f"r{i}", blocks, free)
         assert len(set(got)) == 1  # short requests stay on one rank
         p.commit(f"r{i}", got)
         free[got[0]] -= blocks
@@ -198,25 +198,25 @@ def test_short_requests_are_balanced(k, num_ranks, blocks):
 
 def test_full_ranks_are_skipped():
     p = RankPlacement(4, 1, max_tokens_per_rank=2)
-    assert p.plan("a", 4, [0, 3, 0, 3]) == [1, 1, 3, 3]
+    assert p.choose("a", 4, [0, 3, 0, 3]) == [1, 1, 3, 3]
     # Ranks 0 and 2 stay skipped; the fifth block grows past quota on rank 3 (the newest).
-    assert p.plan("a", 5, [0, 3, 0, 3]) == [1, 1, 3, 3, 3]
+    assert p.choose("a", 5, [0, 3, 0, 3]) == [1, 1, 3, 3, 3]
     # Then rank 3 is full: back to rank 1, the only used rank with room.
-    assert p.plan("a", 6, [0, 3, 0, 3]) == [1, 1, 3, 3, 3, 1]
-    assert p.plan("a", 7, [0, 3, 0, 3]) is None
-    assert p.plan("b", 1, [0, 0, 0, 1]) == [3]
+    assert p.choose("a", 6, [0, 3, 0, 3]) == [1, 1, 3, 3, 3, 1]
+    assert p.choose("a", 7, [0, 3, 0, 3]) is None
+    assert p.choose("b", 1, [0, 0, 0, 1]) == [3]
 
 
 def test_newest_rank_runs_out_before_quota():
     p = RankPlacement(3, 1, max_tokens_per_rank=10)
-    p.commit("a", p.plan("a", 2, [5, 2, 1]))
+    p.commit("a", p.choose("a", 2, [5, 2, 1]))
     assert p.ranks_of("a") == [0]
     # Rank 0 (the newest) is now empty although below quota: onboard the next, never go back.
-    got = p.plan("a", 3, [0, 2, 1])
+    got = p.choose("a", 3, [0, 2, 1])
     assert got == [1, 1, 2]
     p.commit("a", got)
     # No unused rank is left and the newest (2) is full: rank 0 (older, has room) takes it.
-    assert p.plan("a", 1, [9, 0, 0]) == [0]
+    assert p.choose("a", 1, [9, 0, 0]) == [0]
     p.commit("a", [0])
     assert p.ranks_of("a") == [0, 1, 2]  # order unchanged, no new onboarding
     assert p.blocks_on("a") == {0: 3, 1: 2, 2: 1} and p.num_onboard_events == 3
@@ -224,12 +224,12 @@ def test_newest_rank_runs_out_before_quota():
 
 def test_none_when_pool_cannot_fit():
     p = RankPlacement(2, 1)
-    assert p.plan("a", 1, [0, 0]) is None
-    assert p.plan("a", 5, [2, 2]) is None
-    assert p.plan("a", 4, [2, 2]) == [0, 0, 1, 1]
-    assert p.plan("a", 3, [1, 1]) is None
+    assert p.choose("a", 1, [0, 0]) is None
+    assert p.choose("a", 5, [2, 2]) is None
+    assert p.choose("a", 4, [2, 2]) == [0, 0, 1, 1]
+    assert p.choose("a", 3, [1, 1]) is None
     # Quotas never make a plan fail: past every rank's quota the newest rank keeps growing.
-    assert RankPlacement(2, 1, max_tokens_per_rank=2).plan("a", 5, [9, 9]) == [0, 0, 1, 1, 1]
+    assert RankPlacement(2, 1, max_tokens_per_rank=2).choose("a", 5, [9, 9]) == [0, 0, 1, 1, 1]
 
 
 def test_plan_is_side_effect_free():
@@ -237,8 +237,8 @@ def test_plan_is_side_effect_free():
     calls = []
     p.on_onboard = lambda *a: calls.append(a)
     free = [5, 5, 5]
-    first = p.plan("a", 5, free)
-    assert p.plan("a", 5, free) == first
+    first = p.choose("a", 5, free)
+    assert p.choose("a", 5, free) == first
     assert free == [5, 5, 5]
     assert p.ranks_of("a") == [] and p.blocks_on("a") == {} and "a" not in p
     assert p.num_onboard_events == 0 and calls == []
@@ -248,7 +248,7 @@ def test_add_existing_counts_toward_quota():
     p = RankPlacement(3, 4, max_tokens_per_rank=8)  # quota 2 blocks
     p.add_existing("a", 2)
     assert p.ranks_of("a") == [2] and p.blocks_on("a") == {2: 1}
-    got = p.plan("a", 3, [5, 6, 5])
+    got = p.choose("a", 3, [5, 6, 5])
     assert got == [2, 1, 1]  # one more fills rank 2, then the least-loaded unused rank
     p.commit("a", got)
     assert p.blocks_on("a") == {2: 2, 1: 2}
@@ -256,13 +256,13 @@ def test_add_existing_counts_toward_quota():
 
 def test_free_forgets():
     p = RankPlacement(2, 1, max_tokens_per_rank=1)
-    p.commit("a", p.plan("a", 2, [5, 5]))
-    assert p.plan("a", 1, [5, 5]) == [1]  # both ranks at quota: stays on the newest
-    assert p.plan("a", 1, [5, 0]) == [0]  # newest full: the other used rank
+    p.commit("a", p.choose("a", 2, [5, 5]))
+    assert p.choose("a", 1, [5, 5]) == [1]  # both ranks at quota: stays on the newest
+    assert p.choose("a", 1, [5, 0]) == [0]  # newest full: the other used rank
     p.free("a")
     assert p.ranks_of("a") == [] and p.blocks_on("a") == {} and len(p) == 0
-    assert p.plan("a", 1, [5, 6]) == [1]  # a fresh request again starts on the least-loaded
-    assert p.plan("a", 2, [5, 6]) == [1, 0]  # and onboards at quota 1
+    assert p.choose("a", 1, [5, 6]) == [1]  # a fresh request again starts on the least-loaded
+    assert p.choose("a", 2, [5, 6]) == [1, 0]  # and onboards at quota 1
     p.free("never-seen")  # no error
 
 
@@ -272,32 +272,32 @@ def test_a_grows_past_quota_on_newest_rank():
     p = RankPlacement(3, 1, max_tokens_per_rank=2)
     events = []
     p.on_onboard = lambda req, rank, tok: events.append((rank, tok))
-    got = p.plan("a", 7, [9, 9, 0])
+    got = p.choose("a", 7, [9, 9, 0])
     assert got == [0, 0, 1, 1, 1, 1, 1]
     p.commit("a", got)
     assert p.ranks_of("a") == [0, 1] and p.blocks_on("a") == {0: 2, 1: 5}
-    assert p.plan("a", 2, [20, 3, 0]) == [1, 1]  # newest over older rank 0 with more room
+    assert p.choose("a", 2, [20, 3, 0]) == [1, 1]  # newest over older rank 0 with more room
     # An unused rank with room is still preferred over (a) once it appears (here: right after
     # the quota was passed, so not at a multiple of it).
-    got = p.plan("a", 1, [20, 3, 4])
+    got = p.choose("a", 1, [20, 3, 4])
     assert got == [2]
     p.commit("a", got)
     assert events == [(0, 0), (1, 2), (2, 7)]
-    assert p.plan("a", 3, [20, 3, 4]) == [2, 2, 2]  # newest again: quota 2 then (a) past it
+    assert p.choose("a", 3, [20, 3, 4]) == [2, 2, 2]  # newest again: quota 2 then (a) past it
 
 
 def test_b_full_newest_takes_most_free_used_rank():
     """(b) No unused rank has room and the newest is full: the used rank with the most free
     blocks (ties -> lowest id) takes the block; ranks order and onboard count are unchanged."""
     p = RankPlacement(4, 1, max_tokens_per_rank=1)
-    p.commit("a", p.plan("a", 3, [5, 5, 5, 0]))
+    p.commit("a", p.choose("a", 3, [5, 5, 5, 0]))
     assert p.ranks_of("a") == [0, 1, 2] and p.num_onboard_events == 3
-    assert p.plan("a", 1, [3, 5, 0, 0]) == [1]  # most free
-    assert p.plan("a", 1, [4, 4, 0, 0]) == [0]  # tie -> lowest id
-    assert p.plan("a", 1, [4, 4, 0, 1]) == [3]  # an unused rank with room beats (b)
-    assert p.plan("a", 1, [0, 0, 1, 0]) == [2]  # the newest has room again: (a)
+    assert p.choose("a", 1, [3, 5, 0, 0]) == [1]  # most free
+    assert p.choose("a", 1, [4, 4, 0, 0]) == [0]  # tie -> lowest id
+    assert p.choose("a", 1, [4, 4, 0, 1]) == [3]  # an unused rank with room beats (b)
+    assert p.choose("a", 1, [0, 0, 1, 0]) == [2]  # the newest has room again: (a)
     # Per block, from the unchanged newest rank 2: each block re-picks the most free used rank.
-    got = p.plan("a", 4, [3, 2, 0, 0])
+    got = p.choose("a", 4, [3, 2, 0, 0])
     assert got == [0, 0, 1, 0]
     p.commit("a", got)
     assert p.ranks_of("a") == [0, 1, 2] and p.num_onboard_events == 3
@@ -309,16 +309,16 @@ def test_b_full_newest_takes_most_free_used_rank():
 
 
 def test_c_none_only_when_no_rank_has_room():
-    """(c) plan() fails only when some block finds no rank with a free block at all."""
+    """(c) choose() fails only when some block finds no rank with a free block at all."""
     p = RankPlacement(3, 1, max_tokens_per_rank=1)
-    assert p.plan("a", 1, [0, 0, 0]) is None
-    p.commit("a", p.plan("a", 2, [5, 5, 0]))
-    assert p.plan("a", 1, [0, 0, 0]) is None
-    assert p.plan("a", 4, [1, 1, 1]) is None
-    assert sorted(p.plan("a", 3, [1, 1, 1])) == [0, 1, 2]  # every free block is usable
-    assert p.plan("a", 2, [0, 0, 2]) == [2, 2]  # onboard, then grow past quota on it
-    assert p.plan("a", 2, [2, 0, 0]) == [0, 0]  # older rank only
-    assert p.plan("a", 3, [2, 0, 0]) is None
+    assert p.choose("a", 1, [0, 0, 0]) is None
+    p.commit("a", p.choose("a", 2, [5, 5, 0]))
+    assert p.choose("a", 1, [0, 0, 0]) is None
+    assert p.choose("a", 4, [1, 1, 1]) is None
+    assert sorted(p.choose("a", 3, [1, 1, 1])) == [0, 1, 2]  # every free block is usable
+    assert p.choose("a", 2, [0, 0, 2]) == [2, 2]  # onboard, then grow past quota on it
+    assert p.choose("a", 2, [2, 0, 0]) == [0, 0]  # older rank only
+    assert p.choose("a", 3, [2, 0, 0]) is None
 
 
 @given(num_ranks=st.integers(1, 5), block_size=st.integers(1, 3),
@@ -334,7 +334,7 @@ def test_batched_plan_matches_reference_and_stepwise(num_ranks, block_size, max_
         q.add_existing("a", r)
     free = data.draw(st.lists(st.integers(0, 6), min_size=num_ranks, max_size=num_ranks))
     k = data.draw(st.integers(1, 12))
-    got = p.plan("a", k, free)
+    got = p.choose("a", k, free)
     assert (got is None) == (k > sum(free))  # (c)
     ref = reference_plan(history, k, free, quota, num_ranks)
     assert (ref and ref[0]) == got
@@ -348,18 +348,18 @@ def test_striped_layout(num_ranks, existing, n):
     p = RankPlacement(num_ranks, 16, policy="striped")
     for i in range(existing):
         p.add_existing("a", i % num_ranks)
-    assert p.plan("a", n, [100] * num_ranks) == [(existing + i) % num_ranks for i in range(n)]
+    assert p.choose("a", n, [100] * num_ranks) == [(existing + i) % num_ranks for i in range(n)]
 
 
 def test_striped_none_when_target_rank_full():
     p = RankPlacement(3, 16, policy="striped")
-    assert p.plan("a", 3, [1, 0, 9]) is None  # block 1 must go to rank 1, which is full
-    assert p.plan("a", 4, [2, 1, 1]) == [0, 1, 2, 0]
-    assert p.plan("a", 4, [1, 1, 1]) is None  # block 3 needs a second rank-0 block
+    assert p.choose("a", 3, [1, 0, 9]) is None  # block 1 must go to rank 1, which is full
+    assert p.choose("a", 4, [2, 1, 1]) == [0, 1, 2, 0]
+    assert p.choose("a", 4, [1, 1, 1]) is None  # block 3 needs a second rank-0 block
 
 
 class PlacementMachine(RuleBasedStateMachine):
-    """Random plan/commit/add_existing/free against a model that only tracks block counts."""
+    """Random choose/commit/add_existing/free against a model that only tracks block counts."""
 
     @initialize(num_ranks=st.integers(1, 5), cap=st.integers(1, 12), block_size=st.integers(1, 4),
                 max_tokens=st.one_of(st.none(), st.integers(1, 20)), cap_as_quota=st.booleans(),
@@ -394,7 +394,7 @@ class PlacementMachine(RuleBasedStateMachine):
         return [self.cap - u for u in used]
 
     def fits(self, req, k, free):
-        """Independent feasibility check: can plan() place k more blocks for req?"""
+        """Independent feasibility check: can choose() place k more blocks for req?"""
         if self.policy == "striped":
             blocks = self.model.get(req, [])
             need = [(len(blocks) + i) % self.n for i in range(k)]
@@ -405,7 +405,7 @@ class PlacementMachine(RuleBasedStateMachine):
     @rule(req=st.sampled_from("abcd"), k=st.integers(1, 8))
     def allocate(self, req, k):
         free = self.free_counts()
-        got = self.p.plan(req, k, free)
+        got = self.p.choose(req, k, free)
         assert (got is not None) == self.fits(req, k, free)
         if got is None:
             return

@@ -3,17 +3,18 @@
 import pytest
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
+from vllm_kvp.rank_map import RankMap
 from vllm_kvp.rank_pool import RankedFreeQueue, most_free_first
 
 
 def _queue(ranks=3, per_rank=4):
     blocks = [KVCacheBlock(i) for i in range(ranks * per_rank)]
-    return RankedFreeQueue(blocks, ranks, per_rank), blocks
+    return RankedFreeQueue(blocks, RankMap(ranks, per_rank, 16)), blocks
 
 
 def test_pops_follow_the_plan_in_order():
     q, _ = _queue()
-    q.planner = lambda n, free: [2, 0, 2]
+    q.chooser = lambda n, free: [2, 0, 2]
     got = q.popleft_n(3)
     assert [b.block_id for b in got] == [8, 0, 9]
     assert q.free_per_rank() == [3, 4, 2] and q.num_free_blocks == 9
@@ -36,7 +37,7 @@ def test_remove_and_prepend_stay_within_their_rank():
     q.remove(blocks[5])
     assert q.free_per_rank() == [4, 3, 4]
     q.prepend_n([blocks[5]])
-    q.planner = lambda n, free: [1]
+    q.chooser = lambda n, free: [1]
     assert q.popleft().block_id == 5  # prepended blocks are evicted first within their rank
 
 
