@@ -51,7 +51,7 @@ def measure(model: str, n: int, context: int, steps: int) -> dict:
     cfg = json.loads((Path(model) / "config.json").read_text())
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     kv_bytes_per_token = 2 * cfg["num_hidden_layers"] * cfg["num_key_value_heads"] * head_dim * 4
-    # For calibration (vllm_kvp.calibrate): on a CPU host the workers and the engine process share
+    # For calibration (vllm_kvp.planner.calibrate): on a CPU host the workers and the engine process share
     # its cores; the plugin runs owner computes and counts its collectives.
     result = {"ranks": n, "context": context, "step_ms": 1000 * (t_long - t_short) / steps,
               "kv_read_per_rank_MB": kv_bytes_per_token * context / n / 1e6,

@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from vllm_kvp.columns import assemble_columns, column_bounds, pad_columns  # noqa: E402
+from vllm_kvp.step.columns import assemble_columns, column_bounds, pad_columns  # noqa: E402
 from vllm_kvp.ops import partials  # noqa: E402  (none of these import vLLM)
 from vllm_kvp.ops.merge import merge_partials  # noqa: E402
 from vllm_kvp.ops.triton_merge import triton_merge_partials  # noqa: E402

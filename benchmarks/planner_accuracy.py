@@ -1,4 +1,4 @@
-"""How well the calibrated cost model (vllm_kvp.cost_model) predicts decode steps it was not fitted on.
+"""How well the calibrated cost model (vllm_kvp.planner.cost_model) predicts decode steps it was not fitted on.
 
     .venv/bin/python benchmarks/planner_accuracy.py [BENCH.json ...] [--model DIR]
         [--mode owner|replicated] [--holdout loo|context] [--fit step_overhead,hbm_bw,intra_latency]
@@ -22,10 +22,10 @@ import dataclasses
 import sys
 from pathlib import Path
 
-from vllm_kvp import calibrate
-from vllm_kvp.cost_model import MODES, core_sharing
-from vllm_kvp.gpus import get_gpu
-from vllm_kvp.planner import bench_model
+from vllm_kvp.planner import calibrate
+from vllm_kvp.planner.cost_model import MODES, core_sharing
+from vllm_kvp.planner.gpus import get_gpu
+from vllm_kvp.planner.command import bench_model
 
 TARGET = 0.25
 DEFAULT = Path(__file__).resolve().parents[1] / "docs/benchmarks/decode_step_contexts.json"

@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _engine(args, pp: int, chunking: str):
     from vllm import LLM
 
-    from vllm_kvp.layout import cpu_thread_binding
+    from vllm_kvp.engine.settings import cpu_thread_binding
 
     cores = sorted(os.sched_getaffinity(0))[: pp * args.cores_per_stage]
     os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", cpu_thread_binding(pp, cores))
@@ -125,7 +125,7 @@ def child_run(args) -> dict:
                                  for r in range(args.repeats)) for n in args.lengths}
     llm.collective_rpc(_install_chunk_timer)
     chunk_ttft = _first_token(llm, _prompt(args.chunk_prompt_len, seed=7))
-    from vllm_kvp.chunking import attention_ratio_from_hf_config
+    from vllm_kvp.planner.chunking import attention_ratio_from_hf_config
 
     config = llm.llm_engine.vllm_config
     run = {"pp": args.child_pp, "chunking": args.child_chunking, "ttft_s": ttft,
@@ -163,7 +163,7 @@ def _run_child(args, pp: int, chunking: str) -> dict:
 def chunk_summary(run: dict) -> dict:
     """Spread of the first stage's per-chunk times; the prompt's last chunk is a remainder (and
     also samples), so it is left out."""
-    from vllm_kvp.chunking import fit_attention_ratio
+    from vllm_kvp.planner.chunking import fit_attention_ratio
 
     chunks = run["chunks_per_stage"][0]
     times = [c["seconds"] for c in (chunks[:-1] or chunks)]

@@ -91,7 +91,7 @@ def merge_kvp_flags(args: argparse.Namespace, additional_config: dict | None) ->
 def resolve_kvp(engine_args: Any) -> KVPConfig:
     """Validate the `kvp` config and point vLLM at vllm_kvp's classes when it is enabled."""
     kvp = KVPConfig.from_additional_config(engine_args.additional_config)
-    from vllm_kvp import layout
+    from vllm_kvp.engine import settings as layout
 
     if kvp.enabled:
         layout.apply_to_engine_args(engine_args, kvp)
@@ -122,7 +122,7 @@ def apply() -> None:
 
     @functools.wraps(original_create)
     def create_engine_config(self, *a, **kw):
-        from vllm_kvp import layout
+        from vllm_kvp.engine import settings as layout
 
         kvp = resolve_kvp(self)
         config = original_create(self, *a, **kw)
@@ -136,7 +136,7 @@ def apply() -> None:
         # vLLM admits pipeline parallelism only for executors it knows by name ("mp", "ray") or
         # for classes flagged `supports_pp`; ours are named by qualname and subclass those two,
         # so the check sees the name of the executor they extend.
-        from vllm_kvp import layout
+        from vllm_kvp.engine import settings as layout
 
         backend = self.distributed_executor_backend
         stands_for = {layout.EXECUTOR: "mp", layout.RAY_EXECUTOR: "ray"}.get(backend)

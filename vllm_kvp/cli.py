@@ -37,7 +37,7 @@ def _own_parser() -> argparse.ArgumentParser:
 
 def _run_own(argv: list[str]) -> int:
     if argv[0] == "plan":  # the planner has its own parser: `vllm-kvp plan --help`
-        from vllm_kvp.planner import main as plan_main
+        from vllm_kvp.planner.command import main as plan_main
 
         return plan_main(argv[1:])
     args = _own_parser().parse_args(argv)

@@ -43,7 +43,7 @@ def _node_and_rank(worker):
     """Runs in each worker (shipped by value: the workers cannot import this test module)."""
     import ray as ray_in_worker
 
-    from vllm_kvp import comm
+    from vllm_kvp.step import comm
 
     return ray_in_worker.get_runtime_context().get_node_id(), comm.kvp_rank()
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from engines import assert_same_generation, engine, generate, random_prompts
-from vllm_kvp import layout
+from vllm_kvp.engine import settings as layout
 
 pytestmark = pytest.mark.e2e
 

@@ -14,10 +14,10 @@ import pytest
 
 from engines import engine, generate, random_prompts
 
-from vllm_kvp import cost_model as cm
+from vllm_kvp.planner import cost_model as cm
 from vllm_kvp import step_policy
 from vllm_kvp.model import build_default_model
-from vllm_kvp.planner import load_model
+from vllm_kvp.planner.command import load_model
 from vllm_kvp.step_policy import EXCHANGE_KINDS, LOCAL, ROUTED, SHARED
 
 pytestmark = pytest.mark.e2e

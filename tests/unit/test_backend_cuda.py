@@ -1,8 +1,8 @@
-"""The CUDA backend (`vllm_kvp.backend_cuda`) on CPU: builder and impl built on a real VllmConfig of
+"""The CUDA backend (`vllm_kvp.step.backend_cuda`) on CPU: builder and impl built on a real VllmConfig of
 the embedded model, several KV ranks simulated in one process, against dense float64 attention.
 
 * Ranks are threads; the KVP group is a stand-in whose all_gather concatenates every rank's tensor
-  in rank order, so `vllm_kvp.comm`'s own padding, packing and restoring run unchanged.
+  in rank order, so `vllm_kvp.step.comm`'s own padding, packing and restoring run unchanged.
 * Our Triton kernels (paged attention, merge) run in Triton's interpreter: private copies of their
   modules are loaded with TRITON_INTERPRET=1 set only while they are decorated (the mechanism of
   test_triton_merge.py), and swapped into backend_cuda. One kernel runs at a time.
@@ -37,14 +37,15 @@ from vllm.v1.attention.backends import flash_attn, registry  # noqa: E402
 from vllm.v1.kv_cache_interface import FullAttentionSpec  # noqa: E402
 
 import vllm_kvp.ops  # noqa: E402
-from vllm_kvp import backend_cuda, comm, layout, worker  # noqa: E402
-from vllm_kvp.backend_cuda import (KVPCudaMetadataBuilder, KVPFlashAttentionBackend,  # noqa: E402
+from vllm_kvp.step import backend_cuda, comm  # noqa: E402
+from vllm_kvp.engine import settings as layout, worker
+from vllm_kvp.step.backend_cuda import (KVPCudaMetadataBuilder, KVPFlashAttentionBackend,  # noqa: E402
                                    KVPFlashAttentionImpl)
 from vllm_kvp.config import KVPConfig, KVPConfigError  # noqa: E402
 from vllm_kvp.rank_map import RankMap  # noqa: E402
-from vllm_kvp.routing import route_step  # noqa: E402
-from vllm_kvp.shard_map import local_slots  # noqa: E402
-from vllm_kvp.stats import STATS, RankStats  # noqa: E402
+from vllm_kvp.step.routing import route_step  # noqa: E402
+from vllm_kvp.step.shard_map import local_slots  # noqa: E402
+from vllm_kvp.step.stats import STATS, RankStats  # noqa: E402
 from vllm_kvp.step import RankContext  # noqa: E402
 from vllm_kvp.step_policy import StepPolicy  # noqa: E402
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvp import calibrate, fitting
-from vllm_kvp import cost_model as cm
+from vllm_kvp.planner import calibrate, fitting
+from vllm_kvp.planner import cost_model as cm
 
 # The embedded model (float32): KV 2 x 2 layers x 2 KV heads x 32 x 4 B = 1024 B per token;
 # weights streamed per step: 2 layers x (q,k,v,o 163,840 + MLP 589,824 + norms 512) + final norm

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import vllm_kvp
-from vllm_kvp.chunking import attention_ratio_from_hf_config, chunk_tokens
+from vllm_kvp.planner.chunking import attention_ratio_from_hf_config, chunk_tokens
 
 vllm_kvp.register()
 

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vllm_kvp.chunking import (ALIGN, attention_ratio, attention_ratio_from_hf_config, chunk_time,
+from vllm_kvp.planner.chunking import (ALIGN, attention_ratio, attention_ratio_from_hf_config, chunk_time,
                                chunk_tokens, fit_attention_ratio)
 
 

@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 import vllm_kvp
-from vllm_kvp import layout
+from vllm_kvp.engine import settings as layout
 from vllm_kvp.config import KVPConfigError
 
 vllm_kvp.register()

@@ -3,7 +3,7 @@
 import pytest
 
 import vllm_kvp
-from vllm_kvp import layout
+from vllm_kvp.engine import settings as layout
 from vllm_kvp.config import CHUNKINGS, PLACEMENTS, KVPConfig, KVPConfigError
 
 

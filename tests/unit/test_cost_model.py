@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from vllm_kvp import cost_model as cm
-from vllm_kvp.gpus import CATALOGUE, GPUSpecError, get_gpu, load_gpu_spec
+from vllm_kvp.planner import cost_model as cm
+from vllm_kvp.planner.gpus import CATALOGUE, GPUSpecError, get_gpu, load_gpu_spec
 
 # Llama-3-8B's shape: 32 layers, hidden 4096, 32 heads, 8 KV heads of 128, MLP 14336, vocab 128256.
 LLAMA8B = cm.ModelShape(layers=32, hidden=4096, heads=32, kv_heads=8, head_dim=128,

@@ -244,7 +244,7 @@ def test_write_kv_rank_matches_torch_write(dtype):
     their local slots, other ranks' and padding rows skipped, strided key/value (views of a fused
     qkv output, as vLLM passes them), and the count of rows written."""
     from vllm_kvp.ops.paged_attention import write_kv
-    from vllm_kvp.shard_map import local_slots
+    from vllm_kvp.step.shard_map import local_slots
 
     g = torch.Generator().manual_seed(6)
     nb, hkv, bs, d, rank = 5, 2, 16, 32, 1

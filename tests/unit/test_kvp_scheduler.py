@@ -15,7 +15,7 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
-from vllm_kvp.scheduler import KVPScheduler  # noqa: E402
+from vllm_kvp.engine.scheduler import KVPScheduler  # noqa: E402
 
 BLOCK = 16
 PER_RANK = 8  # blocks per rank: 128 tokens

@@ -106,7 +106,7 @@ def test_make_model_cli_does_not_import_vllm(tmp_path):
 
 
 def test_bench_size_is_a_separate_even_layered_build(built, tmp_path):
-    from vllm_kvp.chunking import attention_ratio_from_hf_config
+    from vllm_kvp.planner.chunking import attention_ratio_from_hf_config
     from transformers import AutoConfig
 
     path = kvp_model.build_default_model(tmp_path / "bench", seed=0, size="bench")

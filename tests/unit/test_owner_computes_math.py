@@ -16,8 +16,8 @@ from support import ref_attention, require_cpu_kernel, step_tensors, steps
 from vllm_kvp.ops.merge import merge_partials
 from vllm_kvp.ops.paged_attention import paged_attention_lse, write_kv
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.routing import route_step, routing_from_tensors
-from vllm_kvp.shard_map import local_blocks, local_slots
+from vllm_kvp.step.routing import route_step, routing_from_tensors
+from vllm_kvp.step.shard_map import local_blocks, local_slots
 
 
 @settings(max_examples=120, deadline=None)

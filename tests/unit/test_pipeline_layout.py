@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from vllm_kvp.comm import kvp_group_ranks
-from vllm_kvp.executor import KVPExecutor
+from vllm_kvp.step.comm import kvp_group_ranks
+from vllm_kvp.engine.executor import KVPExecutor
 
 
 def _coords(rank: int, pp: int, tp: int) -> tuple[int, int, int]:

@@ -1,4 +1,4 @@
-"""Properties of vllm_kvp.placement.RankPlacement (pure Python, no torch/vLLM needed)."""
+"""Properties of vllm_kvp.engine.placement.RankPlacement (pure Python, no torch/vLLM needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from vllm_kvp.placement import RankPlacement
+from vllm_kvp.engine.placement import RankPlacement
 
 
 def runs(ranks):

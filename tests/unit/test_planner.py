@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from vllm_kvp import cost_model as cm
-from vllm_kvp import planner
+from vllm_kvp.planner import cost_model as cm
+from vllm_kvp.planner import command as planner
 from vllm_kvp.cli import main as cli_main
-from vllm_kvp.gpus import CATALOGUE, get_gpu
+from vllm_kvp.planner.gpus import CATALOGUE, get_gpu
 
 REPO = Path(__file__).resolve().parents[2]
 LLAMA8B = str(REPO / "examples/planner/llama-8b-1m.json")

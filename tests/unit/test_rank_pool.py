@@ -4,7 +4,7 @@ import pytest
 from vllm.v1.core.kv_cache_utils import KVCacheBlock
 
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.rank_pool import RankedFreeQueue, most_free_first
+from vllm_kvp.engine.rank_pool import RankedFreeQueue, most_free_first
 
 
 def _queue(ranks=3, per_rank=4):

@@ -5,7 +5,7 @@ import torch
 from vllm.v1.kv_cache_interface import (FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec,
                                         KVCacheTensor)
 
-from vllm_kvp.executor import shrink_to_rank_share
+from vllm_kvp.engine.executor import shrink_to_rank_share
 
 PAGE, LAYERS, TOTAL, PER_RANK = 4096, 3, 40, 20
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.shard_map import local_blocks, local_slots
+from vllm_kvp.step.shard_map import local_blocks, local_slots
 
 
 @st.composite

@@ -4,7 +4,7 @@ reassembly math, and vLLM's CPU kernels on a slice against the whole layer."""
 import pytest
 import torch
 
-from vllm_kvp.columns import assemble_columns, column_bounds, pad_columns
+from vllm_kvp.step.columns import assemble_columns, column_bounds, pad_columns
 
 
 @pytest.mark.parametrize("features,world", [(256, 2), (256, 3), (1536, 4), (7, 3), (2, 4), (0, 2)])

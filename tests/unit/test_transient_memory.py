@@ -1,6 +1,6 @@
 """KVP's exchange buffers per worker (transient_memory), against sums worked out by hand."""
 
-from vllm_kvp.transient_memory import TransientMemory, kvp_transient_memory, transient_memory_for
+from vllm_kvp.engine.transient_memory import TransientMemory, kvp_transient_memory, transient_memory_for
 
 
 def test_llama_8b_shape_8k_step_two_ranks():

@@ -1,4 +1,4 @@
-"""The installed vLLM still has every private detail vllm_kvp relies on (vllm_kvp.vllm_compat).
+"""The installed vLLM still has every private detail vllm_kvp relies on (vllm_kvp.engine.vllm_compat).
 
 One test runs every touch point's check and fails with the list of all that changed, so a vLLM
 upgrade shows up as that list rather than as a hang inside a multi-rank engine. Another keeps
@@ -10,7 +10,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from vllm_kvp import vllm_compat as compat
+from vllm_kvp.engine import vllm_compat as compat
 
 LEDGER = pathlib.Path(__file__).resolve().parents[2] / "patches" / "README.md"
 
@@ -24,7 +24,7 @@ def test_every_touch_point_has_its_ledger_row():
     text = LEDGER.read_text()
     missing = [row for row in compat.ledger_rows() if row not in text]
     assert not missing, ("patches/README.md is out of date (regenerate the table with "
-                         "`python -m vllm_kvp.vllm_compat`); rows missing:\n" + "\n".join(missing))
+                         "`python -m vllm_kvp.engine.vllm_compat`); rows missing:\n" + "\n".join(missing))
 
 
 def test_ledger_has_no_stale_touch_point_rows():
@@ -41,10 +41,10 @@ def test_touch_point_names_are_unique():
 
 def test_a_changed_signature_is_reported():
     # The helpers the checks are built from do report a mismatch (here on a function of ours).
-    problems = compat._params("vllm_kvp.vllm_compat:allocate_slots_args",
+    problems = compat._params("vllm_kvp.engine.vllm_compat:allocate_slots_args",
                               ["request", "num_new_tokens", "kwargs"])
     assert problems and "allocate_slots_args" in problems[0]
-    assert compat._contains("vllm_kvp.vllm_compat", "blocks_held", "no such text")
+    assert compat._contains("vllm_kvp.engine.vllm_compat", "blocks_held", "no such text")
 
 
 def test_allocate_slots_args_by_position_and_keyword():
@@ -56,7 +56,7 @@ def test_allocate_slots_args_by_position_and_keyword():
 
 
 def test_ranked_free_queue_implements_what_the_pool_calls():
-    from vllm_kvp.rank_pool import RankedFreeQueue
+    from vllm_kvp.engine.rank_pool import RankedFreeQueue
 
     assert [m for m in compat.FREE_QUEUE_METHODS if not hasattr(RankedFreeQueue, m)] == []
 

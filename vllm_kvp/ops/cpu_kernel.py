@@ -128,7 +128,7 @@ def merge_gathered_rows_cpu(gathered, rows, h: int, d: int, out) -> bool:
 
 def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, rank: int, ranks) -> int | None:
     """Store the rows whose logical slot is on `rank` of `ranks` (a RankMap; see
-    :func:`vllm_kvp.shard_map.local_slots`) into this rank's `kv_cache`; returns how many, or None
+    :func:`vllm_kvp.step.shard_map.local_slots`) into this rank's `kv_cache`; returns how many, or None
     when the kernel is unavailable or does not cover the tensors (the caller then uses the torch
     path)."""
     m = _module if _module is not None else load()
@@ -141,7 +141,7 @@ def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, rank: int, ranks) -> i
 
 def step_routing_cpu(slot_mapping, query_start_loc, seq_lens, block_table, rank: int, world: int,
                      blocks_per_rank: int, block_size: int):
-    """:func:`vllm_kvp.routing.route_step`'s routing and :func:`vllm_kvp.shard_map.local_blocks`'
+    """:func:`vllm_kvp.step.routing.route_step`'s routing and :func:`vllm_kvp.step.shard_map.local_blocks`'
     table of one step, computed in one C++ pass: (counts, row_idx, row_slots, row_req, row_pos,
     restore_idx, token_req, token_pos, local_table, shard_lens, block_pos), or None when the kernel
     is unavailable (the caller then uses those torch functions)."""

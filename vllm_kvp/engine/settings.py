@@ -5,15 +5,15 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vllm_kvp import vllm_compat
+from vllm_kvp.engine import vllm_compat
 from vllm_kvp.config import KVPConfig, KVPConfigError
 
-EXECUTOR = "vllm_kvp.executor.KVPExecutor"
-RAY_EXECUTOR = "vllm_kvp.ray_executor.KVPRayExecutor"
-WORKER = "vllm_kvp.worker.KVPWorker"
-SCHEDULER = "vllm_kvp.scheduler.KVPScheduler"
-CHUNK_SCHEDULER = "vllm_kvp.chunk_scheduler.AdaptiveChunkScheduler"
-ASYNC_CHUNK_SCHEDULER = "vllm_kvp.chunk_scheduler.AdaptiveChunkAsyncScheduler"
+EXECUTOR = "vllm_kvp.engine.executor.KVPExecutor"
+RAY_EXECUTOR = "vllm_kvp.engine.ray_executor.KVPRayExecutor"
+WORKER = "vllm_kvp.engine.worker.KVPWorker"
+SCHEDULER = "vllm_kvp.engine.scheduler.KVPScheduler"
+CHUNK_SCHEDULER = "vllm_kvp.engine.chunk_scheduler.AdaptiveChunkScheduler"
+ASYNC_CHUNK_SCHEDULER = "vllm_kvp.engine.chunk_scheduler.AdaptiveChunkAsyncScheduler"
 
 
 def apply_to_engine_args(engine_args: Any, kvp: KVPConfig) -> None:

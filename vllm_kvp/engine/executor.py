@@ -15,8 +15,8 @@ from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from vllm_kvp.config import kvp_config
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.layout import ensure_cpu_thread_binding
-from vllm_kvp.vllm_compat import ExecutorHooks, shrink_to_rank_share
+from vllm_kvp.engine.settings import ensure_cpu_thread_binding
+from vllm_kvp.engine.vllm_compat import ExecutorHooks, shrink_to_rank_share
 
 __all__ = ["KVPExecutor", "KVPMixin", "shrink_to_rank_share"]
 
@@ -56,7 +56,7 @@ class KVPMixin(ExecutorHooks):
 
     def _reserve_transient(self, available: int) -> int:
         """KVP's exchange buffers, which vLLM's profile run does not hold (transient_memory)."""
-        from vllm_kvp.transient_memory import transient_memory_for
+        from vllm_kvp.engine.transient_memory import transient_memory_for
 
         est = transient_memory_for(self.vllm_config, self.kvp.size, self.kvp.replicates_steps)
         if est.peak >= available:

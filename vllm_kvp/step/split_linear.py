@@ -27,9 +27,11 @@ from typing import Any, Callable
 
 import torch
 
-from vllm_kvp import comm, vllm_compat
-from vllm_kvp.columns import column_bounds
-from vllm_kvp.stats import STATS
+from vllm_kvp.step import comm
+
+from vllm_kvp.engine import vllm_compat
+from vllm_kvp.step.columns import column_bounds
+from vllm_kvp.step.stats import STATS
 from vllm_kvp.step import current_step
 
 

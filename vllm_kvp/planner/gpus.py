@@ -18,7 +18,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_kvp.cost_model import Hardware
+from vllm_kvp.planner.cost_model import Hardware
 
 GB = 1e9
 TB = 1e12

@@ -24,7 +24,7 @@ from typing import Protocol
 
 import torch
 
-from vllm_kvp import comm
+from vllm_kvp.step import comm
 from vllm_kvp.step import Step
 
 

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from vllm_kvp import vllm_compat
-from vllm_kvp.columns import assemble_columns, pad_columns
-from vllm_kvp.stats import STATS
+from vllm_kvp.engine import vllm_compat
+from vllm_kvp.step.columns import assemble_columns, pad_columns
+from vllm_kvp.step.stats import STATS
 from vllm_kvp.step_policy import COLUMNS, PARTIALS, QUERIES
 
 if TYPE_CHECKING:

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvp import vllm_compat
+from vllm_kvp.engine import vllm_compat
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.routing import StepRouting, route_step, routing_from_tensors
-from vllm_kvp.shard_map import local_blocks, own_query_start_loc, spanning
+from vllm_kvp.step.routing import StepRouting, route_step, routing_from_tensors
+from vllm_kvp.step.shard_map import local_blocks, own_query_start_loc, spanning
 from vllm_kvp.step_policy import LOCAL, SHARED, StepPolicy
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vllm_kvp import cost_model as cm
+from vllm_kvp.planner import cost_model as cm
 
 MODE_NAMES = {"replicated": "replicated", "owner": "owner computes"}
 _COLUMNS = ("gpus", "tp", "pp", "kvp", "placement", "tokens/rank", "mode", "weights/GPU", "KV/GPU",

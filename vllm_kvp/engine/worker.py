@@ -17,11 +17,15 @@ import logging
 
 from vllm.platforms import current_platform
 
-from vllm_kvp import comm, split_linear, step, vllm_compat
+from vllm_kvp.step import comm, split_linear
+
+from vllm_kvp import step
+
+from vllm_kvp.engine import vllm_compat
 from vllm_kvp.config import KVPConfig, kvp_config
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.runner import install_owner_computes
-from vllm_kvp.stats import STATS
+from vllm_kvp.engine.runner import install_owner_computes
+from vllm_kvp.step.stats import STATS
 from vllm_kvp.step_policy import StepPolicy
 
 logger = logging.getLogger("vllm.vllm_kvp")
@@ -45,15 +49,15 @@ def register_kvp_backend() -> None:
     drafters, backend probing) still get vLLM's own class."""
     cpu = current_platform.is_cpu()
     vllm_compat.register_attention_backend(
-        cpu, "vllm_kvp.backend.KVPAttentionBackend" if cpu
-        else "vllm_kvp.backend_cuda.KVPFlashAttentionBackend")
+        cpu, "vllm_kvp.step.backend_cpu.KVPAttentionBackend" if cpu
+        else "vllm_kvp.step.backend_cuda.KVPFlashAttentionBackend")
 
 
 def step_policy_for(vllm_config, kvp: KVPConfig, cuda: bool) -> StepPolicy:
     """The step policy of this engine, from its config only (the same on every rank and stage):
     whether the model has split layers is the cost model's rule on the model's shape."""
-    from vllm_kvp import cost_model
-    from vllm_kvp.planner import PlanError, shape_from_config
+    from vllm_kvp.planner import cost_model
+    from vllm_kvp.planner.command import PlanError, shape_from_config
 
     split = False
     if kvp.replicates_steps and kvp.size > 1:

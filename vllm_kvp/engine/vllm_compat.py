@@ -11,7 +11,7 @@ an attribute it swaps. Each of those *touch points* is here:
     remove it, and a check that the installed vLLM still has what it relies on
     (tests/unit/test_vllm_coupling.py runs every check and names every touch point that changed;
     the ledger table in patches/README.md is generated from the same records, `python -m
-    vllm_kvp.vllm_compat`, and the test keeps the two equal).
+    vllm_kvp.engine.vllm_compat`, and the test keeps the two equal).
 The checks read signatures, attributes and, where vLLM's behaviour lives only in a method body,
 its source (parsed from the file, never imported, so the CUDA backends are checked on CPU too).
 Written against vLLM 0.32.
@@ -131,7 +131,7 @@ def _contains(module: str, qualname: str, *snippets: str) -> list[str]:
 
 
 # =============================================================================================
-# Scheduler (vllm_kvp/scheduler.py)
+# Scheduler (vllm_kvp/engine/scheduler.py)
 
 _ALLOCATE_ARGS = ["num_new_computed_tokens", "new_computed_blocks", "num_lookahead_tokens",
                   "num_external_computed_tokens"]
@@ -343,7 +343,7 @@ def pooled_scheduler_kv_config(vllm_config: Any, kv_cache_config: Any, num_ranks
 
 
 # =============================================================================================
-# Executor (vllm_kvp/executor.py, ray_executor.py)
+# Executor (vllm_kvp/engine/executor.py, ray_executor.py)
 
 
 class ExecutorHooks:
@@ -444,7 +444,7 @@ def _check_kv_cache_config() -> list[str]:
 
 
 # =============================================================================================
-# Worker and runner (vllm_kvp/worker.py, runner.py, comm.py, step.py)
+# Worker and runner (vllm_kvp/engine/worker.py, runner.py, comm.py, step.py)
 
 
 def swap_runner_class(runner: Any, mixin: type) -> None:

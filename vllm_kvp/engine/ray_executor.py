@@ -11,8 +11,8 @@ from __future__ import annotations
 from vllm.platforms import current_platform
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
 
-from vllm_kvp.executor import KVPMixin
-from vllm_kvp.vllm_compat import RayExecutorHooks
+from vllm_kvp.engine.executor import KVPMixin
+from vllm_kvp.engine.vllm_compat import RayExecutorHooks
 
 
 class KVPRayExecutor(RayExecutorHooks, KVPMixin, RayExecutorV2):

@@ -29,9 +29,9 @@ import dataclasses
 import json
 from pathlib import Path
 
-from vllm_kvp import fitting
+from vllm_kvp.planner import fitting
 from vllm_kvp.config import STEP_MODES
-from vllm_kvp.cost_model import (MODES, Hardware, Layout, ModelShape, Terms, core_sharing,
+from vllm_kvp.planner.cost_model import (MODES, Hardware, Layout, ModelShape, Terms, core_sharing,
                                   decode_step_terms, kvp_collectives)
 
 REQUIRED = ("ranks", "context", "step_ms")

@@ -15,9 +15,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_kvp import cost_model as cm
-from vllm_kvp import gpus as gpu_catalogue
-from vllm_kvp.calibrate import DEFAULT_FIT
+from vllm_kvp.planner import cost_model as cm
+from vllm_kvp.planner import gpus as gpu_catalogue
+from vllm_kvp.planner.calibrate import DEFAULT_FIT
 
 BLOCK = 16  # vLLM's default KV block size: per-rank limits are whole blocks
 _COUNT = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgG]i?)?\s*$")
@@ -237,7 +237,7 @@ def hardware(args) -> tuple[cm.Hardware, cm.Hardware, str]:
     gpu = gpu_catalogue.load_gpu_spec(args.gpu_spec) if args.gpu_spec else gpu_catalogue.get_gpu(args.gpu)
     hw, note = gpu.effective(), gpu.name
     if args.calibrate:
-        from vllm_kvp import calibrate
+        from vllm_kvp.planner import calibrate
 
         rows = calibrate.load_rows(args.calibrate)
         measured_model = bench_model(args.calibrate_model)
@@ -263,8 +263,8 @@ def bench_model(path: str | None) -> cm.ModelShape:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `vllm-kvp plan`; errors are one line on stderr and exit status 2."""
     args = build_parser().parse_args(argv)
-    from vllm_kvp import planner_report
-    from vllm_kvp.calibrate import CalibrationError
+    from vllm_kvp.planner import report as planner_report
+    from vllm_kvp.planner.calibrate import CalibrationError
 
     try:
         m = load_model(args.model)
