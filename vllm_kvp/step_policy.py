@@ -4,7 +4,7 @@ One function of a step's per-rank token counts decides its kind; one function li
 collectives the step issues over the KVP group and the bytes each rank contributes to each. The
 runtime routes steps with the first and records its exchanges under the second's kinds; the
 planner's cost model predicts with both, so a prediction and the plugin's counters (`kvp_stats`)
-count the same collectives and bytes (tests/e2e/test_step_policy.py checks they are equal).
+count the same collectives and bytes (tests/e2e/test_predicted_exchanges.py checks they are equal).
 
 Step kinds (under owner computes every token is computed by the rank that owns its KV slot):
   "local": no request of the step spans ranks (each one's KV is all on the rank that computes its
