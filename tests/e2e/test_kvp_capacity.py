@@ -88,18 +88,24 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     computed = [a["tokens_computed"] - b["tokens_computed"] for a, b in zip(after, before)]
     assert sum(computed) == tokens_processed
     # ... and the only traffic is queries, partial outputs and final hidden states: no KV moves.
-    # Every rank sends its partial (out, lse) of every token, head and layer; queries (each layer)
-    # and hidden states (each step) travel for the same rows, each rank's padded to the largest.
+    # Until the request onboards the second rank its steps are local (nothing but hidden states
+    # travels); after, every rank sends its partial (out, lse) of every token, head and layer;
+    # queries (each layer) and hidden states (each step) travel for the same rows, each rank's
+    # padded to the largest.
+    steps = [a["step_log"][len(b["step_log"]):] for a, b in zip(after, before)]
+    assert [k for k, *_ in steps[0]] == [k for k, *_ in steps[1]]  # every rank: the same kinds
+    spanning = sum(tokens for kind, _, tokens, _ in steps[0] if kind != "local")
+    assert any(kind == "local" for kind, *_ in steps[0]) and spanning >= MAX_TOKENS - 1
     diff = {k: [a[k] - b[k] for a, b in zip(after, before)]
             for k in ("exchanged_bytes", "query_bytes", "partial_bytes", "hidden_bytes")}
     hidden_size = _hidden_size(model_path)
-    assert diff["partial_bytes"] == [tokens_processed * layers * q_heads * (head_dim + 1) * 4] * 2
+    assert diff["partial_bytes"] == [spanning * layers * q_heads * (head_dim + 1) * 4] * 2
     query_rows = [q // (layers * q_heads * head_dim * 4) for q in diff["query_bytes"]]
     hidden_rows = [h // (hidden_size * 4) for h in diff["hidden_bytes"]]
     assert all(tokens_processed // 2 <= r <= tokens_processed for r in hidden_rows)
-    # Queries travel only in routed steps. A step one rank owns is shared (step_mode auto):
-    # every decode step of this one request, and every prefill chunk but the one that crosses
-    # from one rank to the next.
+    # Queries travel only in routed steps. A step one rank owns is shared (step_mode auto) once
+    # the request spans both ranks: every decode step, and every prefill chunk but the one that
+    # crosses from one rank to the next.
     assert all(q <= h - (MAX_TOKENS - 1)
                for q, h in zip(query_rows, hidden_rows)), (query_rows, hidden_rows)
     assert sent == [q + p + h for q, p, h in zip(diff["query_bytes"], diff["partial_bytes"],
