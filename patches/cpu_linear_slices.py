@@ -22,9 +22,9 @@ import torch
 
 def capture_column_slices(rank: int, world: int, min_bytes: int):
     """A context manager (`vllm_compat.wrapped_cpu_gemm_dispatch`) active while the weights load."""
+    from vllm_kvp.engine.vllm_compat import wrapped_cpu_gemm_dispatch
     from vllm_kvp.step.columns import column_bounds
     from vllm_kvp.step.split_linear import splittable
-    from vllm_kvp.engine.vllm_compat import wrapped_cpu_gemm_dispatch
 
     def make(original):
         def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:

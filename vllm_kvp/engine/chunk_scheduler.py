@@ -16,9 +16,9 @@ from typing import Any
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvp.planner.chunking import attention_ratio_from_hf_config, chunk_tokens
 from vllm_kvp.config import kvp_config
 from vllm_kvp.engine.vllm_compat import SchedulerHooks
+from vllm_kvp.planner.chunking import attention_ratio_from_hf_config, chunk_tokens
 
 logger = logging.getLogger("vllm.vllm_kvp")
 

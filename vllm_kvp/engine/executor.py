@@ -14,9 +14,9 @@ import logging
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from vllm_kvp.config import kvp_config
-from vllm_kvp.rank_map import RankMap
 from vllm_kvp.engine.settings import ensure_cpu_thread_binding
 from vllm_kvp.engine.vllm_compat import ExecutorHooks, shrink_to_rank_share
+from vllm_kvp.rank_map import RankMap
 
 __all__ = ["KVPExecutor", "KVPMixin", "shrink_to_rank_share"]
 

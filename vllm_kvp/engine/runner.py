@@ -21,11 +21,9 @@ from typing import Any
 
 import torch
 
-from vllm_kvp.step import comm
-
 from vllm_kvp.engine import vllm_compat
+from vllm_kvp.step import Step, comm, publish, step_of
 from vllm_kvp.step.stats import STATS
-from vllm_kvp.step import Step, publish, step_of
 from vllm_kvp.step_policy import HIDDEN
 
 

@@ -14,15 +14,15 @@ from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
 
-from vllm_kvp.engine.chunk_scheduler import AdaptiveChunkingMixin
 from vllm_kvp.config import kvp_config
-from vllm_kvp.rank_map import RankMap
+from vllm_kvp.engine.chunk_scheduler import AdaptiveChunkingMixin
 from vllm_kvp.engine.metrics import KVPMetrics
 from vllm_kvp.engine.placement import RankPlacement
 from vllm_kvp.engine.rank_pool import RankedFreeQueue, most_free_first
-from vllm_kvp.engine.vllm_compat import (SchedulerHooks, allocate_slots_args, blocks_held,
-                                  computed_blocks, pooled_scheduler_kv_config,
-                                  replace_free_block_queue, wrap_manager_methods)
+from vllm_kvp.engine.vllm_compat import (
+    SchedulerHooks, allocate_slots_args, blocks_held, computed_blocks, pooled_scheduler_kv_config,
+    replace_free_block_queue, wrap_manager_methods)
+from vllm_kvp.rank_map import RankMap
 
 logger = logging.getLogger("vllm.vllm_kvp")
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from vllm_kvp.engine import vllm_compat
 from vllm_kvp.config import KVPConfig, KVPConfigError
+from vllm_kvp.engine import vllm_compat
 
 EXECUTOR = "vllm_kvp.engine.executor.KVPExecutor"
 RAY_EXECUTOR = "vllm_kvp.engine.ray_executor.KVPRayExecutor"

@@ -17,14 +17,12 @@ import logging
 
 from vllm.platforms import current_platform
 
-from vllm_kvp.step import comm, split_linear
-
 from vllm_kvp import step
-
-from vllm_kvp.engine import vllm_compat
 from vllm_kvp.config import KVPConfig, kvp_config
-from vllm_kvp.rank_map import RankMap
+from vllm_kvp.engine import vllm_compat
 from vllm_kvp.engine.runner import install_owner_computes
+from vllm_kvp.rank_map import RankMap
+from vllm_kvp.step import comm, split_linear
 from vllm_kvp.step.stats import STATS
 from vllm_kvp.step_policy import StepPolicy
 

@@ -35,7 +35,8 @@ def paged_attention_lse(q, kv_cache, block_table, kv_lens, query_start_loc, scal
                         out=None, lse=None, *, max_kv_len=None, max_query_len=None):
     """Dispatch on the device; see the module docstring for the contract. Returns (out, lse)."""
     if q.is_cuda:
-        from vllm_kvp.ops.triton_paged_attention import paged_attention_lse as triton_paged_attention
+        from vllm_kvp.ops.triton_paged_attention import \
+            paged_attention_lse as triton_paged_attention
 
         return triton_paged_attention(q, kv_cache, block_table, kv_lens, query_start_loc, scale, q_pos, block_pos,
                                       out, lse, max_kv_len=max_kv_len, max_query_len=max_query_len)

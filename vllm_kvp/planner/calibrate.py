@@ -29,10 +29,10 @@ import dataclasses
 import json
 from pathlib import Path
 
-from vllm_kvp.planner import fitting
 from vllm_kvp.config import STEP_MODES
-from vllm_kvp.planner.cost_model import (MODES, Hardware, Layout, ModelShape, Terms, core_sharing,
-                                  decode_step_terms, kvp_collectives)
+from vllm_kvp.planner import fitting
+from vllm_kvp.planner.cost_model import (
+    MODES, Hardware, Layout, ModelShape, Terms, core_sharing, decode_step_terms, kvp_collectives)
 
 REQUIRED = ("ranks", "context", "step_ms")
 

@@ -24,8 +24,7 @@ from typing import Protocol
 
 import torch
 
-from vllm_kvp.step import comm
-from vllm_kvp.step import Step
+from vllm_kvp.step import Step, comm
 
 
 class AttentionKernels(Protocol):

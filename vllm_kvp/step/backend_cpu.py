@@ -13,13 +13,14 @@ from vllm.config import VllmConfig
 from vllm.v1.attention.backend import AttentionImpl, AttentionMetadataBuilder, AttentionType
 from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
 
-from vllm_kvp.step import attention as kvp_attention
 from vllm_kvp.ops import cpu_kernel
 from vllm_kvp.ops.merge import merge_gathered_rows
 from vllm_kvp.ops.paged_attention import paged_attention_lse, write_kv
+from vllm_kvp.step import Step
+from vllm_kvp.step import attention as kvp_attention
+from vllm_kvp.step import build_step, rank_context
 from vllm_kvp.step.shard_map import local_slots
 from vllm_kvp.step.stats import STATS
-from vllm_kvp.step import Step, build_step, rank_context
 
 
 class KVPAttentionBackend(CPUAttentionBackend):

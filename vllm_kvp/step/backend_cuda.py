@@ -21,18 +21,19 @@ from __future__ import annotations
 
 import torch
 from vllm.config.cache import CacheDType
-from vllm.v1.attention.backend import AttentionCGSupport, AttentionMetadataBuilder, AttentionType, MultipleOf
+from vllm.v1.attention.backend import (
+    AttentionCGSupport, AttentionMetadataBuilder, AttentionType, MultipleOf)
 from vllm.v1.attention.backends.flash_attn import FlashAttentionBackend, FlashAttentionImpl
-
-from vllm_kvp.step import attention as kvp_attention
 
 from vllm_kvp.engine import vllm_compat
 from vllm_kvp.ops import partials
 from vllm_kvp.ops.triton_merge import triton_merge_partials
 from vllm_kvp.ops.triton_paged_attention import paged_attention_lse
+from vllm_kvp.step import Step
+from vllm_kvp.step import attention as kvp_attention
+from vllm_kvp.step import build_step, rank_context
 from vllm_kvp.step.shard_map import local_slots
 from vllm_kvp.step.stats import STATS
-from vllm_kvp.step import Step, build_step, rank_context
 
 
 class KVPFlashAttentionBackend(FlashAttentionBackend):

@@ -27,12 +27,10 @@ from typing import Any, Callable
 
 import torch
 
-from vllm_kvp.step import comm
-
 from vllm_kvp.engine import vllm_compat
+from vllm_kvp.step import comm, current_step
 from vllm_kvp.step.columns import column_bounds
 from vllm_kvp.step.stats import STATS
-from vllm_kvp.step import current_step
 
 
 class SplitLinearMethod:
