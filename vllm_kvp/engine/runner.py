@@ -58,6 +58,11 @@ class KVPRunnerMixin:
             if not isinstance(out, torch.Tensor):
                 return out
             mine = out[r.row_idx]  # the owner's rows are the ones every rank keeps
+        elif step.local and r.num_local == 0 and self._kvp_single_stage():
+            # Nothing in a local step needs this rank until the hidden-state gather: no layer
+            # exchanges anything, so it sends a placeholder row instead of running a dummy one
+            # (on a shared CPU host its cores go to the ranks that compute).
+            mine = self._kvp_placeholder_row()
         else:
             mine = self._run_own_rows(step, input_ids, positions, intermediate_tensors,
                                       inputs_embeds)
@@ -71,6 +76,20 @@ class KVPRunnerMixin:
         full = hidden.new_zeros((total, hidden.shape[-1]))
         full[: r.num_tokens] = hidden
         return full
+
+    def _kvp_single_stage(self) -> bool:
+        from vllm.distributed import get_pp_group
+
+        return get_pp_group().world_size == 1  # a stage would still owe the next its rows
+
+    def _kvp_placeholder_row(self) -> torch.Tensor:
+        """(1, hidden) zeros in the model's dtype: a rank owning no row's share of a gather."""
+        row = getattr(self, "_kvp_placeholder", None)
+        if row is None:
+            mc = self.vllm_config.model_config
+            row = torch.zeros((1, mc.get_hidden_size()), dtype=mc.dtype, device=self.device)
+            self._kvp_placeholder = row
+        return row
 
     def _run_own_rows(self, step: Step, input_ids, positions, intermediate_tensors,
                       inputs_embeds):
