@@ -6,7 +6,7 @@ pluggable classes; this is the one place that connects them to the user's `kvp` 
 What: wraps four `EngineArgs` methods.
   - `add_cli_args`: adds the "KV parallelism" group (`--kvp-size`, `--kvp-placement`,
     `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`, `--kvp-step-mode`,
-    `--kvp-split-step-tokens`, `--kvp-split-min-bytes`).
+    `--kvp-split-step-tokens`, `--kvp-split-min-bytes`, `--kvp-max-rank-restarts`).
   - `from_cli_args`: folds those flags into `additional_config["kvp"]`, so a flag and the
     equivalent `additional_config` are the same thing from here on.
   - `create_engine_config`: validates the `kvp` config (in the front-end process, before any worker
@@ -35,6 +35,7 @@ _FLAGS = {
     "kvp_step_mode": "step_mode",
     "kvp_split_step_tokens": "split_step_tokens",
     "kvp_split_min_bytes": "split_min_bytes",
+    "kvp_max_rank_restarts": "max_rank_restarts",
 }
 
 _MARK = "_vllm_kvp_wrapped"
@@ -73,6 +74,10 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--kvp-split-min-bytes", type=int, default=None,
                        help="Weight bytes from which a linear layer is split by columns in such "
                             "steps. Default 4 MiB on CPUs, 32 MiB on GPUs; 0 splits every one.")
+    group.add_argument("--kvp-max-rank-restarts", type=int, default=None,
+                       help="When a worker dies, restart the workers and recompute the "
+                            "unfinished requests, at most this many times in ten minutes. "
+                            "Default 3; 0 stops the engine at the first death.")
     return parser
 
 

@@ -56,6 +56,10 @@ class KVPConfig:
     split_min_bytes: weight bytes from which a linear layer is split by columns in such steps
         (smaller ones run whole on every rank: an all-gather costs more than reading them).
         None: 4 MiB on CPUs, 32 MiB on GPUs, whose collectives cost more reads; 0 splits all.
+    max_rank_restarts: when a worker dies, the engine restarts its workers and recomputes the
+        unfinished requests (see docs/design.md, "Rank failure"), at most this many times in ten
+        minutes; then it stops as plain vLLM does. 0: stop at the first death (vLLM's behaviour).
+        Local multiprocess executor only.
     """
 
     size: int = 1
@@ -65,6 +69,7 @@ class KVPConfig:
     step_mode: str = "auto"
     split_step_tokens: int = 128
     split_min_bytes: int | None = None
+    max_rank_restarts: int = 3
 
     def __post_init__(self) -> None:
         _check_int("size", self.size, minimum=1)
@@ -89,6 +94,7 @@ class KVPConfig:
         _check_int("split_step_tokens", self.split_step_tokens, minimum=0)
         if self.split_min_bytes is not None:
             _check_int("split_min_bytes", self.split_min_bytes, minimum=0)
+        _check_int("max_rank_restarts", self.max_rank_restarts, minimum=0)
 
     @property
     def enabled(self) -> bool:

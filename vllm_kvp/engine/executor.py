@@ -14,6 +14,7 @@ import logging
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from vllm_kvp.config import kvp_config
+from vllm_kvp.engine.restart import RestartingExecutorMixin
 from vllm_kvp.engine.settings import ensure_cpu_thread_binding
 from vllm_kvp.engine.vllm_compat import ExecutorHooks, shrink_to_rank_share
 from vllm_kvp.rank_map import RankMap
@@ -90,11 +91,13 @@ class KVPMixin(ExecutorHooks):
         )
 
 
-class KVPExecutor(KVPMixin, MultiprocExecutor):
-    """Local multiprocess executor (CPU with gloo, CUDA with NCCL)."""
+class KVPExecutor(KVPMixin, RestartingExecutorMixin, MultiprocExecutor):
+    """Local multiprocess executor (CPU with gloo, CUDA with NCCL); restarts its workers when
+    one dies (restart.py)."""
 
     def _init_executor(self) -> None:
         self._setup_kvp()
+        self._setup_restarts()
         from vllm.platforms import current_platform
 
         if current_platform.is_cpu():

@@ -30,6 +30,12 @@ from vllm_kvp.step_policy import HIDDEN
 class KVPRunnerMixin:
     """Mixed into the worker's model runner class by `install_owner_computes`."""
 
+    def _update_states(self, scheduler_output) -> Any:
+        # A request recomputed after a worker restart (engine/recovery.py) arrives as a new
+        # request carrying the tokens it had generated; it enters the batch with them.
+        with vllm_compat.replayed_outputs(self, scheduler_output):
+            return super()._update_states(scheduler_output)
+
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs: Any) -> Any:
         step = step_of(vllm_compat.forward_attn_metadata())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from typing import Any
 
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -18,10 +19,12 @@ from vllm_kvp.config import kvp_config
 from vllm_kvp.engine.chunk_scheduler import AdaptiveChunkingMixin
 from vllm_kvp.engine.metrics import KVPMetrics
 from vllm_kvp.engine.placement import RankPlacement
+from vllm_kvp.engine.recovery import recovery_log
 from vllm_kvp.engine.rank_pool import RankedFreeQueue, most_free_first
 from vllm_kvp.engine.vllm_compat import (
-    SchedulerHooks, allocate_slots_args, blocks_held, computed_blocks, pooled_scheduler_kv_config,
-    replace_free_block_queue, wrap_manager_methods)
+    SchedulerHooks, allocate_slots_args, blocks_held, computed_blocks, mark_replay,
+    pooled_scheduler_kv_config, replace_free_block_queue, reset_for_recompute,
+    wrap_manager_methods)
 from vllm_kvp.rank_map import RankMap
 
 logger = logging.getLogger("vllm.vllm_kvp")
@@ -50,6 +53,13 @@ class KVPScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
         self._allocate = manager.allocate_slots
         manager.allocate_slots = self._allocate_slots
         wrap_manager_methods(manager, self._forget_after)
+        # Dead-worker recovery (recovery.py): the executor restarts the workers and bumps the
+        # epoch; the next schedule() recomputes every unfinished request.
+        self.recovery = recovery_log(vllm_config, self.kvp.max_rank_restarts)
+        self._epoch = self.recovery.epoch
+        self._replay: set[str] = set()  # requests whose outputs the restarted workers need
+        self._recovering: dict[str, tuple[float, int]] = {}  # id -> (death, outputs then)
+        self._step_epochs: dict[int, int] = {}  # id(scheduler output) -> epoch it ran in
 
     # -- placement around vLLM's allocation -------------------------------------------------
     def _allocate_slots(self, request, num_new_tokens: int, *args: Any, **kwargs: Any):
@@ -117,10 +127,52 @@ class KVPScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
         return {"kvp_ranks": ranks, "kvp_rank_starts": starts}
 
     def schedule(self, *args: Any, **kwargs: Any):
+        if self.recovery.epoch != self._epoch:
+            self._recompute_after_restart()
         self.placement.begin_step()
         output = super().schedule(*args, **kwargs)
+        if self._replay:
+            for new in output.scheduled_new_reqs:
+                if new.req_id in self._replay:
+                    mark_replay(new, self.requests[new.req_id].all_token_ids)
+                    self._replay.discard(new.req_id)
+        self._step_epochs[id(output)] = self._epoch
         self._record_usage()
         return output
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        if self._step_epochs.pop(id(scheduler_output), self._epoch) != self.recovery.epoch:
+            # The workers died during this step and restarted: it produced nothing, and the
+            # next schedule() recomputes every request it held.
+            return {}
+        outputs = super().update_from_output(scheduler_output, model_runner_output)
+        if self._recovering:
+            now = time.monotonic()
+            for req_id, (died_at, outputs_then) in list(self._recovering.items()):
+                request = self.requests.get(req_id)
+                if request is None or request.num_output_tokens > outputs_then:
+                    self.recovery.metrics.recovery_seconds.observe(now - died_at)
+                    del self._recovering[req_id]
+        return outputs
+
+    def _recompute_after_restart(self) -> None:
+        """The workers restarted with empty KV caches: every unfinished request recomputes its
+        prompt and the tokens it generated, then continues (greedy outputs are unchanged)."""
+        self._epoch = self.recovery.epoch
+        failure = self.recovery.last_failure
+        unfinished = [r for r in list(self.running) + list(self.waiting)
+                      if r.num_computed_tokens > 0 or r.num_output_tokens > 0]
+        replay = reset_for_recompute(self)
+        self._replay = {r.request_id for r in replay}
+        died_at = failure.detected_at if failure else time.monotonic()
+        for request in unfinished:
+            self._recovering[request.request_id] = (died_at, request.num_output_tokens)
+        self.recovery.metrics.recovered.inc(len(unfinished))
+        ids = [r.request_id for r in unfinished]
+        logger.warning(
+            "vllm_kvp: recomputing %d unfinished request(s) after KV rank %s died: %s%s",
+            len(ids), failure.kv_rank if failure else "?", ", ".join(ids[:16]),
+            " ..." if len(ids) > 16 else "")
 
     def _record_usage(self) -> None:
         free = self.rank_queue.free_per_rank()

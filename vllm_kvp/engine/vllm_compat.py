@@ -810,5 +810,203 @@ def _check_ray_cpu() -> list[str]:
                         "def get_node_and_physical_gpu_ids"))
 
 
+# =============================================================================================
+# Dead-worker recovery (vllm_kvp/engine/restart.py, scheduler.py, runner.py; see recovery.py)
+
+
+def watch_workers(executor: Any, on_death: Callable[[int, Any], None]) -> None:
+    """In a daemon thread, wait for the first worker process of `executor`'s current world to
+    exit and call `on_death(world_rank, process)` (vLLM's own monitor would shut the executor
+    down and fail the engine instead)."""
+    import multiprocessing.connection
+    import threading
+
+    workers = list(executor.workers)
+
+    def watch() -> None:
+        sentinels = [w.proc.sentinel for w in workers]
+        died = multiprocessing.connection.wait(sentinels)
+        if getattr(executor, "shutting_down", False) or executor.workers != workers:
+            return  # a shutdown, or a world already replaced
+        index = sentinels.index(died[0])
+        on_death(index, workers[index].proc)
+
+    threading.Thread(target=watch, daemon=True, name="KVPWorkerMonitor").start()
+
+
+def kill_workers(executor: Any) -> None:
+    """SIGKILL every worker process of the executor's current world and cancel its message
+    queues, so an engine thread waiting for a reply gets an error instead of waiting forever.
+    The survivors are killed too: one may spin in a collective with the dead one, and vLLM's CPU
+    shared-memory collectives never time out. Idempotent."""
+    workers = list(getattr(executor, "workers", None) or [])
+    for w in workers:
+        if w.death_writer is not None:
+            w.death_writer.close()
+            w.death_writer = None
+        if w.proc.is_alive():
+            w.proc.kill()
+    for w in workers:
+        w.proc.join(timeout=30)
+        if w.worker_response_mq is not None:
+            w.worker_response_mq.shutdown()
+            w.worker_response_mq = None
+    for mq in getattr(executor, "response_mqs", None) or []:
+        mq.shutdown()
+    executor.response_mqs = []
+    if getattr(executor, "rpc_broadcast_mq", None) is not None:
+        executor.rpc_broadcast_mq.shutdown()
+        executor.rpc_broadcast_mq = None
+
+
+def respawn_workers(executor: Any) -> None:
+    """Start a fresh world of workers in place of a killed one: vLLM's own start-up of the
+    multiprocess executor (new message queues, new distributed rendezvous, weights loaded)."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    finalizer = getattr(executor, "_finalizer", None)
+    if finalizer is not None:
+        finalizer.detach()  # _init_executor registers a new one
+    MultiprocExecutor._init_executor(executor)
+
+
+def call_workers(executor: Any, method: Any, *args: Any, **kwargs: Any) -> Any:
+    """vLLM's collective_rpc, bypassing the executor subclasses' overrides."""
+    from vllm.v1.executor.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor.collective_rpc(executor, method, *args, **kwargs)
+
+
+def empty_step_output() -> Any:
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    return ModelRunnerOutput(req_ids=[], req_id_to_index={})
+
+
+@_touch_point(
+    "worker restart",
+    "`MultiprocExecutor`: `start_worker_monitor()` (called by `_init_executor`), `workers[i]."
+    "proc` / `.death_writer` / `.worker_response_mq`, `response_mqs`, `rpc_broadcast_mq`, "
+    "`MessageQueue.shutdown()` cancelling a blocked `dequeue`, `_init_executor()` building a "
+    "whole new world when called again, `_finalizer`, `collective_rpc(method, ..., non_block=)` "
+    "returning a `concurrent.futures.Future`; the engine core treats a `ModelRunnerOutput` "
+    "with no requests as a step that sampled nothing",
+    "a dead worker restarts the workers instead of failing the engine (recovery.py)",
+    "an executor-level restart hook in vLLM (its fault-tolerance sentinel aborts every request)")
+def _check_worker_restart() -> list[str]:
+    path = "vllm.v1.executor.multiproc_executor:MultiprocExecutor"
+    out = _has(path, "start_worker_monitor", "_init_executor", "collective_rpc", "shutdown")
+    out += _params(f"{path}.start_worker_monitor", ["inline"])
+    out += _contains("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor",
+                     "self._finalizer = weakref.finalize(self, self.shutdown)",
+                     "self.start_worker_monitor()", "self.response_mqs = []",
+                     "self.rpc_broadcast_mq = MessageQueue(")
+    out += _contains("vllm.v1.executor.multiproc_executor", "MultiprocExecutor.shutdown",
+                     "w.death_writer.close()", "w.worker_response_mq.shutdown()")
+    out += _contains("vllm.distributed.device_communicators.shm_broadcast",
+                     "MessageQueue.acquire_read", "if self.shutting_down:")
+    return out
+
+
+def reset_for_recompute(scheduler: Any) -> list[Any]:
+    """After the workers restarted empty: every unfinished request goes back to the waiting
+    queue with nothing computed and no blocks, as a *new* request (fresh workers know none of
+    them; vLLM's "resumed" path assumes they do), and the prefix cache is emptied. Returns the
+    requests the workers must replay output tokens for (those that generated some)."""
+    from vllm.v1.request import RequestStatus
+
+    for request in reversed(list(scheduler.running)):
+        scheduler.kv_cache_manager.free(request)
+        scheduler.encoder_cache_manager.free(request)
+        inflight = getattr(scheduler, "_inflight_prefills", None)
+        if inflight is not None:
+            inflight.discard(request)
+        request.num_computed_tokens = 0
+        request.spec_token_ids = []
+        request.num_output_placeholders = 0
+        request.status = RequestStatus.WAITING
+        scheduler.waiting.prepend_request(request)
+    scheduler.running.clear()
+    replay = []
+    for request in scheduler.waiting:
+        if request.status == RequestStatus.PREEMPTED:
+            request.status = RequestStatus.WAITING
+        if request.num_output_tokens > 0:
+            replay.append(request)
+    prev = getattr(scheduler, "prev_step_scheduled_req_ids", None)
+    if prev is not None:
+        prev.clear()
+    if not scheduler.kv_cache_manager.reset_prefix_cache():
+        raise RuntimeError("vllm_kvp: KV blocks still in use after every request was reset")
+    return replay
+
+
+def mark_replay(new_request_data: Any, all_token_ids: list[int]) -> None:
+    """Send a recomputed request's prompt *and* generated tokens to the workers (V2 runners'
+    `prefill_token_ids` field, which the V1 runner leaves unread; `replayed_outputs` reads it)."""
+    new_request_data.prefill_token_ids = list(all_token_ids)
+
+
+@contextlib.contextmanager
+def replayed_outputs(runner: Any, scheduler_output: Any) -> Iterator[None]:
+    """While vLLM's runner adds this step's new requests to its batch: a recomputed request
+    (`mark_replay`) enters with the output tokens it had generated, so its prefill re-fills the
+    KV of prompt and outputs, penalties see them, and no prompt logprobs are sent twice."""
+    replay = {}
+    for new in scheduler_output.scheduled_new_reqs:
+        tokens, prompt = new.prefill_token_ids, new.prompt_token_ids
+        if tokens is not None and prompt is not None and len(tokens) > len(prompt):
+            replay[new.req_id] = tokens[len(prompt):]
+    if not replay:
+        yield
+        return
+    batch = runner.input_batch
+    add = batch.add_request
+
+    def add_request(req_state: Any, *args: Any, **kwargs: Any) -> Any:
+        outputs = replay.get(req_state.req_id)
+        if outputs is not None and not req_state.output_token_ids:
+            req_state.output_token_ids.extend(outputs)
+            runner.num_prompt_logprobs.pop(req_state.req_id, None)
+        return add(req_state, *args, **kwargs)
+
+    batch.add_request = add_request
+    try:
+        yield
+    finally:
+        del batch.add_request
+
+
+@_touch_point(
+    "recompute after restart",
+    "`Scheduler.running` / `waiting.prepend_request` / `kv_cache_manager.free` / "
+    "`.reset_prefix_cache()` / `encoder_cache_manager.free`, `Request.num_computed_tokens`, "
+    "`num_output_placeholders`, `spec_token_ids`, `status`; WAITING requests are sent as "
+    "`NewRequestData` (PREEMPTED ones as resumed); the V1 runner's `_update_states` creates a new "
+    "request's state with `output_token_ids=[]` and adds it with `input_batch.add_request(state)`, "
+    "and ignores `NewRequestData.prefill_token_ids`",
+    "requests recompute on restarted workers with the tokens they had generated",
+    "a scheduler API to re-submit a request with its outputs to fresh workers")
+def _check_recompute() -> list[str]:
+    import dataclasses
+
+    from vllm.v1.core.sched.output import NewRequestData
+
+    out = _has("vllm.v1.core.sched.scheduler:Scheduler", "update_from_output", "schedule")
+    out += _has("vllm.v1.request:RequestStatus", "WAITING", "PREEMPTED")
+    if "prefill_token_ids" not in {f.name for f in dataclasses.fields(NewRequestData)}:
+        out.append("NewRequestData has no field prefill_token_ids")
+    out += _contains("vllm.v1.core.sched.scheduler", "Scheduler._preempt_request",
+                     "request.num_computed_tokens = 0", "self.waiting.prepend_request(request)",
+                     "request.num_output_placeholders = 0")
+    out += _contains("vllm.v1.worker.gpu_model_runner", "GPUModelRunner._update_states",
+                     "output_token_ids=[],", "self.input_batch.add_request(request)",
+                     "self.num_prompt_logprobs[req_id]")
+    runner = _source("vllm.v1.worker.gpu_model_runner", "GPUModelRunner")
+    if "prefill_token_ids" in runner:
+        out.append("the V1 runner now reads prefill_token_ids")
+    return out
+
+
 if __name__ == "__main__":  # print the ledger table (patches/README.md, "private touch points")
     print("\n".join(ledger_rows()))
