@@ -100,7 +100,11 @@ class RestartingExecutorMixin:
         try:
             result = super().collective_rpc(method, *args, **kwargs)
         except Exception as e:  # noqa: BLE001 (re-raised unless a worker died)
-            return self._kvp_done(self._kvp_after_failure(e, epoch, step), kwargs)
+            if step:
+                return self._kvp_done(self._kvp_after_failure(e, epoch), kwargs)
+            self._kvp_after_failure(e, epoch, step=False)
+            # Other calls (utilities, queries) are run again on the restarted workers.
+            return super().collective_rpc(method, *args, **kwargs)
         if step and isinstance(result, Future):
             return _RecoveringFuture(self, result, epoch)
         return result
@@ -115,7 +119,7 @@ class RestartingExecutorMixin:
 
     def _kvp_after_failure(self, error: Exception, epoch: int, step: bool = True) -> Any:
         """A call failed: if a worker died (or a restart already replaced the world the call ran
-        on), restart and give a step the empty output; otherwise it is vLLM's error."""
+        on), restart, and a step gets the empty output; otherwise it is vLLM's error."""
         if self._kvp_recovery.epoch == epoch:
             deadline = time.monotonic() + DEATH_GRACE_S
             while self._kvp_lost is None and time.monotonic() < deadline:
@@ -123,10 +127,7 @@ class RestartingExecutorMixin:
             if self._kvp_lost is None:
                 raise error
             self._kvp_restart()
-        if step:
-            return vllm_compat.empty_step_output()
-        raise RuntimeError("vllm_kvp: a worker died during this call; the workers restarted, "
-                           "call again") from error
+        return vllm_compat.empty_step_output() if step else None
 
     def _kvp_restart(self) -> None:
         with self._kvp_lock:

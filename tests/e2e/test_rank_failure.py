@@ -1,0 +1,140 @@
+"""A dead worker loses no request (issue: rank failure).
+
+Workers are killed for real (SIGKILL, found among the engine core's children), mid-decode and
+mid-prefill (the latter from a timer while a step of a prompt spread over the ranks runs, so the
+kill lands in the middle of its compute and collectives), any rank including the one that returns
+outputs. Every request must complete with the greedy tokens of an undisturbed run on the same
+engine, no KV block may stay in use afterwards, and the engine keeps serving. A rank that keeps
+dying hits the restart limit and the engine stops (its log names the limit).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from engines import engine, random_prompts
+
+pytestmark = pytest.mark.e2e
+
+ENGINE = dict(max_num_batched_tokens=512, max_model_len=4096)
+
+
+def _alive(procs):
+    out = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _workers() -> list[psutil.Process]:
+    """The workers of the newest engine this test process runs, in world-rank order (they start
+    in that order)."""
+    cores = [p for p in _alive(psutil.Process().children(recursive=True))
+             if "EngineCore" in p.name()]
+    core = max(cores, key=lambda p: p.create_time())
+    procs = [p for p in _alive(core.children()) if "Worker" in p.name()]
+    return sorted(procs, key=lambda p: (p.create_time(), p.pid))
+
+
+def _kill(rank: int) -> int:
+    victim = _workers()[rank]
+    os.kill(victim.pid, signal.SIGKILL)
+    return victim.pid
+
+
+def _run(llm, prompts, max_tokens, kill=None):
+    """Greedy tokens of every prompt, stepping the engine; `kill` = (rank, moment): "decode"
+    kills once every request has 3 tokens, "prefill" kills from a thread started as the second
+    step (a prefill chunk of prompts spread over the ranks) is sent, so it lands in that step."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    for i, p in enumerate(prompts):
+        eng.add_request(f"r{i}-{time.monotonic_ns()}", {"prompt_token_ids": p}, params)
+    done, progress, steps, killed = {}, {}, 0, None
+    while eng.has_unfinished_requests():
+        timer = None
+        if kill and killed is None and kill[1] == "prefill" and steps == 1:
+            killed = "pending"
+            timer = threading.Thread(target=_kill, args=(kill[0],))
+            timer.start()
+        for out in eng.step():
+            progress[out.request_id] = len(out.outputs[0].token_ids)
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        if timer is not None:
+            timer.join()
+        steps += 1
+        if (kill and killed is None and kill[1] == "decode" and len(progress) == len(prompts)
+                and min(progress.values()) >= 3):
+            _kill(kill[0])
+            killed = "done"
+    ids = sorted(done, key=lambda r: int(r.split("-")[0][1:]))
+    assert len(ids) == len(prompts)
+    if kill:
+        assert killed is not None, "the kill never happened"
+    return [done[r] for r in ids]
+
+
+def _assert_recovered(llm, prompts, max_tokens, expected, rank, moment):
+    workers_before = {p.pid for p in _workers()}
+    got = _run(llm, prompts, max_tokens, kill=(rank, moment))
+    assert got == expected, f"outputs differ after killing rank {rank} {moment}"
+    assert llm.reset_prefix_cache(), "KV blocks still in use after the recovered requests finished"
+    after = {p.pid for p in _workers()}
+    assert len(after) == len(workers_before) and not after & workers_before  # a fresh world
+    assert _run(llm, prompts[:1], 4) == [e[:4] for e in expected[:1]]  # and it keeps serving
+
+
+@pytest.fixture(scope="module")
+def two_ranks(model_path):
+    kvp = {"size": 2, "max_tokens_per_rank": 256, "max_rank_restarts": 10}
+    with engine(model_path, kvp=kvp, **ENGINE) as llm:
+        yield llm
+
+
+PROMPTS2 = random_prompts([300, 450, 600, 120], 500, seed=5)
+
+
+@pytest.fixture(scope="module")
+def undisturbed2(two_ranks):
+    return _run(two_ranks, PROMPTS2, 24)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_kill_mid_decode_any_rank(two_ranks, undisturbed2, rank):
+    """4 requests, 3 of them spanning both ranks (256 tokens per rank), decoding: either worker
+    dies (rank 0 returns the outputs)."""
+    _assert_recovered(two_ranks, PROMPTS2, 24, undisturbed2, rank, "decode")
+
+
+def test_kill_mid_prefill(two_ranks, model_path):
+    """A 3000-token prompt prefilling in 512-token chunks over both ranks, beside short ones;
+    rank 0 dies during its second chunk."""
+    prompts = random_prompts([3000, 40, 200], 500, seed=6)
+    expected = _run(two_ranks, prompts, 8)
+    _assert_recovered(two_ranks, prompts, 8, expected, 0, "prefill")
+
+
+def test_three_striped_ranks_then_restart_limit(model_path):
+    """N = 3, striped: a kill mid-decode and one mid-prefill recover; a third death exceeds
+    max_rank_restarts = 2 and the engine stops, as plain vLLM does at the first one."""
+    prompts = random_prompts([900, 260, 1500], 500, seed=7)
+    kvp = {"size": 3, "placement": "striped", "max_rank_restarts": 2}
+    with engine(model_path, kvp=kvp, **ENGINE) as llm:
+        expected = _run(llm, prompts, 16)
+        _assert_recovered(llm, prompts, 16, expected, 2, "decode")
+        _assert_recovered(llm, prompts, 16, expected, 1, "prefill")
+        with pytest.raises(Exception):
+            _run(llm, prompts, 16, kill=(0, "decode"))
