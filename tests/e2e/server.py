@@ -27,6 +27,7 @@ def free_port() -> int:
 class Server:
     url: str
     log_path: Path
+    pid: int  # the server process (its engine core and workers are descendants)
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -58,7 +59,7 @@ def serve(model: str, *args: str, startup_timeout: float = 300.0, env: dict | No
             if time.time() > deadline:
                 raise TimeoutError(f"server did not become healthy; log: {log_path}")
             time.sleep(1)
-        yield Server(base, log_path)
+        yield Server(base, log_path, proc.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGTERM)

@@ -56,6 +56,7 @@ class KVPScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
         # Dead-worker recovery (recovery.py): the executor restarts the workers and bumps the
         # epoch; the next schedule() recomputes every unfinished request.
         self.recovery = recovery_log(vllm_config, self.kvp.max_rank_restarts)
+        self.recovery.metrics  # created now, so /metrics shows them at zero  # noqa: B018
         self._epoch = self.recovery.epoch
         self._replay: set[str] = set()  # requests whose outputs the restarted workers need
         self._recovering: dict[str, tuple[float, int]] = {}  # id -> (death, outputs then)
