@@ -17,7 +17,8 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096",
         "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner",
-        "--kvp-split-step-tokens", "64", "--kvp-split-min-bytes", "0"]
+        "--kvp-split-step-tokens", "64", "--kvp-split-min-bytes", "0",
+        "--kvp-max-rank-restarts", "5"]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def test_flags_fold_into_additional_config(parser):
                                              "max_tokens_per_rank": 4096,
                                              "prefill_chunking": "adaptive",
                                              "step_mode": "owner", "split_step_tokens": 64,
-                                             "split_min_bytes": 0}
+                                             "split_min_bytes": 0, "max_rank_restarts": 5}
 
 
 def test_only_given_flags_are_folded(parser):
@@ -70,7 +71,8 @@ def test_no_flags_leave_additional_config_unchanged(parser):
 def test_flag_defaults_are_unset(parser):
     ns = parser.parse_args(["--model", "x"])
     assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank, ns.kvp_prefill_chunking,
-            ns.kvp_step_mode, ns.kvp_split_step_tokens, ns.kvp_split_min_bytes) == (None,) * 7
+            ns.kvp_step_mode, ns.kvp_split_step_tokens, ns.kvp_split_min_bytes,
+            ns.kvp_max_rank_restarts) == (None,) * 8
 
 
 @pytest.mark.parametrize("argv", [
@@ -178,7 +180,8 @@ def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
                                                 "max_tokens_per_rank": None,
                                                 "prefill_chunking": "fixed",
                                                 "step_mode": "auto", "split_step_tokens": 128,
-                                                "split_min_bytes": None, **kvp}
+                                                "split_min_bytes": None,
+                                                "max_rank_restarts": 3, **kvp}
     assert config.scheduler_config.async_scheduling is False
 
 
@@ -190,7 +193,7 @@ def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
                                                 "max_tokens_per_rank": 4096,
                                                 "prefill_chunking": "adaptive",
                                              "step_mode": "owner", "split_step_tokens": 64,
-                                             "split_min_bytes": 0}
+                                             "split_min_bytes": 0, "max_rank_restarts": 5}
 
 
 @pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])

@@ -83,6 +83,7 @@ def test_non_mapping_is_rejected(raw):
     {"size": 3, "step_mode": "owner"},
     {"size": 2, "split_step_tokens": 0, "split_min_bytes": 0},
     {"size": 4, "split_step_tokens": 512, "split_min_bytes": 1 << 20},
+    {"size": 2, "max_rank_restarts": 0},
 ])
 def test_valid_config_round_trips(raw):
     config = KVPConfig.from_dict(raw)
@@ -90,7 +91,8 @@ def test_valid_config_round_trips(raw):
         assert getattr(config, key) == value
     as_dict = config.to_dict()
     assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "prefill_chunking",
-                            "step_mode", "split_step_tokens", "split_min_bytes"}
+                            "step_mode", "split_step_tokens", "split_min_bytes",
+                            "max_rank_restarts"}
     assert {k: as_dict[k] for k in raw} == raw
     again = KVPConfig.from_dict(as_dict)
     assert again == config
@@ -102,7 +104,8 @@ def test_defaults():
     config = KVPConfig()
     assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None,
                                 "prefill_chunking": "fixed", "step_mode": "auto",
-                                "split_step_tokens": 128, "split_min_bytes": None}
+                                "split_step_tokens": 128, "split_min_bytes": None,
+                                "max_rank_restarts": 3}
     assert (config.min_split_bytes(cuda=False), config.min_split_bytes(cuda=True)) == (4 << 20,
                                                                                      32 << 20)
     assert KVPConfig(split_min_bytes=0).min_split_bytes(cuda=True) == 0
@@ -226,3 +229,10 @@ def test_cuda_extra_takes_flash_attention_from_vllm():
     extras = tomllib.loads((root / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert not [d for d in extras["cuda"] if d.replace("_", "-").startswith("flash-attn")]
     assert any(d.startswith("vllm") for d in extras["cuda"])
+
+
+def test_max_rank_restarts_validated():
+    assert KVPConfig(size=2).max_rank_restarts == 3
+    assert KVPConfig(size=2, max_rank_restarts=0).max_rank_restarts == 0
+    with pytest.raises(KVPConfigError, match="max_rank_restarts"):
+        KVPConfig(size=2, max_rank_restarts=-1)
