@@ -59,7 +59,6 @@ class KVPConfig:
     max_rank_restarts: when a worker dies, the engine restarts its workers and recomputes the
         unfinished requests (see docs/design.md, "Rank failure"), at most this many times in ten
         minutes; then it stops as plain vLLM does. 0: stop at the first death (vLLM's behaviour).
-        Local multiprocess executor only.
     """
 
     size: int = 1

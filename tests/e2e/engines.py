@@ -80,3 +80,39 @@ def assert_same_generation(ref: Result, got: Result, label: str) -> None:
         worst = max(abs(x - y) for x, y in zip(a, b))
         # fp32 sums over up to ~10k keys in another order: ~1e-5..1e-4 drift is rounding.
         assert worst < LOGPROB_TOL, f"{label}: prompt {i} logprob differs by {worst}"
+
+
+def step_to_completion(llm, prompts: list[list[int]], max_tokens: int, kill=None,
+                       moment: str = "decode") -> list[list[int]]:
+    """Greedy tokens of every prompt, stepping the engine by hand so a test can kill a worker at a
+    chosen moment: `kill()` runs once every request has 3 tokens ("decode"), or from a thread
+    started as the second step (a prefill chunk) is sent, so it lands in that step ("prefill")."""
+    import threading
+    import time
+
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    ids = [f"r{i}-{time.monotonic_ns()}" for i in range(len(prompts))]
+    for rid, p in zip(ids, prompts):
+        eng.add_request(rid, {"prompt_token_ids": p}, params)
+    done, progress, steps, killed = {}, {}, 0, False
+    while eng.has_unfinished_requests():
+        thread = None
+        if kill and not killed and moment == "prefill" and steps == 1:
+            thread, killed = threading.Thread(target=kill), True
+            thread.start()
+        for out in eng.step():
+            progress[out.request_id] = len(out.outputs[0].token_ids)
+            if out.finished:
+                done[out.request_id] = list(out.outputs[0].token_ids)
+        if thread is not None:
+            thread.join()
+        steps += 1
+        if (kill and not killed and moment == "decode" and len(progress) == len(prompts)
+                and min(progress.values()) >= 3):
+            kill()
+            killed = True
+    assert killed or kill is None, "the kill never happened"
+    return [done[rid] for rid in ids]

@@ -1,5 +1,7 @@
 """KV ranks over Ray across nodes: a two-node Ray cluster (two raylets on this machine, one CPU
-each) gets one KV rank per node, and the tokens are those of a single plain worker."""
+each) gets one KV rank per node, and the tokens are those of a single plain worker; when a
+worker actor's process is killed mid-decode, the actors restart and every request completes
+with the same tokens."""
 
 import os
 import sys
@@ -7,7 +9,7 @@ import sys
 import cloudpickle
 import pytest
 
-from engines import assert_same_generation, engine, generate, random_prompts
+from engines import assert_same_generation, engine, generate, random_prompts, step_to_completion
 
 pytestmark = pytest.mark.e2e
 ray = pytest.importorskip("ray")
@@ -48,6 +50,12 @@ def _node_and_rank(worker):
     return ray_in_worker.get_runtime_context().get_node_id(), comm.kvp_rank()
 
 
+def _pid(worker):
+    import os as os_in_worker
+
+    return os_in_worker.getpid()
+
+
 def test_kvp_over_two_ray_nodes(model_path, two_node_cluster):
     prompts = random_prompts([9, 400, 2100], 4000, seed=61)
     with engine(model_path, **ENGINE) as llm:
@@ -56,6 +64,12 @@ def test_kvp_over_two_ray_nodes(model_path, two_node_cluster):
                 distributed_executor_backend="ray", **ENGINE) as llm:
         got = generate(llm, prompts, 32)
         placement = llm.collective_rpc(_node_and_rank)
+        undisturbed = step_to_completion(llm, prompts, 32)
+        pids = llm.collective_rpc(_pid)
+        recovered = step_to_completion(llm, prompts, 32, kill=lambda: os.kill(pids[1], 9))
+        assert recovered == undisturbed, "outputs differ after a Ray worker actor died"
+        assert not set(llm.collective_rpc(_pid)) & set(pids), "the actors were not restarted"
+        assert llm.reset_prefix_cache(), "KV blocks still in use after recovery"
     assert_same_generation(reference, got, "kvp=2 over Ray")
     assert sorted(rank for _, rank in placement) == [0, 1]
     assert len({node for node, _ in placement}) == 2, f"both KV ranks on one node: {placement}"

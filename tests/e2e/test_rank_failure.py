@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 
 import psutil
 import pytest
 
-from engines import engine, random_prompts
+from engines import engine, random_prompts, step_to_completion
 
 pytestmark = pytest.mark.e2e
 
@@ -53,38 +51,11 @@ def _kill(rank: int) -> int:
 
 
 def _run(llm, prompts, max_tokens, kill=None):
-    """Greedy tokens of every prompt, stepping the engine; `kill` = (rank, moment): "decode"
-    kills once every request has 3 tokens, "prefill" kills from a thread started as the second
-    step (a prefill chunk of prompts spread over the ranks) is sent, so it lands in that step."""
-    from vllm import SamplingParams
-
-    eng = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    for i, p in enumerate(prompts):
-        eng.add_request(f"r{i}-{time.monotonic_ns()}", {"prompt_token_ids": p}, params)
-    done, progress, steps, killed = {}, {}, 0, None
-    while eng.has_unfinished_requests():
-        timer = None
-        if kill and killed is None and kill[1] == "prefill" and steps == 1:
-            killed = "pending"
-            timer = threading.Thread(target=_kill, args=(kill[0],))
-            timer.start()
-        for out in eng.step():
-            progress[out.request_id] = len(out.outputs[0].token_ids)
-            if out.finished:
-                done[out.request_id] = list(out.outputs[0].token_ids)
-        if timer is not None:
-            timer.join()
-        steps += 1
-        if (kill and killed is None and kill[1] == "decode" and len(progress) == len(prompts)
-                and min(progress.values()) >= 3):
-            _kill(kill[0])
-            killed = "done"
-    ids = sorted(done, key=lambda r: int(r.split("-")[0][1:]))
-    assert len(ids) == len(prompts)
-    if kill:
-        assert killed is not None, "the kill never happened"
-    return [done[r] for r in ids]
+    """`kill` = (rank, moment), see `step_to_completion`."""
+    if kill is None:
+        return step_to_completion(llm, prompts, max_tokens)
+    rank, moment = kill
+    return step_to_completion(llm, prompts, max_tokens, kill=lambda: _kill(rank), moment=moment)
 
 
 def _assert_recovered(llm, prompts, max_tokens, expected, rank, moment):

@@ -12,16 +12,19 @@ from vllm.platforms import current_platform
 from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
 
 from vllm_kvp.engine.executor import KVPMixin
+from vllm_kvp.engine.restart import RestartingExecutorMixin
 from vllm_kvp.engine.vllm_compat import RayExecutorHooks
 
 
-class KVPRayExecutor(RayExecutorHooks, KVPMixin, RayExecutorV2):
-    """RayExecutorHooks: on CPU hosts the actors ask Ray for no GPU."""
+class KVPRayExecutor(RayExecutorHooks, KVPMixin, RestartingExecutorMixin, RayExecutorV2):
+    """RayExecutorHooks: on CPU hosts the actors ask Ray for no GPU. A dead actor restarts the
+    actors in the engine's placement group (restart.py)."""
 
     uses_ray: bool = True
 
     def _init_executor(self) -> None:
         self._setup_kvp()
+        self._setup_restarts()
         if current_platform.is_cpu():
             from vllm_kvp.patches import ray_cpu
 

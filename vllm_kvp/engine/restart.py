@@ -74,13 +74,13 @@ class RestartingExecutorMixin:
             if self._kvp_lost is not None:
                 return
             per_rank = self.vllm_config.parallel_config.world_size // self.kvp.size
-            failure = Failure(world_rank, world_rank // per_rank, proc.pid, proc.exitcode,
-                              time.monotonic())
+            pid, exitcode = getattr(proc, "pid", None), getattr(proc, "exitcode", None)
+            failure = Failure(world_rank, world_rank // per_rank, pid, exitcode, time.monotonic())
             self._kvp_recovery.record_failure(failure)
             logger.error(
                 "vllm_kvp: worker %d (KV rank %d, pid %s) died with exit code %s; stopping the "
                 "other workers, which restart with empty KV caches; unfinished requests recompute",
-                world_rank, failure.kv_rank, proc.pid, proc.exitcode)
+                world_rank, failure.kv_rank, pid, exitcode)
             vllm_compat.kill_workers(self)
             self._kvp_lost = failure
 

@@ -815,30 +815,53 @@ def _check_ray_cpu() -> list[str]:
 
 
 def watch_workers(executor: Any, on_death: Callable[[int, Any], None]) -> None:
-    """In a daemon thread, wait for the first worker process of `executor`'s current world to
-    exit and call `on_death(world_rank, process)` (vLLM's own monitor would shut the executor
-    down and fail the engine instead)."""
-    import multiprocessing.connection
+    """In a daemon thread, wait for the first worker of `executor`'s current world to die and call
+    `on_death(world_rank, process or None)` (vLLM's own monitors would shut the executor down and
+    fail the engine instead). Worker processes, or Ray actors (their `run()` refs resolve)."""
     import threading
 
-    workers = list(executor.workers)
+    if getattr(executor, "uses_ray", False):
+        import ray
 
-    def watch() -> None:
-        sentinels = [w.proc.sentinel for w in workers]
-        died = multiprocessing.connection.wait(sentinels)
-        if getattr(executor, "shutting_down", False) or executor.workers != workers:
-            return  # a shutdown, or a world already replaced
-        index = sentinels.index(died[0])
-        on_death(index, workers[index].proc)
+        handles = list(executor.ray_worker_handles)
+        refs = {h.run_ref: h.rank for h in handles if h.run_ref is not None}
+
+        def watch() -> None:
+            while ray.is_initialized():
+                done, _ = ray.wait(list(refs), num_returns=1, timeout=1.0)
+                if (getattr(executor, "shutting_down", False)
+                        or executor.ray_worker_handles != handles):
+                    return
+                if done:
+                    on_death(refs[done[0]], None)
+                    return
+    else:
+        import multiprocessing.connection
+
+        workers = list(executor.workers)
+
+        def watch() -> None:
+            sentinels = [w.proc.sentinel for w in workers]
+            died = multiprocessing.connection.wait(sentinels)
+            if getattr(executor, "shutting_down", False) or executor.workers != workers:
+                return  # a shutdown, or a world already replaced
+            index = sentinels.index(died[0])
+            on_death(index, workers[index].proc)
 
     threading.Thread(target=watch, daemon=True, name="KVPWorkerMonitor").start()
 
 
 def kill_workers(executor: Any) -> None:
-    """SIGKILL every worker process of the executor's current world and cancel its message
-    queues, so an engine thread waiting for a reply gets an error instead of waiting forever.
-    The survivors are killed too: one may spin in a collective with the dead one, and vLLM's CPU
-    shared-memory collectives never time out. Idempotent."""
+    """Kill every worker of the executor's current world (SIGKILL, or `ray.kill`) and cancel its
+    message queues, so an engine thread waiting for a reply gets an error instead of waiting
+    forever. The survivors are killed too: one may spin in a collective with the dead one, and
+    vLLM's CPU shared-memory collectives never time out. Idempotent."""
+    if getattr(executor, "uses_ray", False):
+        import ray
+
+        for h in getattr(executor, "ray_worker_handles", None) or []:
+            with contextlib.suppress(Exception):
+                ray.kill(h.actor)
     workers = list(getattr(executor, "workers", None) or [])
     for w in workers:
         if w.death_writer is not None:
@@ -861,13 +884,19 @@ def kill_workers(executor: Any) -> None:
 
 def respawn_workers(executor: Any) -> None:
     """Start a fresh world of workers in place of a killed one: vLLM's own start-up of the
-    multiprocess executor (new message queues, new distributed rendezvous, weights loaded)."""
+    executor (new message queues, new distributed rendezvous, weights loaded; Ray actors go in
+    the placement group the engine already holds)."""
     from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
     finalizer = getattr(executor, "_finalizer", None)
     if finalizer is not None:
         finalizer.detach()  # _init_executor registers a new one
-    MultiprocExecutor._init_executor(executor)
+    if getattr(executor, "uses_ray", False):
+        from vllm.v1.executor.ray_executor_v2 import RayExecutorV2
+
+        RayExecutorV2._init_executor(executor)
+    else:
+        MultiprocExecutor._init_executor(executor)
 
 
 def call_workers(executor: Any, method: Any, *args: Any, **kwargs: Any) -> Any:
@@ -885,7 +914,8 @@ def empty_step_output() -> Any:
 
 @_touch_point(
     "worker restart",
-    "`MultiprocExecutor`: `start_worker_monitor()` (called by `_init_executor`), `workers[i]."
+    "`MultiprocExecutor` and `RayExecutorV2` (`ray_worker_handles[i].run_ref` / `.actor` / "
+    "`.rank`): `start_worker_monitor()` (called by `_init_executor`), `workers[i]."
     "proc` / `.death_writer` / `.worker_response_mq`, `response_mqs`, `rpc_broadcast_mq`, "
     "`MessageQueue.shutdown()` cancelling a blocked `dequeue`, `_init_executor()` building a "
     "whole new world when called again, `_finalizer`, `collective_rpc(method, ..., non_block=)` "
@@ -894,8 +924,13 @@ def empty_step_output() -> Any:
     "a dead worker restarts the workers instead of failing the engine (recovery.py)",
     "an executor-level restart hook in vLLM (its fault-tolerance sentinel aborts every request)")
 def _check_worker_restart() -> list[str]:
+    ray = "vllm.v1.executor.ray_executor_v2"
+    out = _contains(ray, "RayExecutorV2._init_executor", "initialize_ray_cluster(",
+                    "self.start_worker_monitor()", "self._finalizer = weakref.finalize(")
+    out += _contains(ray, "RayExecutorV2.start_worker_monitor", "h.run_ref", "ray.wait(")
+    out += _contains(ray, "", "self.ray_worker_handles", "ray.kill(handle.actor)")
     path = "vllm.v1.executor.multiproc_executor:MultiprocExecutor"
-    out = _has(path, "start_worker_monitor", "_init_executor", "collective_rpc", "shutdown")
+    out += _has(path, "start_worker_monitor", "_init_executor", "collective_rpc", "shutdown")
     out += _params(f"{path}.start_worker_monitor", ["inline"])
     out += _contains("vllm.v1.executor.multiproc_executor", "MultiprocExecutor._init_executor",
                      "self._finalizer = weakref.finalize(self, self.shutdown)",
