@@ -12,7 +12,10 @@ Workloads (one engine per layout and model, in its own process so its CPU bindin
   throughput  bench-size model: 16 requests of 1k prompt + 128 output tokens at once, tokens/s
               (after a warm-up of 4 such prompts);
   decode      embedded model, batch 1: time per output token at 32k and 60k context (prompt served
-              from the prefix cache, so two runs differ only by their decode steps).
+              from the prefix cache, so two runs differ only by their decode steps);
+  mixed       bench-size model: 8 short streams (1k prompt, 64 output tokens) decoding when one
+              long prompt (--ttft-len, 8k) arrives: the short requests' median time per output
+              token (from their first token to their last) and the long prompt's TTFT.
 The bench-size model (`vllm-kvp make-model --size bench`: hidden 1024, 4 layers, 8/2 heads of 128,
 MLP 4096) makes dense work dominate a CPU step as it does on GPUs. Results: JSON, a Markdown
 table with each figure's ratio to plain vLLM on one core, and a PNG, in --out. Run it on a quiet
@@ -43,7 +46,7 @@ LAYOUTS = {  # name: (CPU binding, engine kwargs)
     "kvp2-onboard-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "onboard",
                                                                  "step_mode": "owner"}}}),
 }
-WORKLOADS = ("ttft", "throughput", "decode")
+WORKLOADS = ("ttft", "throughput", "decode", "mixed")
 
 
 def _engine(model: str, extra: dict, max_model_len: int, batched: int):
@@ -68,6 +71,33 @@ def _generate(llm, prompts, max_tokens: int) -> float:
     return time.perf_counter() - t0
 
 
+def _mixed(llm, long_len: int, n_short: int = 8, short_len: int = 1024, short_out: int = 64,
+           arrive_after: int = 4) -> dict:
+    """Steps the engine by hand: the long prompt is added once every short stream has
+    `arrive_after` tokens, i.e. while they decode."""
+    from vllm import SamplingParams
+
+    eng = llm.llm_engine
+    short = SamplingParams(temperature=0, max_tokens=short_out, ignore_eos=True)
+    for i, p in enumerate(_prompts(n_short, short_len, 7)):
+        eng.add_request(f"short{i}", p, short)
+    stamps: dict[str, list[float]] = {}
+    long_at = None
+    while eng.has_unfinished_requests():
+        for out in eng.step():
+            ts = stamps.setdefault(out.request_id, [])
+            while len(ts) < len(out.outputs[0].token_ids):
+                ts.append(time.perf_counter())
+        if long_at is None and len(stamps) == n_short and min(
+                len(t) for t in stamps.values()) >= arrive_after:
+            eng.add_request("long", _prompts(1, long_len, 8)[0],
+                            SamplingParams(temperature=0, max_tokens=1))
+            long_at = time.perf_counter()
+    per_token = [(t[-1] - t[0]) / (len(t) - 1) for r, t in stamps.items() if r.startswith("short")]
+    return {"short_ms_per_token": 1000 * statistics.median(per_token),
+            "long_ttft_s": stamps["long"][0] - long_at}
+
+
 def run_one(layout: str, workload: str, model: str, args) -> dict:
     """Runs inside the child process."""
     extra = LAYOUTS[layout][1]
@@ -85,6 +115,10 @@ def run_one(layout: str, workload: str, model: str, args) -> dict:
         n, out = 16, 128
         seconds = _generate(llm, _prompts(n, 1024, 4), out)
         return {"tokens_per_s": n * out / seconds, "total_tokens_per_s": n * (1024 + out) / seconds}
+    if workload == "mixed":
+        llm = _engine(model, extra, args.ttft_len + 64, args.chunk)
+        _generate(llm, _prompts(8, 1024, 6), 8)  # warm-up: steps of the measured sizes
+        return _mixed(llm, args.ttft_len)
     result = {}
     for ctx in args.contexts:
         llm = _engine(model, extra, ctx + args.steps + 64, 8192)

@@ -1,5 +1,5 @@
 """Pipeline parallelism on CPU, alone and with KV ranks, with fixed and adaptive prefill chunks:
-greedy tokens equal those of one plain worker. A stage that dies fails the engine, never hangs it.
+greedy tokens equal those of one plain worker. A stage that dies restarts the workers; the requests complete unchanged.
 
 Prompts up to 1,500 tokens in 256-token chunks, so every long prompt is prefilled in several chunks
 in flight on both stages, and adaptive chunking really shrinks the later ones.
@@ -8,12 +8,11 @@ in flight on both stages, and adaptive chunking really shrinks the later ones.
 import contextlib
 import os
 import signal
-import time
 
 import psutil
 import pytest
 
-from engines import assert_same_generation, engine, generate, random_prompts
+from engines import assert_same_generation, engine, generate, random_prompts, step_to_completion
 from vllm_kvp.engine import settings as layout
 
 pytestmark = pytest.mark.e2e
@@ -99,15 +98,13 @@ def _stage_workers(stage: int) -> list[psutil.Process]:
             if any(title in part for part in p.cmdline())]
 
 
-def test_dead_stage_fails_the_engine(onboard_pipeline, prompts):
-    """Kill one last-stage worker (of the engine above, after its run): the next request raises
-    at once instead of waiting for a stage that will never answer."""
-    from vllm.v1.engine.exceptions import EngineDeadError
-
+def test_dead_stage_restarts_and_requests_complete(onboard_pipeline, prompts, reference):
+    """Kill one last-stage worker mid-decode: its KV rank is lost with it, the engine restarts
+    all four workers and every request completes with the tokens of one plain worker."""
     victims = _stage_workers(1)
     assert len(victims) == 2, [p.cmdline() for p in psutil.Process().children(recursive=True)]
-    os.kill(victims[0].pid, signal.SIGKILL)
-    start = time.monotonic()
-    with pytest.raises(EngineDeadError):
-        generate(onboard_pipeline, prompts[1:2], 2)
-    assert time.monotonic() - start < 60
+    got = step_to_completion(onboard_pipeline, prompts, MAX_TOKENS,
+                             kill=lambda: os.kill(victims[0].pid, signal.SIGKILL))
+    assert got == reference.token_ids
+    fresh = {p.pid for p in _stage_workers(0) + _stage_workers(1)}
+    assert len(fresh) == 4 and not fresh & {p.pid for p in victims}

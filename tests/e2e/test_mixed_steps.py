@@ -1,0 +1,67 @@
+"""Steps that mix requests on one rank with requests spanning ranks stay exact (issue: local
+requests pay nothing).
+
+One batch, under memory pressure and with prefix-cache hits: short requests that live on one
+rank, long ones spread over the ranks, and two prompts sharing a 640-token prefix (the second
+served from the prefix cache). The pool is small enough that running requests get preempted and
+recompute. N = 2 with both placements and N = 3 striped, each against one plain worker: greedy
+tokens equal, logprobs within tolerance; the workers' step logs show local steps (no request
+spans ranks) and steps in which spanning requests ran.
+"""
+
+import pytest
+
+from engines import assert_same_generation, engine, generate, random_prompts
+
+pytestmark = pytest.mark.e2e
+
+BLOCK = 128
+ENGINE = dict(max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=32,
+              enable_prefix_caching=True)
+# 8 short (1-2 blocks with their outputs: mostly local under either placement), 4 long (4-7
+# blocks).
+LENGTHS = [20, 45, 60, 75, 30, 90, 15, 50, 300, 420, 560, 700]
+MAX_TOKENS = 120
+
+
+def _prompts():
+    return random_prompts(LENGTHS, 4096, seed=41, shared_prefix=640, num_sharing=2)
+
+
+def _run(llm):
+    prompts = _prompts()
+    batch = generate(llm, prompts[:-1], MAX_TOKENS)
+    follow = generate(llm, prompts[-1:], MAX_TOKENS)  # its prefix is cached by now
+    return batch, follow
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    with engine(model_path, **ENGINE) as llm:
+        return _run(llm)
+
+
+# Blocks per rank: the batch grows to about 41 blocks at once; 2 x 10 and 3 x 7 blocks force
+# preemption, while the largest request (7 blocks) still fits.
+@pytest.mark.parametrize("kvp,per_rank", [
+    ({"size": 2, "placement": "onboard", "max_tokens_per_rank": 256}, 10),
+    ({"size": 2, "placement": "striped"}, 10),
+    ({"size": 3, "placement": "striped"}, 7),
+], ids=["N2-onboard256", "N2-striped", "N3-striped"])
+def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_rank):
+    with engine(model_path, kvp=kvp, num_gpu_blocks_override=per_rank, disable_log_stats=False,
+                **ENGINE) as llm:
+        batch, follow = _run(llm)
+        metrics = {m.name: m for m in llm.get_metrics()}
+        stats = llm.collective_rpc("kvp_stats")
+    assert_same_generation(reference[0], batch, f"kvp={kvp}")
+    assert_same_generation(reference[1], follow, f"kvp={kvp} (prefix-cache hit)")
+    assert follow.num_cached_tokens[0] >= 512, "the shared prefix was not served from the cache"
+    assert metrics["vllm:num_preemptions"].value > 0, "the pool was meant to run out"
+    assert any(len(r) > 1 for r in batch.kvp_ranks), batch.kvp_ranks
+    assert any(len(r) == 1 for r in batch.kvp_ranks), batch.kvp_ranks
+    log = stats[0]["step_log"]
+    assert any(kind == "local" for kind, *_ in log), "no step ran with every request local"
+    assert any(spans for *_, spans in log), "no step ran a request spanning ranks"
+    # every rank routed every step alike
+    assert all(s["step_log"] == log for s in stats)
