@@ -18,9 +18,9 @@ pytestmark = pytest.mark.e2e
 BLOCK = 128
 ENGINE = dict(max_model_len=2048, max_num_batched_tokens=1024, max_num_seqs=32,
               enable_prefix_caching=True)
-# 8 short (1-2 blocks with their outputs: mostly local under either placement), 4 long (4-7
-# blocks).
-LENGTHS = [20, 45, 60, 75, 30, 90, 15, 50, 300, 420, 560, 700]
+# 8 short (at most 128 tokens with their outputs: one block, local under either placement), 4
+# long (4-7 blocks).
+LENGTHS = [3, 8, 5, 7, 4, 6, 8, 2, 300, 420, 560, 700]
 MAX_TOKENS = 120
 
 
@@ -41,7 +41,7 @@ def reference(model_path):
         return _run(llm)
 
 
-# Blocks per rank: the batch grows to about 41 blocks at once; 2 x 10 and 3 x 7 blocks force
+# Blocks per rank: the batch grows to about 37 blocks at once; 2 x 10 and 3 x 7 blocks force
 # preemption, while the largest request (7 blocks) still fits.
 @pytest.mark.parametrize("kvp,per_rank", [
     ({"size": 2, "placement": "onboard", "max_tokens_per_rank": 256}, 10),
