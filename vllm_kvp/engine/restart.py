@@ -28,6 +28,7 @@ STEP_METHODS = frozenset({"execute_model", "sample_tokens", "execute_dummy_batch
 # A failed call waits this long for the watcher to see a worker die (a survivor's collective may
 # fail a moment before the dead process's exit is noticed); otherwise the error is vLLM's own.
 DEATH_GRACE_S = 2.0
+POLL_S = 0.2  # how often a step waiting on a remote reply checks for a death
 
 
 class _RecoveringFuture(Future):
@@ -36,11 +37,17 @@ class _RecoveringFuture(Future):
     def __init__(self, executor: "RestartingExecutorMixin", inner: Future, epoch: int) -> None:
         super().__init__()
         self._executor, self._inner, self._epoch = executor, inner, epoch
+        self._poll = vllm_compat.reply_poller(executor)
 
     def done(self) -> bool:
         return self._inner.done() or self._executor._kvp_lost is not None
 
     def result(self, timeout: float | None = None) -> Any:
+        ex = self._executor
+        if self._poll is not None and not self._inner.done():
+            while not self._poll(POLL_S):
+                if ex._kvp_lost is not None or ex._kvp_recovery.epoch != self._epoch:
+                    return ex._kvp_after_failure(RuntimeError("a worker died"), self._epoch)
         try:
             return self._inner.result(timeout)
         except Exception as e:  # noqa: BLE001 (re-raised unless a worker died)
@@ -97,8 +104,11 @@ class RestartingExecutorMixin:
             if step:
                 return self._kvp_done(vllm_compat.empty_step_output(), kwargs)
         epoch = self._kvp_recovery.epoch
+        blocking = step and not kwargs.get("non_block")
+        # A blocking step is sent as non-blocking and waited on below, where a death is noticed.
+        send = {**kwargs, "non_block": True} if blocking else kwargs
         try:
-            result = super().collective_rpc(method, *args, **kwargs)
+            result = super().collective_rpc(method, *args, **send)
         except Exception as e:  # noqa: BLE001 (re-raised unless a worker died)
             if step:
                 return self._kvp_done(self._kvp_after_failure(e, epoch), kwargs)
@@ -106,7 +116,8 @@ class RestartingExecutorMixin:
             # Other calls (utilities, queries) are run again on the restarted workers.
             return super().collective_rpc(method, *args, **kwargs)
         if step and isinstance(result, Future):
-            return _RecoveringFuture(self, result, epoch)
+            future = _RecoveringFuture(self, result, epoch)
+            return future.result() if blocking else future
         return result
 
     @staticmethod
@@ -146,7 +157,7 @@ class RestartingExecutorMixin:
             self._kvp_recovery.record_restart(seconds)
             logger.warning(
                 "vllm_kvp: restarted %d workers in %.1f s after KV rank %d died (restart %d)",
-                len(self.workers), seconds, failure.kv_rank, self._kvp_recovery.epoch)
+                self.vllm_config.parallel_config.world_size, seconds, failure.kv_rank, self._kvp_recovery.epoch)
 
     def _kvp_give_up(self, failure: Failure) -> None:
         from vllm_kvp.engine.recovery import RESTART_WINDOW_S

@@ -906,6 +906,22 @@ def call_workers(executor: Any, method: Any, *args: Any, **kwargs: Any) -> Any:
     return MultiprocExecutor.collective_rpc(executor, method, *args, **kwargs)
 
 
+def reply_poller(executor: Any) -> Callable[[float], bool] | None:
+    """For a step whose reply comes over a remote (zmq) queue, as from a Ray actor on another
+    node: `poll(seconds) -> bool`, whether the reply is there, without reading it. Cancelling the
+    queue does not wake a read of such a queue, so the engine thread polls and watches for a
+    death in between. None for shared-memory queues (cancelling wakes those)."""
+    mqs = getattr(executor, "response_mqs", None) or []
+    rank = getattr(executor, "output_rank", None)
+    if rank is None or not 0 <= rank < len(mqs):
+        return None
+    mq = mqs[rank]
+    if not getattr(mq, "_is_remote_reader", False):
+        return None
+    socket = mq.remote_socket
+    return lambda seconds: bool(socket.poll(timeout=int(seconds * 1000)))
+
+
 def empty_step_output() -> Any:
     from vllm.v1.outputs import ModelRunnerOutput
 
@@ -917,7 +933,8 @@ def empty_step_output() -> Any:
     "`MultiprocExecutor` and `RayExecutorV2` (`ray_worker_handles[i].run_ref` / `.actor` / "
     "`.rank`): `start_worker_monitor()` (called by `_init_executor`), `workers[i]."
     "proc` / `.death_writer` / `.worker_response_mq`, `response_mqs`, `rpc_broadcast_mq`, "
-    "`MessageQueue.shutdown()` cancelling a blocked `dequeue`, `_init_executor()` building a "
+    "`MessageQueue.shutdown()` cancelling a blocked `dequeue` of a shared-memory queue (a remote "
+    "queue's `remote_socket` is polled instead), `_init_executor()` building a "
     "whole new world when called again, `_finalizer`, `collective_rpc(method, ..., non_block=)` "
     "returning a `concurrent.futures.Future`; the engine core treats a `ModelRunnerOutput` "
     "with no requests as a step that sampled nothing",
@@ -940,6 +957,9 @@ def _check_worker_restart() -> list[str]:
                      "w.death_writer.close()", "w.worker_response_mq.shutdown()")
     out += _contains("vllm.distributed.device_communicators.shm_broadcast",
                      "MessageQueue.acquire_read", "if self.shutting_down:")
+    out += _contains("vllm.distributed.device_communicators.shm_broadcast", "MessageQueue.dequeue",
+                     "elif self._is_remote_reader:",
+                     "obj = MessageQueue.recv(self.remote_socket, timeout)")
     return out
 
 
