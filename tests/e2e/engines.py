@@ -116,3 +116,25 @@ def step_to_completion(llm, prompts: list[list[int]], max_tokens: int, kill=None
             killed = True
     assert killed or kill is None, "the kill never happened"
     return [done[rid] for rid in ids]
+
+
+def engine_workers(root_pid: int | None = None) -> list:
+    """The workers of the newest engine core under `root_pid` (default: this process), in
+    world-rank order (they start in that order); killed ones not yet reaped are left out."""
+    import psutil
+
+    def alive(procs):
+        out = []
+        for p in procs:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    out.append(p)
+            except psutil.NoSuchProcess:
+                pass
+        return out
+
+    root = psutil.Process(root_pid) if root_pid else psutil.Process()
+    cores = [p for p in alive(root.children(recursive=True)) if "EngineCore" in p.name()]
+    core = max(cores, key=lambda p: p.create_time())
+    return sorted((p for p in alive(core.children()) if "Worker" in p.name()),
+                  key=lambda p: (p.create_time(), p.pid))

@@ -13,39 +13,17 @@ from __future__ import annotations
 import os
 import signal
 
-import psutil
 import pytest
 
-from engines import engine, random_prompts, step_to_completion
+from engines import engine, engine_workers, random_prompts, step_to_completion
 
 pytestmark = pytest.mark.e2e
 
 ENGINE = dict(max_num_batched_tokens=512, max_model_len=4096)
 
 
-def _alive(procs):
-    out = []
-    for p in procs:
-        try:
-            if p.status() != psutil.STATUS_ZOMBIE:
-                out.append(p)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
-def _workers() -> list[psutil.Process]:
-    """The workers of the newest engine this test process runs, in world-rank order (they start
-    in that order)."""
-    cores = [p for p in _alive(psutil.Process().children(recursive=True))
-             if "EngineCore" in p.name()]
-    core = max(cores, key=lambda p: p.create_time())
-    procs = [p for p in _alive(core.children()) if "Worker" in p.name()]
-    return sorted(procs, key=lambda p: (p.create_time(), p.pid))
-
-
 def _kill(rank: int) -> int:
-    victim = _workers()[rank]
+    victim = engine_workers()[rank]
     os.kill(victim.pid, signal.SIGKILL)
     return victim.pid
 
@@ -59,11 +37,11 @@ def _run(llm, prompts, max_tokens, kill=None):
 
 
 def _assert_recovered(llm, prompts, max_tokens, expected, rank, moment):
-    workers_before = {p.pid for p in _workers()}
+    workers_before = {p.pid for p in engine_workers()}
     got = _run(llm, prompts, max_tokens, kill=(rank, moment))
     assert got == expected, f"outputs differ after killing rank {rank} {moment}"
     assert llm.reset_prefix_cache(), "KV blocks still in use after the recovered requests finished"
-    after = {p.pid for p in _workers()}
+    after = {p.pid for p in engine_workers()}
     assert len(after) == len(workers_before) and not after & workers_before  # a fresh world
     assert _run(llm, prompts[:1], 4) == [e[:4] for e in expected[:1]]  # and it keeps serving
 

@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from engines import random_prompts
+from engines import engine_workers, random_prompts
 from server import metric_values, serve
 
 pytestmark = pytest.mark.e2e
@@ -118,19 +118,6 @@ def test_chat_completions_stream(server, model_path):
     assert full.choices[0].message.content == text and text
 
 
-def _server_workers(pid: int) -> list:
-    """The server's engine workers, in world-rank order (they start in that order)."""
-    import psutil
-
-    def alive(procs):
-        return [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-
-    core = next(p for p in alive(psutil.Process(pid).children(recursive=True))
-                if "EngineCore" in p.name())
-    return sorted((p for p in alive(core.children()) if "Worker" in p.name()),
-                  key=lambda p: (p.create_time(), p.pid))
-
-
 def test_worker_killed_mid_stream_streams_complete(server, model_path):
     """SIGKILL of a worker while 4 streams spanning both ranks decode, rank 1 then rank 0 (the
     one that returns outputs): every stream completes with the undisturbed answer, no error
@@ -173,7 +160,7 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
         while min(chunks) < 3 and time.time() < deadline:
             time.sleep(0.002)
         assert min(chunks) >= 3, "the streams never started"
-        os.kill(_server_workers(server.pid)[rank].pid, signal.SIGKILL)
+        os.kill(engine_workers(server.pid)[rank].pid, signal.SIGKILL)
         # The server may deliver a stream's chunks in bursts: count those still decoding.
         in_flight += sum(t is None for t in texts)
         for t in threads:

@@ -55,7 +55,7 @@ class _RecoveringFuture(Future):
 
 
 class RestartingExecutorMixin:
-    """Mixed into the multiprocess KVP executor, before vLLM's MultiprocExecutor."""
+    """Mixed into the KVP executors (multiprocess and Ray), before vLLM's executor class."""
 
     _kvp_lost: Failure | None = None
 
