@@ -10,8 +10,9 @@ Step kinds (under owner computes every token is computed by the rank that owns i
   "local": no request of the step spans ranks (each one's KV is all on the rank that computes its
       new tokens), so each rank runs its own tokens and attends them over its own KV: no
       attention layer exchanges anything. What most requests of a long-context service need.
-  "routed": each rank runs the model on its own tokens; in every attention layer the step's
-      queries are all-gathered and every rank's partials of every query are all-gathered.
+  "routed": each rank runs the model on its own tokens; in every attention layer the queries of
+      the requests that span ranks are all-gathered and every rank's partials of those queries
+      are all-gathered. The rows of local requests stay on their rank, as in a local step.
   "shared": every rank runs every token of the step. The queries are already everywhere, so each
       attention layer gathers only the partials; each split linear layer (see `split_linear`)
       computes 1/N of its output columns for all rows and gathers the columns. A step one rank
@@ -101,22 +102,28 @@ def row_span(counts: Sequence[int]) -> int:
 
 
 def exchanges(kind: str, counts: Sequence[int], tokens: int, shape: ExchangeShape,
-              world: int) -> dict[str, tuple[int, int]]:
+              world: int, span_counts: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
     """The KVP collectives of one step on one rank, by exchange kind: (collectives, bytes this
-    rank sends into them). `tokens`: the step's T tokens (each rank sends partials of all T);
-    `counts`: tokens each rank owns. Nothing is exchanged with one KV rank."""
+    rank sends into them). `tokens`: the step's T tokens; `counts`: tokens each rank owns;
+    `span_counts`: of those, the tokens of requests spanning ranks (None: all of them). A routed
+    step exchanges the queries and partials of spanning tokens only; a shared step the partials
+    of all T. Nothing is exchanged with one KV rank."""
     if world < 2:
         return {}
+    span_counts = counts if span_counts is None else span_counts
     t_max = row_span(counts)
     out = {}
-    if kind != LOCAL:
-        out[PARTIALS] = (shape.attn_layers, shape.attn_layers * tokens * shape.partial_row_bytes)
-    if kind == ROUTED:
-        q = t_max * shape.heads * shape.head_dim * shape.act_bytes
+    if kind == ROUTED and any(span_counts):
+        q = max(span_counts) * shape.heads * shape.head_dim * shape.act_bytes
         out[QUERIES] = (shape.attn_layers, shape.attn_layers * q)
-    elif kind == SHARED and shape.split_widths:
-        sent = sum(tokens * math.ceil(w / world) * shape.act_bytes for w in shape.split_widths)
-        out[COLUMNS] = (len(shape.split_widths), sent)
+        out[PARTIALS] = (shape.attn_layers,
+                         shape.attn_layers * sum(span_counts) * shape.partial_row_bytes)
+    elif kind == SHARED:
+        out[PARTIALS] = (shape.attn_layers, shape.attn_layers * tokens * shape.partial_row_bytes)
+        if shape.split_widths:
+            sent = sum(tokens * math.ceil(w / world) * shape.act_bytes
+                       for w in shape.split_widths)
+            out[COLUMNS] = (len(shape.split_widths), sent)
     if shape.last_stage:
         out[HIDDEN] = (1, t_max * shape.hidden * shape.act_bytes)
     return out

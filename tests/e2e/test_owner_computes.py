@@ -86,7 +86,8 @@ def short_reference(model_path, short_prompt):
 def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_prompt,
                                                            short_reference, step_mode, kind):
     """One short request lives on one of 2 ranks. "routed" (step_mode "owner"): the other rank runs
-    a dummy row in every step and every layer exchanges queries and partials; "local" (the
+    a dummy row in every step, and no layer exchanges anything, since the request does not span
+    ranks (only spanning requests' queries and partials travel); "local" (the
     default): no request spans ranks, so no layer exchanges anything, only the final hidden
     states travel; "shared" (split layers): both ranks run every token and the owner's results
     are kept. Either way the idle rank joins every collective and the tokens are exact."""
@@ -111,9 +112,9 @@ def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_pro
     assert delta[owner]["tokens_shared"] == 0
     assert delta[idle]["tokens_shared"] == (tokens if kind == "shared" else 0)
     assert delta[0]["exchanges"] == delta[1]["exchanges"] > 0  # the idle rank joined every collective
-    # Queries travel only in routed steps, partials in routed and shared ones: a local step
-    # sends the final hidden states alone (one collective per step).
-    assert (delta[owner]["query_bytes"] > 0) == (kind == "routed")
-    assert (delta[owner]["partial_bytes"] > 0) == (kind != "local")
-    if kind == "local":
+    # Queries travel only for spanning requests (none here), partials also in shared steps: a
+    # local or routed step of local requests sends the final hidden states alone.
+    assert delta[owner]["query_bytes"] == 0
+    assert (delta[owner]["partial_bytes"] > 0) == (kind == "shared")
+    if kind != "shared":
         assert delta[owner]["exchanges"] == sum(steps[owner].values())

@@ -16,7 +16,7 @@ from support import ref_attention, require_cpu_kernel, step_tensors, steps
 from vllm_kvp.ops.merge import merge_partials
 from vllm_kvp.ops.paged_attention import paged_attention_lse, write_kv
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.step.routing import route_step, routing_from_tensors
+from vllm_kvp.step.routing import ROUTING_TENSORS, route_step, routing_from_tensors
 from vllm_kvp.step.shard_map import local_blocks, local_slots
 
 
@@ -55,8 +55,9 @@ def test_routing_sends_every_token_to_its_slot_owner_and_back(step):
 @settings(max_examples=60, deadline=None)
 @given(steps(), st.sampled_from([(4, 2), (4, 1), (2, 2)]))
 def test_one_layer_on_simulated_ranks_matches_full_attention(step, heads):
-    """Each rank writes only its rows' K/V, attends every query over what it holds, and merges its
-    rows' partials from all ranks in rank order: the result is attention over the whole context."""
+    """Each rank writes only its rows' K/V, attends its local requests' rows alone, attends every
+    spanning query over what it holds, and merges its spanning rows' partials from all ranks in
+    rank order: the result is attention over the whole context."""
     world, bs, per_rank, past, new, tables = step
     hq, hkv = heads
     d, scale = 8, 0.35
@@ -75,28 +76,46 @@ def test_one_layer_on_simulated_ranks_matches_full_attention(step, heads):
     past_v = torch.cat([v[:p] for v, p in zip(vs, past)])
 
     ranks = RankMap(world, per_rank, bs)
-    plans = [route_step(slots, qsl, seq_lens, r, ranks) for r in range(world)]
-    partials = []
+    plans = [route_step(slots, qsl, seq_lens, r, ranks, block_table=table)
+             for r in range(world)]
+    caches, views, sent = [], [], []
     for r, plan in enumerate(plans):
         cache = torch.zeros(per_rank, hkv, bs, 2 * d)
         write_kv(cache, past_k, past_v, local_slots(past_slots, r, ranks))  # earlier steps
         k_rows, v_rows = new_k[plan.row_idx], new_v[plan.row_idx]  # this rank's rows only
         write_kv(cache, k_rows, v_rows, local_slots(plan.row_slots, r, ranks))
+        caches.append(cache)
         # Past and this step's tokens alike, read in place, causal by position.
-        local_table, lens, block_pos = local_blocks(table, seq_lens, r, ranks)
-        q_all = query  # what the query all-gather delivers
-        partials.append(paged_attention_lse(q_all, cache, local_table, lens, qsl, scale,
-                                            q_pos=plan.token_pos.to(torch.int32),
-                                            block_pos=block_pos))
-    result = torch.zeros(t, hq, d)
-    for plan in plans:
+        views.append(local_blocks(table, seq_lens, r, ranks))
+        # The query exchange carries each rank's spanning rows only, padded to s_max.
+        own = plan.num_own_local
+        spanning = query[plan.row_idx[own:own + plan.span_counts[r]]]
+        sent.append(torch.cat([spanning, spanning.new_zeros(plan.s_max - spanning.shape[0], hq, d)]))
+    partials = []
+    for r, plan in enumerate(plans):
+        local_table, lens, block_pos = views[r]
+        q_span = torch.cat(sent)[plan.span_restore]  # what the query all-gather delivers
+        partials.append(paged_attention_lse(q_span, caches[r], local_table, lens,
+                                            plan.span_query_start_loc, scale,
+                                            q_pos=plan.span_pos, block_pos=block_pos))
+    result = torch.full((t, hq, d), float("nan"))
+    for r, plan in enumerate(plans):
         if plan.num_local == 0:
             continue
-        outs = torch.stack([o[plan.row_idx] for o, _ in partials])
-        lses = torch.stack([l[plan.row_idx] for _, l in partials])
-        out, lse = merge_partials(outs, lses)
-        assert torch.isfinite(lse).all()
-        result[plan.row_idx] = out
+        own = plan.num_own_local
+        local_table, lens, block_pos = views[r]
+        if own:  # local requests: attended here alone, nothing exchanged
+            out, lse = paged_attention_lse(query[plan.row_idx[:own]], caches[r], local_table,
+                                           lens, plan.own_query_start_loc, scale,
+                                           q_pos=plan.own_pos, block_pos=block_pos)
+            assert torch.isfinite(lse).all()
+            result[plan.row_idx[:own]] = out
+        if plan.span_counts[r]:
+            outs = torch.stack([o[plan.span_merge] for o, _ in partials])
+            lses = torch.stack([l[plan.span_merge] for _, l in partials])
+            out, lse = merge_partials(outs, lses)
+            assert torch.isfinite(lse).all()
+            result[plan.row_idx[own:]] = out
     # Reference: causal attention of each new token over its request's whole context.
     for i in range(n_req):
         rows = slice(int(qsl[i]), int(qsl[i + 1]))
@@ -134,15 +153,63 @@ def test_cpu_step_routing_equals_the_torch_routing_and_local_table(step, pad_tok
     slots = torch.cat([slots, torch.full((pad_tokens,), -1, dtype=torch.int64)])
     for rank in range(world):
         ranks = RankMap(world, per_rank, bs)
-        ref_plan = route_step(slots, qsl, seq_lens, rank, ranks)
+        ref_plan = route_step(slots, qsl, seq_lens, rank, ranks, block_table=table)
         ref_table = local_blocks(table, seq_lens, rank, ranks)
         routed = cpu_kernel.step_routing_cpu(slots, qsl, seq_lens, table, rank, world, per_rank, bs)
-        plan = routing_from_tensors(routed[:8], rank, world)
-        for name in ("row_idx", "row_slots", "row_req", "row_pos", "restore_idx", "token_req",
-                     "token_pos"):
+        plan = routing_from_tensors(routed[:-3], rank, world)
+        for name in ROUTING_TENSORS:
             want, got = getattr(ref_plan, name), getattr(plan, name)
             assert got.dtype == want.dtype and torch.equal(got, want), name
-        assert (plan.counts, plan.rows, plan.t_max, plan.num_tokens) == (
-            ref_plan.counts, ref_plan.rows, ref_plan.t_max, ref_plan.num_tokens)
-        for want, got in zip(ref_table, routed[8:]):
+        assert (plan.counts, plan.span_counts, plan.rows, plan.t_max, plan.num_tokens) == (
+            ref_plan.counts, ref_plan.span_counts, ref_plan.rows, ref_plan.t_max,
+            ref_plan.num_tokens)
+        for want, got in zip(ref_table, routed[-3:]):
             assert got.dtype == want.dtype and torch.equal(got, want)
+
+
+def _spans(tables, past, new, bs, per_rank):
+    """Reference: does each request hold KV (this step's included) on more than one rank?"""
+    return [len({blk // per_rank for blk in tab[: -(-(p + q) // bs)]}) > 1
+            for tab, p, q in zip(tables, past, new)]
+
+
+@settings(max_examples=120, deadline=None)
+@given(steps())
+def test_routing_splits_each_ranks_rows_into_local_and_spanning_requests(step):
+    """With the block table, each rank's rows are its local requests' tokens first, then its
+    spanning requests' ones (each in vLLM order), and only spanning tokens enter the query
+    exchange: a rank-major gather of each rank's spanning rows, restored to span order."""
+    world, bs, per_rank, past, new, tables = step
+    table, qsl, seq_lens, slots = step_tensors(bs, past, new, tables)
+    t = slots.shape[0]
+    owners = [s // (per_rank * bs) for s in slots.tolist()]
+    ref_req = [i for i, q in enumerate(new) for _ in range(q)]
+    ref_pos = [pos for p, q in zip(past, new) for pos in range(p, p + q)]
+    spans = _spans(tables, past, new, bs, per_rank)
+    span_tokens = [j for j in range(t) if spans[ref_req[j]]]
+    ranks = RankMap(world, per_rank, bs)
+    plans = [route_step(slots, qsl, seq_lens, r, ranks, block_table=table) for r in range(world)]
+    values = torch.arange(t, dtype=torch.float32) * 10 + 7
+    rows_of, spanning_of = [], []
+    for r, plan in enumerate(plans):
+        local = [j for j in range(t) if owners[j] == r and not spans[ref_req[j]]]
+        spanning = [j for j in range(t) if owners[j] == r and spans[ref_req[j]]]
+        assert plan.span_counts == [sum(1 for j in span_tokens if owners[j] == o)
+                                    for o in range(world)]
+        assert plan.num_own_local == len(local) and plan.num_spanning == len(span_tokens)
+        if local or spanning:
+            assert plan.row_idx.tolist() == local + spanning
+        assert plan.own_pos.tolist() == [ref_pos[j] for j in local]
+        own_per_req = [sum(1 for j in local if ref_req[j] == i) for i in range(len(new))]
+        assert plan.own_query_start_loc.tolist() == [0, *torch.tensor(own_per_req).cumsum(0).tolist()]
+        span_per_req = [sum(1 for j in span_tokens if ref_req[j] == i) for i in range(len(new))]
+        assert plan.span_query_start_loc.tolist() == [0, *torch.tensor(span_per_req).cumsum(0).tolist()]
+        assert plan.span_pos.tolist() == [ref_pos[j] for j in span_tokens]
+        assert plan.span_merge.tolist() == [span_tokens.index(j) for j in spanning]
+        rows = values[plan.row_idx]
+        rows_of.append(torch.cat([rows, rows.new_full((plan.t_max - plan.rows,), -1.0)]))
+        sp = values[spanning] if spanning else values[:0]
+        spanning_of.append(torch.cat([sp, sp.new_full((plan.s_max - len(spanning),), -1.0)]))
+    for plan in plans:
+        assert torch.equal(torch.cat(rows_of)[plan.restore_idx], values)
+        assert torch.equal(torch.cat(spanning_of)[plan.span_restore], values[span_tokens])

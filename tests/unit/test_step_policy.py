@@ -43,6 +43,16 @@ def test_routed_step_exchanges_queries_partials_and_hidden_states():
                     HIDDEN: (1, 3 * 256 * 4)}  # rows padded to the busiest rank's 3
 
 
+def test_routed_step_exchanges_only_the_rows_of_spanning_requests():
+    counts, spans, t = [5, 2], [1, 2], 7  # rank 0: 4 rows of local requests, 1 spanning row
+    sent = exchanges(ROUTED, counts, t, SHAPE, 2, spans)
+    row = 8 * (32 * 4 + 4)
+    assert sent == {PARTIALS: (4, 4 * 3 * row), QUERIES: (4, 4 * 2 * 8 * 32 * 4),
+                    HIDDEN: (1, 5 * 256 * 4)}  # queries padded to the most spanning rows (2)
+    # Nothing spans (step_mode "owner" routes such steps): no attention layer exchanges anything.
+    assert exchanges(ROUTED, counts, t, SHAPE, 2, [0, 0]) == {HIDDEN: (1, 5 * 256 * 4)}
+
+
 def test_shared_step_exchanges_partials_columns_and_hidden_states():
     sent = exchanges(SHARED, [0, 1, 0], 1, SHAPE, 3)
     assert QUERIES not in sent

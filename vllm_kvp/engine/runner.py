@@ -7,8 +7,8 @@ positions, points the forward context's slot mapping at them, runs the model, an
 hidden states of all ranks back in vLLM's token order. Logits, sampling and logprobs then run
 unchanged, and identically on every rank, because every rank holds the same gathered bits.
 
-Attention layers see only local rows too; the KVP backend exchanges queries and partial outputs
-inside each layer. Dummy, profile and warm-up runs call the model directly, not through
+Attention layers see only local rows too; the KVP backend exchanges the queries and partial outputs
+of requests whose KV spans ranks inside each layer. Dummy, profile and warm-up runs call the model directly, not through
 `_model_forward`, and carry no step: every rank runs them whole, without collectives.
 
 The step (`step.Step`, built once by the KVP metadata builder) is published in the forward context
@@ -41,7 +41,8 @@ class KVPRunnerMixin:
         step = step_of(vllm_compat.forward_attn_metadata())
         publish(step)
         if step is not None:
-            STATS.record_step(step.kind, step.routing.counts, step.num_tokens, step.spans)
+            STATS.record_step(step.kind, step.routing.counts, step.routing.span_counts,
+                              step.num_tokens)
         if step is None or step.world == 1:
             if step is not None:
                 STATS.tokens_computed += step.num_tokens

@@ -142,9 +142,10 @@ def write_kv_rank_cpu(kv_cache, key, value, slot_mapping, rank: int, ranks) -> i
 def step_routing_cpu(slot_mapping, query_start_loc, seq_lens, block_table, rank: int, world: int,
                      blocks_per_rank: int, block_size: int):
     """:func:`vllm_kvp.step.routing.route_step`'s routing and :func:`vllm_kvp.step.shard_map.local_blocks`'
-    table of one step, computed in one C++ pass: (counts, row_idx, row_slots, row_req, row_pos,
-    restore_idx, token_req, token_pos, local_table, shard_lens, block_pos), or None when the kernel
-    is unavailable (the caller then uses those torch functions)."""
+    table of one step, computed in one C++ pass: (counts, span_counts, the tensors
+    :data:`vllm_kvp.step.routing.ROUTING_TENSORS` names in order, local_table, shard_lens,
+    block_pos), or None when the kernel is unavailable (the caller then uses those torch
+    functions)."""
     m = _module if _module is not None else load()
     if m is None:
         return None

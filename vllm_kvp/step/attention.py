@@ -1,20 +1,23 @@
 """KVP attention, once for every device: queries travel to the KV, partial outputs travel back.
 
-Under owner computes (see `runner.py`) each rank runs a routed step's layers on its own rows only:
-the tokens whose KV slots it owns. One step, in every attention layer:
+Under owner computes (see `runner.py`) each rank runs a step's layers on its own rows only: the
+tokens whose KV slots it owns. A request whose KV is all on one rank (local, see
+`routing.StepRouting`) is attended there alone; only the rows of requests whose KV spans ranks are
+exchanged. One step, in every attention layer:
   1. each rank writes its rows' new K/V into its own cache (K/V never moves; the backend's
      `do_kv_cache_update`, before `attend`);
-  2. the step's queries are all-gathered, so every rank has every query in vLLM's token order;
-  3. each rank attends every query over what it holds of that query's request, causally by
-     position: its shard of the request's past and its own new tokens of this step, all read in
-     place from its cache through a compacted local block table -> one (out, lse) per query;
-  4. the partials are exchanged and each rank merges, in rank order, those of its own rows.
-In a shared step (see `step_policy`) every rank runs every row: step 2 is skipped and each rank
-merges every row. A rank holding nothing of a request contributes out = 0, lse = -inf.
-In a local step no request spans ranks: each rank attends its own rows over its own KV, which is
-all of their context, so steps 2 and 4 (and their collectives) disappear.
+  2. each rank attends its local requests' rows over its own KV, which is all of their context;
+  3. the spanning rows' queries are all-gathered, so every rank has every spanning query;
+  4. each rank attends every spanning query over what it holds of that query's request, causally
+     by position: its shard of the request's past and its own new tokens of this step, all read
+     in place from its cache through a compacted local block table -> one (out, lse) per query;
+  5. the partials are exchanged and each rank merges, in rank order, those of its spanning rows.
+A step with no spanning row (a "local" step) stops after 2: no collective in any attention layer.
+In a shared step (see `step_policy`) every rank runs every row: 2 and 3 are skipped, 4 covers every
+query and each rank merges every row. A rank holding nothing of a request contributes out = 0,
+lse = -inf.
 
-The device kernels plug in through `AttentionKernels` (C++ on CPUs: `backend.py`; Triton on
+The device kernels plug in through `AttentionKernels` (C++ on CPUs: `backend_cpu.py`; Triton on
 CUDA: `backend_cuda.py`); the backends hold nothing else but vLLM's metadata and cache hooks.
 """
 
@@ -30,31 +33,43 @@ from vllm_kvp.step import Step, comm
 class AttentionKernels(Protocol):
     def partials(self, q: torch.Tensor, kv_cache: torch.Tensor, step: Step,
                  scale: float) -> torch.Tensor:
-        """q (T, H, D) every query of the step -> (T, F) this rank's packed partials, one row per
-        query (`ops.partials` layout: H x D outputs, then H float32 LSEs)."""
+        """q (X, H, D) the step's exchanged queries (`Step.exchanged_query_start_loc`,
+        `exchanged_pos`) -> (X, F) this rank's packed partials, one row per query
+        (`ops.partials` layout: H x D outputs, then H float32 LSEs)."""
 
     def merge(self, gathered: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> None:
-        """gathered (R, T, F) every rank's packed partials; rows (n,) int64 queries -> out (n, H,
+        """gathered (R, X, F) every rank's packed partials; rows (n,) int64 queries -> out (n, H,
         D) their merged outputs, ranks in order."""
 
     def attend_own(self, q: torch.Tensor, kv_cache: torch.Tensor, step: Step, scale: float,
                    out: torch.Tensor) -> None:
-        """q (rows, H, D) this rank's own rows -> out (rows, H, D) their attention over this
-        rank's KV (a local step: it holds all of their requests' context)."""
+        """q (own_rows, H, D) this rank's local rows -> out (own_rows, H, D) their attention over
+        this rank's KV (it holds all of their requests' context)."""
 
 
 def attend(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor,
            num_heads: int, head_size: int, scale: float, kernels: AttentionKernels) -> torch.Tensor:
-    """Steps 2-4 of one attention layer; `output` (>= out_rows, H * D) receives this rank's rows."""
-    t, h, d, rows = step.num_tokens, num_heads, head_size, step.out_rows
-    if step.local:
-        out = output[:rows].view(rows, h, d)
-        kernels.attend_own(query[:rows].view(rows, h, d), kv_cache, step, scale, out)
+    """Steps 2-5 of one attention layer; `output` (>= out_rows, H * D) receives this rank's rows."""
+    h, d, rows, own = num_heads, head_size, step.out_rows, step.own_rows
+    out = output[:rows].view(rows, h, d)
+    if own:  # 2.
+        kernels.attend_own(query[:own].view(own, h, d), kv_cache, step, scale, out[:own])
+    if step.shared:
+        q = query[:rows].view(rows, h, d)
+    elif step.routing.s_max:
+        q = comm.gather_spanning_queries(query[own:rows].reshape(rows - own, h * d), step)  # 3.
+        q = q.view(-1, h, d)
+    else:  # nothing spans: local rows only (and a dummy row, which nothing reads)
+        if rows > own:
+            out[own:].zero_()
         return output
-    q = comm.step_queries(query, step).view(t, h, d)  # 2.
-    packed = kernels.partials(q, kv_cache, step, scale)  # 3.
-    gathered = comm.gather_partials(packed, step)  # 4. (R, T, F)
-    kernels.merge(gathered, step.merge_idx, output[:rows].view(rows, h, d))
+    packed = kernels.partials(q, kv_cache, step, scale)  # 4.
+    gathered = comm.gather_partials(packed, step)  # 5. (R, X, F)
+    merged = step.merge_idx.shape[0]
+    if merged:
+        kernels.merge(gathered, step.merge_idx, out[own:own + merged])
+    if own + merged < rows:  # a dummy row
+        out[own + merged:].zero_()
     return output
 
 

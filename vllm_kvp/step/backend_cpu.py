@@ -58,7 +58,7 @@ class CPUKernels:
         t, h, d = q.shape
         packed = torch.empty((t, h * d + h), dtype=torch.float32, device=q.device)
         paged_attention_lse(q, kv_cache, step.local_block_table, step.shard_lens,
-                            step.query_start_loc, scale, q_pos=step.token_pos,
+                            step.exchanged_query_start_loc, scale, q_pos=step.exchanged_pos,
                             block_pos=step.block_pos, out=packed[:, : h * d].view(t, h, d),
                             lse=packed[:, h * d:])
         return packed

@@ -151,8 +151,8 @@ class TritonKernels:
         # In the queries' dtype (the kernel's contract); the LSE is float32. Host bounds only:
         # the launch reads nothing back.
         out, lse = paged_attention_lse(
-            q, kv_cache, step.local_block_table, step.shard_lens, step.query_start_loc, scale,
-            q_pos=step.token_pos, block_pos=step.block_pos, max_kv_len=step.max_kv_len,
+            q, kv_cache, step.local_block_table, step.shard_lens, step.exchanged_query_start_loc,
+            scale, q_pos=step.exchanged_pos, block_pos=step.block_pos, max_kv_len=step.max_kv_len,
             max_query_len=step.max_query_len)
         self.dtype = out.dtype
         return partials.pack(out, lse)

@@ -7,9 +7,9 @@ attention metadata every layer receives and, published in the forward context by
 (`publish`), what the runner and the split linear layers read (`current_step`). Nothing steering
 the forward lives in a module global.
 
-A Step holds the routing (who computes which token, `routing.StepRouting`), the kind the step
-policy chose for it (`step_policy`: routed or shared), and this rank's view of each request's KV
-(`shard_map.local_blocks`).
+A Step holds the routing (who computes which token and which requests span ranks,
+`routing.StepRouting`), the kind the step policy chose for it (`step_policy`: local, routed or
+shared), and this rank's view of each request's KV (`shard_map.local_blocks`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from vllm_kvp.engine import vllm_compat
 from vllm_kvp.rank_map import RankMap
 from vllm_kvp.step.routing import StepRouting, route_step, routing_from_tensors
-from vllm_kvp.step.shard_map import local_blocks, own_query_start_loc, spanning
+from vllm_kvp.step.shard_map import local_blocks
 from vllm_kvp.step_policy import LOCAL, SHARED, StepPolicy
 
 
@@ -70,10 +70,6 @@ class Step:
     token_pos: torch.Tensor  # (T,) int32, position of each query of the step
     max_query_len: int  # host bound on the step's query lengths (kernel launch parameters)
     max_kv_len: int  # host bound on shard_lens
-    # A local step attends this rank's own rows only: their offsets per request (B+1,) int32 and
-    # positions (rows,) int32.
-    own_query_start_loc: torch.Tensor | None = None
-    own_pos: torch.Tensor | None = None
 
     @property
     def local(self) -> bool:
@@ -98,12 +94,39 @@ class Step:
         """Rows this rank's layers run: every token in a shared step, else its own rows."""
         return self.routing.num_tokens if self.shared else self.routing.rows
 
+    @property
+    def own_rows(self) -> int:
+        """This rank's rows attended here alone (the first ones): none in a shared step."""
+        return 0 if self.shared else self.routing.num_own_local
+
+    @property
+    def exchanged_query_start_loc(self) -> torch.Tensor:
+        """(B+1,) int32 offsets of each request's queries among those whose partials every rank
+        computes: all of the step's in a shared step, else the spanning ones (span order)."""
+        return self.query_start_loc if self.shared else self.routing.span_query_start_loc
+
+    @property
+    def exchanged_pos(self) -> torch.Tensor:
+        """(X,) int32 positions of those queries."""
+        return self.token_pos if self.shared else self.routing.span_pos
+
+    @property
+    def own_query_start_loc(self) -> torch.Tensor:
+        """(B+1,) int32 offsets of each request's rows among this rank's local rows."""
+        return self.routing.own_query_start_loc
+
+    @property
+    def own_pos(self) -> torch.Tensor:
+        """(own_rows,) int32 positions of this rank's local rows."""
+        return self.routing.own_pos
+
     @functools.cached_property
     def merge_idx(self) -> torch.Tensor:
-        """(out_rows,) int64 vLLM-order query of each row whose partials this rank merges."""
+        """Index, among the exchanged queries, of each row whose partials this rank merges: every
+        query in a shared step, else this rank's spanning rows (rows[own_rows:])."""
         if self.shared:
             return torch.arange(self.num_tokens, device=self.routing.restore_idx.device)
-        return self.routing.row_idx
+        return self.routing.span_merge
 
 
 def build_step(cm, context: RankContext) -> Step:
@@ -115,34 +138,27 @@ def build_step(cm, context: RankContext) -> Step:
     # cm.max_seq_len bounds every request's length (host int): columns past it hold no token.
     cols = min(cm.block_table_tensor.shape[1], -(-cm.max_seq_len // ranks.block_size))
     table = cm.block_table_tensor[:n, :cols]
-    spans_t = spanning(table, seq_lens, ranks)
     routed = None
     if slots.device.type == "cpu":
         from vllm_kvp.ops import cpu_kernel
 
-        # One C++ pass instead of ~40 small torch ops (the torch path is its reference).
+        # One C++ pass instead of ~50 small torch ops (the torch path is its reference).
         routed = cpu_kernel.step_routing_cpu(slots, qsl, seq_lens, table, rank, ranks.num_ranks,
                                              ranks.blocks_per_rank, ranks.block_size)
     if routed is not None:
-        routing = routing_from_tensors(routed[:8], rank, ranks.num_ranks)
-        local_table, lens, block_pos = routed[8:]
-        spans = bool(spans_t)  # a host tensor: no transfer
+        routing = routing_from_tensors(routed[:-3], rank, ranks.num_ranks)
+        local_table, lens, block_pos = routed[-3:]
     else:
         # Every token up to the end of the step: owners write this step's K/V before attending.
         local_table, lens, block_pos = local_blocks(table, seq_lens, rank, ranks)
-        routing = route_step(slots, qsl, seq_lens, rank, ranks, read_along=spans_t)
-        spans = bool(routing.read_along[0])
+        routing = route_step(slots, qsl, seq_lens, rank, ranks, block_table=table)
+    spans = routing.num_spanning > 0
     kind = context.policy.kind(routing.counts, spans)
-    own_qsl = own_pos = None
-    if kind == LOCAL:
-        own_qsl = own_query_start_loc(routing.row_req, n)
-        own_pos = routing.row_pos.to(torch.int32)
     return Step(routing=routing, kind=kind, spans=spans, num_actual_tokens=t,
                 query_start_loc=qsl, local_block_table=local_table, shard_lens=lens,
                 block_pos=block_pos, token_pos=routing.token_pos.to(torch.int32),
                 max_query_len=cm.max_query_len,
-                max_kv_len=min(cm.max_seq_len, ranks.tokens_per_rank),
-                own_query_start_loc=own_qsl, own_pos=own_pos)
+                max_kv_len=min(cm.max_seq_len, ranks.tokens_per_rank))
 
 
 def step_of(attn_metadata) -> Step | None:

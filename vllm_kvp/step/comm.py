@@ -3,17 +3,18 @@
 All communication of vllm_kvp lives here. The group joins the workers that share a (pp, tp)
 position across KV ranks. Under owner computes each token is computed on one rank, and three
 exchanges move what the others need (see `routing.StepRouting` for the row conventions):
-  - `gather_rows`: every rank's rows, in vLLM's token order (a layer's queries, via `step_queries`,
-    which skips the exchange in a shared step; the final hidden states, so that every rank
-    samples from the same bits);
-  - `gather_partials`: each rank's packed partial attention of every query, to every rank; each
-    query's owner (every rank, in a shared step) then merges its rows in rank order;
+  - `gather_spanning_queries`: every rank's rows of requests that span ranks, in span order (a
+    layer's queries; rows of local requests never leave their rank);
+  - `gather_rows`: every rank's rows, in vLLM's token order (the final hidden states, so that
+    every rank samples from the same bits);
+  - `gather_partials`: each rank's packed partial attention of every exchanged query, to every
+    rank; each query's owner (every rank, in a shared step) then merges its rows in rank order;
   - `gather_columns`: in a shared step, each rank's slice of a split linear layer's output
     columns (see `split_linear`), for every row.
 Each collective is recorded in `stats.STATS` under its exchange kind and the step's kind, the
 names `step_policy.exchanges` predicts with. All are all-gathers: one collective each, equal
-sizes on every rank (padded to the routing's t_max), which vLLM's CPU communicator also runs over
-shared memory.
+sizes on every rank (padded to the routing's t_max or s_max), which vLLM's CPU communicator also
+runs over shared memory. A step with no spanning query issues none of the first or the third.
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def _count(kind: str, x: torch.Tensor, step_kind: str) -> None:
     STATS.record(kind, x.numel() * x.element_size(), step_kind)
 
 
-def gather_rows(x: torch.Tensor, step: Step, kind: str = QUERIES) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, step: Step, kind: str) -> torch.Tensor:
     """This rank's rows x (routing.rows, F) -> every token's row (T, F), vLLM order. `kind` names
     the exchange the traffic is recorded under."""
     r = step.routing
@@ -88,17 +89,22 @@ def gather_rows(x: torch.Tensor, step: Step, kind: str = QUERIES) -> torch.Tenso
     return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[r.restore_idx]
 
 
-def step_queries(query: torch.Tensor, step: Step) -> torch.Tensor:
-    """Every query of the step, (T, H * D) in vLLM order, from the layer's (out_rows, ...) output:
-    as computed in a shared step (this rank ran every token), else all-gathered."""
-    rows = step.out_rows
-    mine = query[:rows].reshape(rows, -1)
-    return mine if step.shared else gather_rows(mine, step)
+def gather_spanning_queries(x: torch.Tensor, step: Step) -> torch.Tensor:
+    """This rank's spanning rows x (>= span_counts[rank], F) of a layer's queries -> the step's
+    spanning queries (S, F), in span order."""
+    r = step.routing
+    x = x[: r.span_counts[r.rank]]
+    if r.world == 1:
+        return x
+    if x.shape[0] < r.s_max:  # equal sizes on every rank
+        x = torch.cat([x, x.new_zeros((r.s_max - x.shape[0], *x.shape[1:]))])
+    _count(QUERIES, x, step.kind)
+    return _KVP_GROUP.all_gather(x.contiguous(), dim=0)[r.span_restore]
 
 
 def gather_partials(packed: torch.Tensor, step: Step) -> torch.Tensor:
-    """This rank's packed partials for every query, one row per query in vLLM order ((T, H * D + H)
-    float32 on CPU: out then LSEs; `ops.partials` bytes on GPU) -> every rank's, (R, T, F), by KV
+    """This rank's packed partials of the step's exchanged queries, one row each ((X, H * D + H)
+    float32 on CPU: out then LSEs; `ops.partials` bytes on GPU) -> every rank's, (R, X, F), by KV
     rank."""
     if step.world == 1:
         return packed.unsqueeze(0)

@@ -51,29 +51,3 @@ def local_blocks(block_table: torch.Tensor, num_past: torch.Tensor, rank: int,
     block_pos.scatter_(1, dest, (idx * bs).expand(b, m).contiguous())
     shard_lens = (tokens * held_i).sum(dim=1, dtype=torch.int32)
     return table, shard_lens, block_pos
-
-
-def spanning(block_table: torch.Tensor, seq_lens: torch.Tensor, ranks: RankMap) -> torch.Tensor:
-    """() bool tensor: some request holds KV on more than one rank. block_table (B, M) int logical
-    ids (columns past a request's blocks are ignored); seq_lens (B,) int tokens of each request,
-    this step's included. A device tensor: the caller decides when to read it."""
-    b, m = block_table.shape
-    if b == 0 or m == 0:
-        return torch.zeros((), dtype=torch.bool, device=block_table.device)
-    cols = torch.arange(m, device=block_table.device).unsqueeze(0)
-    used = cols * ranks.block_size < seq_lens.to(torch.int64).unsqueeze(1)  # (B, M)
-    rank = torch.div(block_table.to(torch.int64), ranks.blocks_per_rank, rounding_mode="floor")
-    lo = torch.where(used, rank, torch.full_like(rank, ranks.num_ranks)).amin(dim=1)
-    hi = torch.where(used, rank, torch.full_like(rank, -1)).amax(dim=1)
-    return (hi > lo).any()
-
-
-def own_query_start_loc(row_req: torch.Tensor, num_reqs: int) -> torch.Tensor:
-    """(B+1,) int32 offsets of each request's rows among this rank's rows (in vLLM order, grouped
-    by request), from row_req (rows,) int64 (-1: a dummy row, which belongs to none)."""
-    per_req = torch.zeros(num_reqs + 1, dtype=torch.int32, device=row_req.device)
-    mine = row_req >= 0
-    per_req.scatter_add_(0, torch.where(mine, row_req + 1, torch.zeros_like(row_req)),
-                         mine.to(torch.int32))
-    per_req[0] = 0
-    return per_req.cumsum(0, dtype=torch.int32)

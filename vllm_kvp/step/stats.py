@@ -36,13 +36,15 @@ class RankStats:
     steps: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
     step_exchanges: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
     step_bytes: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
-    # The latest steps as (kind, tokens owned per rank, tokens, some request spans ranks): what a
-    # prediction of their exchanges needs (tests compare the planner's with the counters above).
+    # The latest steps as (kind, tokens owned per rank, of those the tokens of requests spanning
+    # ranks, tokens): what a prediction of their exchanges needs (tests compare the planner's with
+    # the counters above).
     step_log: deque = field(default_factory=lambda: deque(maxlen=STEP_LOG))
 
-    def record_step(self, kind: str, counts: list[int], tokens: int, spans: bool) -> None:
+    def record_step(self, kind: str, counts: list[int], span_counts: list[int],
+                    tokens: int) -> None:
         self.steps[kind] += 1
-        self.step_log.append((kind, list(counts), tokens, spans))
+        self.step_log.append((kind, list(counts), list(span_counts), tokens))
 
     def record(self, kind: str, nbytes: int, step_kind: str) -> None:
         """One collective of exchange `kind` into which this rank sent `nbytes`."""
