@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Layouts side by side in one invocation: plain vLLM on one and two cores, TP = 2, and KV ranks
-(owner computes) with `striped` and `onboard` placement, each worker pinned to its own core.
+(owner computes) with `striped`, `onboard` and `auto` placement, each worker pinned to its own core.
 
     python benchmarks/owner_computes.py                       # everything (~15 min on 2 cores)
     python benchmarks/owner_computes.py --workloads ttft,throughput --layouts plain1,tp2,kvp2-striped
@@ -40,6 +40,8 @@ LAYOUTS = {  # name: (CPU binding, engine kwargs)
     "tp2": ("0|1", {"tensor_parallel_size": 2}),
     "kvp2-striped": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "striped"}}}),
     "kvp2-onboard": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "onboard"}}}),
+    # Prompts longer than one step's budget striped, the others onboard.
+    "kvp2-auto": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "auto"}}}),
     # Every step routed by owner (no shared steps): what the per-step switch saves.
     "kvp2-striped-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "striped",
                                                                  "step_mode": "owner"}}}),

@@ -5,8 +5,9 @@ executor / worker / scheduler classes from its own config. Everything else in vl
 pluggable classes; this is the one place that connects them to the user's `kvp` settings.
 What: wraps four `EngineArgs` methods.
   - `add_cli_args`: adds the "KV parallelism" group (`--kvp-size`, `--kvp-placement`,
-    `--kvp-max-tokens-per-rank`, `--kvp-prefill-chunking`, `--kvp-step-mode`,
-    `--kvp-split-step-tokens`, `--kvp-split-min-bytes`, `--kvp-max-rank-restarts`).
+    `--kvp-max-tokens-per-rank`, `--kvp-stripe-min-tokens`, `--kvp-prefill-chunking`,
+    `--kvp-step-mode`, `--kvp-split-step-tokens`, `--kvp-device`, `--kvp-split-min-bytes`,
+    `--kvp-max-rank-restarts`).
   - `from_cli_args`: folds those flags into `additional_config["kvp"]`, so a flag and the
     equivalent `additional_config` are the same thing from here on.
   - `create_engine_config`: validates the `kvp` config (in the front-end process, before any worker
@@ -31,10 +32,12 @@ _FLAGS = {
     "kvp_size": "size",
     "kvp_placement": "placement",
     "kvp_max_tokens_per_rank": "max_tokens_per_rank",
+    "kvp_stripe_min_tokens": "stripe_min_tokens",
     "kvp_prefill_chunking": "prefill_chunking",
     "kvp_step_mode": "step_mode",
     "kvp_split_step_tokens": "split_step_tokens",
     "kvp_split_min_bytes": "split_min_bytes",
+    "kvp_device": "device",
     "kvp_max_rank_restarts": "max_rank_restarts",
 }
 
@@ -52,10 +55,15 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--kvp-size", type=int, default=None,
                        help="Number of KV ranks (each a full model replica). Default 1 (off).")
     group.add_argument("--kvp-placement", type=str, default=None, choices=PLACEMENTS,
-                       help="Placement of a request's KV blocks over ranks. Default 'onboard'.")
+                       help="Placement of a request's KV blocks over ranks: 'onboard' (fill one "
+                            "rank, then the next), 'striped' (round robin) or 'auto' (long "
+                            "prompts striped, the rest onboard). Default 'onboard'.")
     group.add_argument("--kvp-max-tokens-per-rank", type=int, default=None,
                        help="Tokens of one request a rank holds before the request onboards "
                             "another rank (placement 'onboard'). Default: a rank's capacity.")
+    group.add_argument("--kvp-stripe-min-tokens", type=int, default=None,
+                       help="Placement 'auto': requests with more tokens than this to prefill are "
+                            "striped. Default: --max-num-batched-tokens.")
     group.add_argument("--kvp-prefill-chunking", type=str, default=None, choices=CHUNKINGS,
                        help="Prefill chunk sizes: 'fixed' (vLLM's token budget) or 'adaptive' "
                             "(later chunks of a long prompt shrink so each takes about as long "
@@ -68,9 +76,15 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             "ones, with large linear layers split by output columns over the "
                             "ranks. Default 'auto'.")
     group.add_argument("--kvp-split-step-tokens", type=int, default=None,
-                       help="Steps of at most this many tokens (decode batches) run on every "
-                            "rank with large linear layers split by columns (step mode 'auto'). "
-                            "Default 128; 0: only one-owner and uneven steps.")
+                       help="Fixed rule instead of the cost model: steps of at most this many "
+                            "tokens run on every rank with large linear layers split by columns "
+                            "(step mode 'auto'); 0: only one-owner and uneven steps. Default: "
+                            "each step's kind is the one the cost model predicts faster.")
+    group.add_argument("--kvp-device", type=str, default=None,
+                       help="Hardware constants the cost model chooses step kinds with: a "
+                            "'vllm-kvp plan --gpu' name (h100, h200, a100, b200, cpu) or a JSON "
+                            "spec (vllm-kvp plan --calibrate ... --save-spec). Default: the "
+                            "GPU's own name, or the CPU profile.")
     group.add_argument("--kvp-split-min-bytes", type=int, default=None,
                        help="Weight bytes from which a linear layer is split by columns in such "
                             "steps. Default 4 MiB on CPUs, 32 MiB on GPUs; 0 splits every one.")

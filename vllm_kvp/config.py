@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-PLACEMENTS = ("onboard", "striped")
+PLACEMENTS = ("onboard", "striped", "auto")
 CHUNKINGS = ("fixed", "adaptive")
 STEP_MODES = ("auto", "owner")
 CONFIG_KEY = "kvp"
@@ -32,6 +32,11 @@ class KVPConfig:
         handed out this step, then fewest requests growing there, then most free blocks), fills
         it up to `max_tokens_per_rank`, then onboards the least-loaded rank it does not use yet.
         "striped": block i of a request goes to rank i % size (balances decode attention work).
+        "auto": a request with more than `stripe_min_tokens` tokens to prefill is striped (its
+        prefill chunks run on all ranks at once), any other starts as under "onboard" (it stays
+        whole on one rank while it fits, and its steps exchange nothing).
+    stripe_min_tokens: the "auto" threshold. None: the step's token budget
+        (`max_num_batched_tokens`), so the prompts striped are those that need several steps.
     max_tokens_per_rank: onboarding threshold in tokens per request per rank. None: the rank's
         whole KV capacity.
     prefill_chunking: how a long prompt is cut into prefill chunks.
@@ -51,8 +56,13 @@ class KVPConfig:
         1/size of those weights and the work of an uneven step is shared; column slices keep
         every output element's dot product whole, so results are those of the unsplit layer.
         Final hidden states still come from the owners, so every rank samples from the same bits.
-    split_step_tokens: steps of at most this many tokens run split (step_mode "auto"); 0 leaves
-        only one-owner and uneven steps to it.
+    split_step_tokens: None (default): with step_mode "auto", each step's kind is the one the
+        cost model predicts faster for it (see `device`). A number: the fixed rule instead, steps
+        of at most this many tokens shared (0 leaves only one-owner and uneven steps to it).
+    device: the hardware constants the cost model predicts step kinds with: a name of
+        `vllm-kvp plan --gpu` ("h100", "h200", "a100", "b200", "cpu") or a JSON spec file (as
+        `--gpu-spec`; `vllm-kvp plan --calibrate ... --save-spec` writes one). None: the GPU's
+        own name, or the CPU profile on CPU hosts.
     split_min_bytes: weight bytes from which a linear layer is split by columns in such steps
         (smaller ones run whole on every rank: an all-gather costs more than reading them).
         None: 4 MiB on CPUs, 32 MiB on GPUs, whose collectives cost more reads; 0 splits all.
@@ -64,9 +74,11 @@ class KVPConfig:
     size: int = 1
     placement: str = "onboard"
     max_tokens_per_rank: int | None = None
+    stripe_min_tokens: int | None = None
     prefill_chunking: str = "fixed"
     step_mode: str = "auto"
-    split_step_tokens: int = 128
+    split_step_tokens: int | None = None
+    device: str | None = None
     split_min_bytes: int | None = None
     max_rank_restarts: int = 3
 
@@ -79,6 +91,8 @@ class KVPConfig:
             )
         if self.max_tokens_per_rank is not None:
             _check_int("max_tokens_per_rank", self.max_tokens_per_rank, minimum=1)
+        if self.stripe_min_tokens is not None:
+            _check_int("stripe_min_tokens", self.stripe_min_tokens, minimum=0)
         if self.prefill_chunking not in CHUNKINGS:
             raise KVPConfigError(
                 f"kvp.prefill_chunking must be one of {', '.join(map(repr, CHUNKINGS))}, "
@@ -90,10 +104,26 @@ class KVPConfig:
                 f"got {self.step_mode!r}"
             )
 
-        _check_int("split_step_tokens", self.split_step_tokens, minimum=0)
+        if self.split_step_tokens is not None:
+            _check_int("split_step_tokens", self.split_step_tokens, minimum=0)
+        if self.device is not None:
+            self._check_device()
         if self.split_min_bytes is not None:
             _check_int("split_min_bytes", self.split_min_bytes, minimum=0)
         _check_int("max_rank_restarts", self.max_rank_restarts, minimum=0)
+
+    def _check_device(self) -> None:
+        from vllm_kvp.planner import gpus
+
+        if not isinstance(self.device, str):
+            raise KVPConfigError(f"kvp.device must be a string, got {self.device!r}")
+        try:
+            if self.device.endswith(".json"):
+                gpus.load_gpu_spec(self.device)
+            else:
+                gpus.get_gpu(self.device)
+        except gpus.GPUSpecError as e:
+            raise KVPConfigError(f"kvp.device: {e}") from None
 
     @property
     def enabled(self) -> bool:
@@ -109,6 +139,12 @@ class KVPConfig:
         """step_mode "auto": some steps run on every rank (shared steps, see `step_policy`), with
         split linear layers."""
         return self.step_mode == "auto"
+
+    def stripe_threshold(self, max_num_batched_tokens: int) -> int:
+        """Tokens to prefill above which placement "auto" stripes a request."""
+        if self.stripe_min_tokens is not None:
+            return self.stripe_min_tokens
+        return max_num_batched_tokens
 
     def min_split_bytes(self, cuda: bool) -> int:
         """`split_min_bytes`, or the platform's default."""

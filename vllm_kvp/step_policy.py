@@ -15,18 +15,21 @@ Step kinds (under owner computes every token is computed by the rank that owns i
       are all-gathered. The rows of local requests stay on their rank, as in a local step.
   "shared": every rank runs every token of the step. The queries are already everywhere, so each
       attention layer gathers only the partials; each split linear layer (see `split_linear`)
-      computes 1/N of its output columns for all rows and gathers the columns. A step one rank
-      owns whole (a batch-1 decode, a prompt chunk on one rank) is shared: nobody runs more rows
-      than the owner would. With split layers, small steps (weight-read bound: each rank then
-      reads 1/N of those weights) and uneven ones (the busiest rank would set the time) are too.
+      computes 1/N of its output columns for all rows and gathers the columns.
 Whatever the kind, the final hidden states of the owners' rows are all-gathered once per step (on
 the last pipeline stage): every rank samples (vLLM keeps each request's output tokens in every
 worker's input batch) and must sample from the same bits.
 
-Local or shared, when both apply: a step whose requests are all local but that the shared rule
-picks (one owner, small or uneven, with split layers) is shared. There each rank reads 1/N of the
-split layers' weights, which is what bounds a decode step of a large model; without split layers a
-shared step only adds collectives, so local wins.
+Which kind: the cost model's prediction (`StepCosts`, built by `planner.cost_model.step_costs`
+from the model's shape and the hardware's calibrated constants) of the step on its owners (local,
+or routed when a request spans ranks) against the step shared. Sharing costs every rank all T
+rows and the column gathers; it saves reading (N - 1)/N of the split layers' weights (what a
+decode batch is bound by), the busiest rank's excess rows in an uneven step, and a spanning
+step's query gathers. So a step one rank owns whole (a batch-1 decode, a prompt chunk on one
+rank) is shared when the model has split layers, or when it spans (no query to gather); small
+and uneven steps are shared when the weights saved outweigh the columns gathered; balanced steps
+of many tokens stay on their owners. docs/design.md ("Step kinds") gives the measured break-even
+points. `kvp.split_step_tokens` replaces the costs with the fixed rule of earlier versions.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ STEP_KINDS = (LOCAL, ROUTED, SHARED)
 # Exchange kinds, the names of their byte counters in `kvp_stats()` (`<kind>_bytes`).
 QUERIES, PARTIALS, HIDDEN, COLUMNS = "query", "partial", "hidden", "column"
 EXCHANGE_KINDS = (QUERIES, PARTIALS, HIDDEN, COLUMNS)
+FIXED_STEP_TOKENS = 128  # the fixed rule's small-step limit (no cost model, or none readable)
 LSE_BYTES = 4  # LSEs always travel as float32 (a bf16 LSE would shift merge weights by ~0.4%)
 
 
@@ -47,27 +51,125 @@ LSE_BYTES = 4  # LSEs always travel as float32 (a bf16 LSE would shift merge wei
 class StepPolicy:
     """world: KV ranks; share_steps: `kvp.step_mode` "auto" (else every step is routed);
     split_layers: the model has linear layers split by columns over the KV ranks (decided from
-    the model config, so every pipeline stage and rank agrees); split_step_tokens: steps of at
-    most this many tokens are shared when there are split layers."""
+    the model config, so every pipeline stage and rank agrees); costs: the cost model's step
+    times (`StepCosts`), from which a step's kind is chosen; split_step_tokens: None, or the fixed
+    rule instead of the costs (steps of at most this many tokens shared when there are split
+    layers; also the rule when the model's shape is unknown, with 128)."""
 
     world: int
     share_steps: bool = True
     split_layers: bool = False
-    split_step_tokens: int = 128
+    split_step_tokens: int | None = None
+    costs: "StepCosts | None" = None
 
-    def kind(self, counts: Sequence[int], spans: bool = True) -> str:
+    def kind(self, counts: Sequence[int], spans: bool = True,
+             span_counts: Sequence[int] | None = None, tokens: int | None = None) -> str:
         """The kind of a step whose ranks own `counts` tokens (padding tokens belong to none);
-        `spans`: some request of the step has KV on more than one rank. step_mode "owner"
-        (`share_steps` False) routes every step."""
+        `spans`: some request of the step has KV on more than one rank; `span_counts`: the
+        tokens of such requests each rank owns (None: all of them); `tokens`: the step's T
+        (None: the sum of `counts`). step_mode "owner" (`share_steps` False) routes every step.
+
+        With costs: the kind the cost model predicts faster, local (routed when a request spans)
+        or shared."""
         total, busiest = sum(counts), max(counts, default=0)
         if not self.share_steps or self.world < 2 or total == 0:
             return ROUTED
-        small = total <= self.split_step_tokens
+        own = ROUTED if spans else LOCAL
+        if self.costs is not None and self.split_step_tokens is None:
+            tokens = total if tokens is None else tokens
+            if not spans:
+                span_counts = [0] * len(counts)
+            shared = self.costs.seconds(SHARED, counts, span_counts, tokens)
+            owned = self.costs.seconds(own, counts, span_counts, tokens)
+            if shared != owned:
+                return SHARED if shared < owned else own
+            # a tie (constants that price nothing, e.g. free links): the fixed rule decides
+        limit = FIXED_STEP_TOKENS if self.split_step_tokens is None else self.split_step_tokens
+        small = total <= limit
         uneven = 2 * busiest * self.world >= 3 * total  # the busiest owns >= 1.5x its share
         split_shares = self.split_layers and (busiest == total or small or uneven)
         if not spans:
             return SHARED if split_shares else LOCAL
         return SHARED if busiest == total or split_shares else ROUTED
+
+    def break_even(self, case: str, limit: int = 1 << 17) -> int:
+        """The most tokens a step of `case` has and is still shared (0: never): "balanced" (every
+        rank owns T/N, nothing spans: a decode batch under onboard), "spanning" (the same, every
+        request spans: striped), "one-owner" (one rank owns all T, nothing spans: a prompt chunk
+        on one rank). Found by doubling, then bisection (the kind is shared below one point)."""
+        def shared(t: int) -> bool:
+            if case == "one-owner":
+                counts, spans = [t] + [0] * (self.world - 1), False
+            else:
+                counts, spans = [t // self.world] * self.world, case == "spanning"
+            return self.kind(counts, spans, tokens=sum(counts)) == SHARED
+
+        step = self.world
+        if self.world < 2 or not shared(step):
+            return 0
+        low = step
+        while low * 2 <= limit and shared(low * 2):
+            low *= 2
+        high = min(low * 2, (limit // step + 1) * step)  # multiples of the rank count
+        while high - low > step:  # low shared, high not (or past the limit)
+            mid = low + (high - low) // step // 2 * step
+            low, high = (mid, high) if shared(mid) else (low, mid)
+        return low
+
+    def describe(self, device: str = "") -> str:
+        """One line for the start-up log: how step kinds are chosen here."""
+        if not self.share_steps or self.world < 2:
+            return "every step routed"
+        if self.costs is None or self.split_step_tokens is not None:
+            limit = (FIXED_STEP_TOKENS if self.split_step_tokens is None
+                     else self.split_step_tokens)
+            rule = f"fixed rule, {limit} tokens"
+        else:
+            rule = f"cost model ({device})" if device else "cost model"
+        return (f"{rule}; split layers: {'yes' if self.split_layers else 'no'}; shared up to "
+                + ", ".join(f"{self.break_even(c)} tokens {c}"
+                                            for c in ("balanced", "spanning", "one-owner")))
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Predicted seconds of one step of each kind on one KV rank: the cost model's terms
+    (`planner.cost_model.step_costs` builds them from the model's shape and the hardware's
+    calibrated constants, the ones `vllm-kvp plan` predicts with), reduced to what differs
+    between kinds. Attention reads the same KV in every kind (each rank its own shard), so it is
+    left out; so is the per-step overhead, paid once whatever the kind.
+
+    weight_s: reading every weight of the stage once; split_weight_s: the split layers' share of
+    it; row_s: the dense FLOPs of one row; split_row_s: the split layers' share of it; sharing:
+    how much longer work takes with the cores shared (`cost_model.core_sharing`; 1 on GPUs);
+    hop_s: latency of one hop of a collective; byte_s: seconds per byte received."""
+
+    world: int
+    shape: "ExchangeShape"
+    weight_s: float
+    split_weight_s: float
+    row_s: float
+    split_row_s: float
+    sharing: float = 1.0
+    hop_s: float = 0.0
+    byte_s: float = 0.0
+
+    def seconds(self, kind: str, counts: Sequence[int], span_counts: Sequence[int] | None,
+                tokens: int) -> float:
+        """A step of `kind`: the busiest rank's dense work (a shared step: every row, with 1/N
+        of the split layers' columns and weights) plus its collectives as ring all-gathers
+        (N - 1 hops and N - 1 ranks' bytes received each)."""
+        n = self.world
+        if kind == SHARED:
+            cut = 1 - 1 / n
+            work = (self.weight_s - cut * self.split_weight_s
+                    + tokens * (self.row_s - cut * self.split_row_s))
+        else:
+            work = self.weight_s + max(counts, default=0) * self.row_s
+        comm = sum(count * self.hop_s + sent * self.byte_s
+                   for count, sent in exchanges(kind, counts, tokens, self.shape, n,
+                                                span_counts).values())
+        return self.sharing * work + (n - 1) * comm
 
 
 @dataclass(frozen=True)

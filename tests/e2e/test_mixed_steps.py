@@ -4,9 +4,9 @@ requests pay nothing).
 One batch, under memory pressure and with prefix-cache hits: short requests that live on one
 rank, long ones spread over the ranks, and two prompts sharing a 640-token prefix (the second
 served from the prefix cache). The pool is small enough that running requests get preempted and
-recompute. N = 2 onboard and N = 3 striped (N = 2 striped runs in test_kvp_exact), each against
-one plain worker: greedy
-tokens equal, logprobs within tolerance; the workers' step logs show local steps (no request
+recompute. N = 2 onboard and N = 3 auto (the long requests striped, the short ones placed as under
+onboard; N = 2 striped runs in test_kvp_exact), each against one plain worker: greedy tokens
+equal, logprobs within tolerance; the workers' step logs show local steps (no request
 spans ranks) and steps in which spanning requests ran.
 """
 
@@ -46,8 +46,8 @@ def reference(model_path):
 # preemption, while the largest request (7 blocks) still fits.
 @pytest.mark.parametrize("kvp,per_rank", [
     ({"size": 2, "placement": "onboard", "max_tokens_per_rank": 256}, 10),
-    ({"size": 3, "placement": "striped"}, 7),
-], ids=["N2-onboard256", "N3-striped"])
+    ({"size": 3, "placement": "auto", "stripe_min_tokens": 256}, 7),
+], ids=["N2-onboard256", "N3-auto256"])
 def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_rank):
     with engine(model_path, kvp=kvp, num_gpu_blocks_override=per_rank, disable_log_stats=False,
                 **ENGINE) as llm:
@@ -60,6 +60,10 @@ def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_ra
     assert metrics["vllm:num_preemptions"].value > 0, "the pool was meant to run out"
     assert any(len(r) > 1 for r in batch.kvp_ranks), batch.kvp_ranks
     assert any(len(r) == 1 for r in batch.kvp_ranks), batch.kvp_ranks
+    if kvp["placement"] == "auto":  # every long prompt was striped, whatever room one rank had
+        prompts = _prompts()[:-1]
+        long_ = [r for p, r in zip(prompts, batch.kvp_ranks) if len(p) > 256]
+        assert long_ and all(len(r) > 1 for r in long_), batch.kvp_ranks
     log = stats[0]["step_log"]
     assert any(kind == "local" for kind, *_ in log), "no step ran with every request local"
     assert any(sum(span) for _, _, span, _ in log), "no step ran a request spanning ranks"

@@ -94,7 +94,9 @@ def test_rank_that_owns_nothing_takes_part_without_hanging(model_path, short_pro
     prompts, ref = short_prompt, short_reference
     kvp = {"size": 2, "placement": "onboard", "step_mode": step_mode}
     if kind == "shared":
-        kvp["split_min_bytes"] = 0  # every linear layer split: one-owner steps are shared
+        # every linear layer split, and the fixed rule (one-owner steps are shared) in place of
+        # the cost model, which keeps this small model's steps on their owner
+        kvp.update(split_min_bytes=0, split_step_tokens=0)
     with engine(model_path, kvp=kvp, **SHORT) as llm:
         stats0 = llm.collective_rpc("kvp_stats")
         got = generate(llm, prompts, 16)

@@ -4,17 +4,19 @@ The bench-size model (4 layers, hidden 1024: every projection of its layers is >
 so all of them split by columns in shared steps) runs prompts in several prefill chunks and then
 decodes, with 2 KV ranks in both placements. Each rank logs every step it ran (kind, tokens owned
 per rank, tokens) and counts the bytes it sent per exchange kind. From the model's config.json
-alone, the cost model (the planner's) must give each logged step the kind the runtime gave it,
-and its exchanges summed over the steps must equal the counters: collectives and bytes, per kind.
+alone and the CPU host's constants, the cost model (the planner's) must give each logged step the
+kind the runtime gave it, and its exchanges summed over the steps must equal the counters: collectives and bytes, per kind.
 """
 
 import dataclasses
+import os
 
 import pytest
 
 from engines import engine, generate, random_prompts
 
 from vllm_kvp.planner import cost_model as cm
+from vllm_kvp.planner.gpus import runtime_hardware
 from vllm_kvp import step_policy
 from vllm_kvp.model import build_default_model
 from vllm_kvp.planner.command import load_model
@@ -42,7 +44,9 @@ def test_predicted_exchanges_equal_the_counters(bench_model, placement):
 
     shape = dataclasses.replace(load_model(bench_model), dtype_bytes=4)  # run in float32
     layout = cm.Layout(kvp=2, placement=placement)
-    policy = cm.policy(shape, layout, CPU_SPLIT_MIN)
+    hardware, _ = runtime_hardware(None, None, os.cpu_count())  # what the workers used
+    policy = cm.policy(shape, layout, CPU_SPLIT_MIN, hw=hardware, out_bytes=cm.CPU_PARTIAL_BYTES)
+    assert policy.costs is not None
     exchange_shape = cm.exchange_shape(shape, layout, CPU_SPLIT_MIN, cm.CPU_PARTIAL_BYTES)
     assert policy.split_layers and len(exchange_shape.split_widths) == 4 * 4
     kinds = set()
@@ -51,7 +55,8 @@ def test_predicted_exchanges_equal_the_counters(bench_model, placement):
         assert 0 < len(log) == sum(rank["steps"].values())
         want = {k: [0, 0] for k in EXCHANGE_KINDS}
         for kind, counts, span_counts, tokens in log:
-            assert policy.kind(counts, sum(span_counts) > 0) == kind, (kind, counts, span_counts)
+            assert policy.kind(counts, sum(span_counts) > 0, span_counts, tokens) == kind, (
+                kind, counts, span_counts, tokens)
             kinds.add(kind)
             for name, (n, nbytes) in step_policy.exchanges(kind, counts, tokens, exchange_shape,
                                                            2, span_counts).items():

@@ -16,9 +16,9 @@ from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
 FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096",
-        "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner",
+        "--kvp-stripe-min-tokens", "3000", "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner",
         "--kvp-split-step-tokens", "64", "--kvp-split-min-bytes", "0",
-        "--kvp-max-rank-restarts", "5"]
+        "--kvp-max-rank-restarts", "5", "--kvp-device", "a100"]
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +37,11 @@ def test_flags_fold_into_additional_config(parser):
     assert isinstance(args, AsyncEngineArgs)
     assert args.additional_config["kvp"] == {"size": 2, "placement": "striped",
                                              "max_tokens_per_rank": 4096,
+                                             "stripe_min_tokens": 3000,
                                              "prefill_chunking": "adaptive",
                                              "step_mode": "owner", "split_step_tokens": 64,
-                                             "split_min_bytes": 0, "max_rank_restarts": 5}
+                                             "split_min_bytes": 0, "max_rank_restarts": 5,
+                                             "device": "a100"}
 
 
 def test_only_given_flags_are_folded(parser):
@@ -72,7 +74,7 @@ def test_flag_defaults_are_unset(parser):
     ns = parser.parse_args(["--model", "x"])
     assert (ns.kvp_size, ns.kvp_placement, ns.kvp_max_tokens_per_rank, ns.kvp_prefill_chunking,
             ns.kvp_step_mode, ns.kvp_split_step_tokens, ns.kvp_split_min_bytes,
-            ns.kvp_max_rank_restarts) == (None,) * 8
+            ns.kvp_max_rank_restarts, ns.kvp_stripe_min_tokens, ns.kvp_device) == (None,) * 10
 
 
 @pytest.mark.parametrize("argv", [
@@ -91,7 +93,7 @@ def test_argparse_rejects_malformed_flags(parser, argv, capsys):
 def test_flags_are_in_help(parser):
     text = parser.format_help()
     for flag in ("--kvp-size", "--kvp-placement", "--kvp-max-tokens-per-rank",
-                 "--kvp-prefill-chunking"):
+                 "--kvp-stripe-min-tokens", "--kvp-prefill-chunking"):
         assert flag in text
 
 
@@ -178,9 +180,10 @@ def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
     # the validated, normalised dict is what every process will read
     assert config.additional_config["kvp"] == {"placement": "onboard",
                                                 "max_tokens_per_rank": None,
+                                                "stripe_min_tokens": None,
                                                 "prefill_chunking": "fixed",
-                                                "step_mode": "auto", "split_step_tokens": 128,
-                                                "split_min_bytes": None,
+                                                "step_mode": "auto", "split_step_tokens": None,
+                                                "device": None, "split_min_bytes": None,
                                                 "max_rank_restarts": 3, **kvp}
     assert config.scheduler_config.async_scheduling is False
 
@@ -191,9 +194,11 @@ def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
     assert _selected(config) == (layout.EXECUTOR, layout.WORKER, layout.SCHEDULER)
     assert config.additional_config["kvp"] == {"size": 2, "placement": "striped",
                                                 "max_tokens_per_rank": 4096,
+                                                "stripe_min_tokens": 3000,
                                                 "prefill_chunking": "adaptive",
                                              "step_mode": "owner", "split_step_tokens": 64,
-                                             "split_min_bytes": 0, "max_rank_restarts": 5}
+                                             "split_min_bytes": 0, "max_rank_restarts": 5,
+                                             "device": "a100"}
 
 
 @pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])

@@ -35,6 +35,12 @@ def test_error_is_a_value_error():
     ({"size": 2, "split_step_tokens": 1.5}, "kvp.split_step_tokens", "integer"),
     ({"size": 2, "split_min_bytes": -4}, "kvp.split_min_bytes", ">= 0"),
     ({"size": 2, "split_min_bytes": "4MiB"}, "kvp.split_min_bytes", "integer"),
+    ({"size": 2, "stripe_min_tokens": -1}, "kvp.stripe_min_tokens", ">= 0"),
+    ({"size": 2, "device": "tpu"}, "kvp.device", "h100"),
+    ({"size": 2, "device": "/nonexistent/spec.json"}, "kvp.device", "cannot read"),
+    ({"size": 2, "device": 3}, "kvp.device", "string"),
+    ({"size": 2, "placement": "auto", "stripe_min_tokens": "8k"}, "kvp.stripe_min_tokens",
+     "integer"),
 ], ids=lambda v: repr(v) if isinstance(v, dict) else None)
 def test_invalid_value_names_field_and_accepted_values(raw, field, accepted):
     with pytest.raises(KVPConfigError) as info:
@@ -84,14 +90,18 @@ def test_non_mapping_is_rejected(raw):
     {"size": 2, "split_step_tokens": 0, "split_min_bytes": 0},
     {"size": 4, "split_step_tokens": 512, "split_min_bytes": 1 << 20},
     {"size": 2, "max_rank_restarts": 0},
+    {"size": 2, "placement": "auto", "stripe_min_tokens": 4096},
+    {"size": 2, "device": "h200"},
+    {"size": 2, "device": "cpu", "split_step_tokens": 128},
 ])
 def test_valid_config_round_trips(raw):
     config = KVPConfig.from_dict(raw)
     for key, value in raw.items():
         assert getattr(config, key) == value
     as_dict = config.to_dict()
-    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "prefill_chunking",
-                            "step_mode", "split_step_tokens", "split_min_bytes",
+    assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "stripe_min_tokens",
+                            "prefill_chunking",
+                            "step_mode", "split_step_tokens", "device", "split_min_bytes",
                             "max_rank_restarts"}
     assert {k: as_dict[k] for k in raw} == raw
     again = KVPConfig.from_dict(as_dict)
@@ -103,15 +113,19 @@ def test_valid_config_round_trips(raw):
 def test_defaults():
     config = KVPConfig()
     assert config.to_dict() == {"size": 1, "placement": "onboard", "max_tokens_per_rank": None,
+                                "stripe_min_tokens": None,
                                 "prefill_chunking": "fixed", "step_mode": "auto",
-                                "split_step_tokens": 128, "split_min_bytes": None,
+                                "split_step_tokens": None, "device": None,
+                                "split_min_bytes": None,
                                 "max_rank_restarts": 3}
     assert (config.min_split_bytes(cuda=False), config.min_split_bytes(cuda=True)) == (4 << 20,
                                                                                      32 << 20)
     assert KVPConfig(split_min_bytes=0).min_split_bytes(cuda=True) == 0
     assert not config.enabled
     assert not config.adaptive_chunking
-    assert set(PLACEMENTS) == {"onboard", "striped"}
+    assert set(PLACEMENTS) == {"onboard", "striped", "auto"}
+    assert config.stripe_threshold(2048) == 2048  # the step budget unless set
+    assert KVPConfig(stripe_min_tokens=0).stripe_threshold(2048) == 0
     assert set(CHUNKINGS) == {"fixed", "adaptive"}
 
 

@@ -161,24 +161,33 @@ def test_owner_striped_prefill_splits_dense_work_over_kv_ranks():
 
 
 def test_prefill_exchange_by_placement_under_owner_computes():
-    # Only latency (1 s a hop) or only link bytes (1 B/s) counts; 4 KV ranks: 3 hops a gather.
-    hops = dataclasses.replace(UNIT, hbm_bw=1e30, flops=1e30, intra_latency=1.0)
-    link = dataclasses.replace(UNIT, hbm_bw=1e30, flops=1e30, intra_bw=1.0)
+    # Only latency (1 s a hop) or only link bytes (1 MB/s) added to a compute-bound host (so the
+    # cost model keeps a balanced chunk on its owners); 4 KV ranks: 3 hops a gather.
+    base = dataclasses.replace(UNIT, hbm_bw=1e9, flops=1e9)
+    hops = dataclasses.replace(base, intra_latency=1.0)
+    link = dataclasses.replace(base, intra_bw=1e6)
     onboard = cm.Layout(kvp=4, placement="onboard", max_tokens_per_rank=8192,
                         split_min_bytes=NOSPLIT)
     striped = cm.Layout(kvp=4, placement="striped", split_min_bytes=NOSPLIT)
-    # onboard: the chunk lands on one rank, so every rank runs it: partials per layer, hidden once.
-    def chunk(hw, layout, mode="owner"):
-        return cm.prefill_chunk_time(LLAMA8B, hw, layout, 4096, 0, mode)
 
-    assert chunk(hops, onboard) == pytest.approx((32 + 1) * 3)
-    assert chunk(hops, onboard, "replicated") == pytest.approx(32 * 3)
+    def exchange(hw, layout, mode="owner"):  # what the exchange adds to the chunk's time
+        return (cm.prefill_chunk_time(LLAMA8B, hw, layout, 4096, 0, mode)
+                - cm.prefill_chunk_time(LLAMA8B, base, layout, 4096, 0, mode))
+
+    # onboard: the chunk lands on one rank, so every rank runs it: partials per layer, hidden once.
+    assert exchange(hops, onboard) == pytest.approx((32 + 1) * 3)
+    assert exchange(hops, onboard, "replicated") == pytest.approx(32 * 3)
     # striped: 1024 tokens a rank, routed: queries and partials per layer, hidden once.
-    assert chunk(hops, striped) == pytest.approx((2 * 32 + 1) * 3)
+    assert exchange(hops, striped) == pytest.approx((2 * 32 + 1) * 3)
     # Every rank sends partials of all 4096 queries; rows are 8,192 B.
     partials, row = 4096 * PARTIAL, 8192
-    assert chunk(link, onboard) == pytest.approx(3 * (32 * partials + 4096 * row))
-    assert chunk(link, striped) == pytest.approx(3 * (32 * (partials + 1024 * row) + 1024 * row))
+    assert exchange(link, onboard) == pytest.approx(3 * (32 * partials + 4096 * row) / 1e6)
+    assert exchange(link, striped) == pytest.approx(
+        3 * (32 * (partials + 1024 * row) + 1024 * row) / 1e6)
+    # Were compute free, sharing the striped chunk would cost only its fewer collectives.
+    free = dataclasses.replace(hops, hbm_bw=1e30, flops=1e30)
+    assert cm.prefill_chunk_time(LLAMA8B, free, striped, 4096, 0, "owner") == pytest.approx(
+        (32 + 1) * 3)
 
 
 def test_owner_onboard_prefill_runs_the_chunk_in_the_owners_time():

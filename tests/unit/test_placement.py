@@ -75,7 +75,9 @@ def grow(p, req, n, free):
     [((0, 16), {}, "num_ranks"), ((2, 0), {}, "block_size"), ((2, 16, "rnd"), {}, "policy"),
      ((2, 16), dict(max_tokens_per_rank=0), "max_tokens_per_rank"),
      ((2, 16), dict(max_tokens_per_rank=-5), "max_tokens_per_rank"),
-     ((2, 16), dict(blocks_per_rank=0), "blocks_per_rank")],
+     ((2, 16), dict(blocks_per_rank=0), "blocks_per_rank"),
+     ((2, 16), dict(stripe_min_tokens=-1), "stripe_min_tokens"),
+     ((2, 16, "auto"), {}, "stripe_min_tokens")],
 )
 def test_invalid_args(args, kwargs, msg):
     with pytest.raises(ValueError, match=msg):
@@ -356,6 +358,60 @@ def test_striped_none_when_target_rank_full():
     assert p.choose("a", 3, [1, 0, 9]) is None  # block 1 must go to rank 1, which is full
     assert p.choose("a", 4, [2, 1, 1]) == [0, 1, 2, 0]
     assert p.choose("a", 4, [1, 1, 1]) is None  # block 3 needs a second rank-0 block
+
+
+def test_auto_stripes_long_prompts_and_keeps_short_ones_whole():
+    p = RankPlacement(2, 16, policy="auto", stripe_min_tokens=64)
+    free = [100, 100]
+    p.begin_step()
+    p.admit("short", 64)  # at the threshold: placed as under onboard
+    got = p.choose("short", 4, free)
+    assert len(set(got)) == 1
+    p.commit("short", got)
+    free[got[0]] -= 4
+    p.admit("long", 65)
+    long_ = p.choose("long", 5, free)
+    # striped from the rank a new request would start on: the one not used by "short" this step
+    assert long_ == [1 - got[0], got[0], 1 - got[0], got[0], 1 - got[0]]
+    p.commit("long", long_)
+    assert p.is_striped("long") and not p.is_striped("short")
+    # a decode block keeps the rotation; the short request keeps growing on its one rank
+    assert p.choose("long", 1, [50, 50]) == [got[0]]
+    assert grow(p, "short", 3, [50, 50]) == [got[0]] * 3
+
+
+def test_auto_admission_is_fixed_for_life_and_forgotten_on_free():
+    p = RankPlacement(3, 16, policy="auto", stripe_min_tokens=10)
+    p.admit("a", 5)
+    p.admit("a", 500)  # a known request keeps its placement
+    assert not p.is_striped("a")
+    p.free("a")
+    assert "a" not in p
+    p.admit("a", 500)  # readmitted (recomputed after preemption) with more tokens
+    assert p.is_striped("a")
+
+
+def test_auto_striped_falls_back_to_a_rank_with_room():
+    p = RankPlacement(2, 16, policy="auto", stripe_min_tokens=0)
+    p.admit("a", 1)
+    assert p.choose("a", 4, [3, 1]) == [0, 1, 0, 0]  # rank 1 full after one block: rank 0 takes it
+    assert p.choose("a", 4, [2, 1]) is None
+
+
+@given(num_ranks=st.integers(1, 5), cached=st.integers(0, 7), n=st.integers(1, 20),
+       start_free=st.lists(st.integers(30, 60), min_size=5, max_size=5))
+@settings(max_examples=50, deadline=None)
+def test_auto_striped_rotates_after_prefix_hits(num_ranks, cached, n, start_free):
+    p = RankPlacement(num_ranks, 16, policy="auto", stripe_min_tokens=0)
+    p.admit("a", 1)
+    for i in range(cached):
+        p.add_existing("a", (3 * i) % num_ranks)  # cached blocks, wherever they are
+    free = start_free[:num_ranks]
+    got = p.choose("a", n, free)
+    start = got[0]
+    assert got == [(start + i) % num_ranks for i in range(n)]
+    p.commit("a", got)
+    assert p.choose("a", 1, free) == [(start + n) % num_ranks]
 
 
 class PlacementMachine(RuleBasedStateMachine):

@@ -152,6 +152,28 @@ def test_calibrated_plan(capsys):
     assert all(r["tpot_ms"] > 0 for r in rows)
 
 
+def test_saved_spec_is_what_the_plugin_and_the_planner_read_back(tmp_path, capsys):
+    """`--save-spec` writes the calibrated constants; `kvp.device` and `--gpu-spec` read them back
+    as they are (achieved rates: no efficiency applied twice)."""
+    from vllm_kvp.config import KVPConfig
+    from vllm_kvp.planner.gpus import runtime_hardware
+
+    bench = str(REPO / "docs/benchmarks/decode_step_contexts.json")
+    spec = tmp_path / "host.json"
+    assert cli_main(["plan", LLAMA8B, "--context", "1M", "--gpus", "8", "--calibrate", bench,
+                     "--save-spec", str(spec)]) == 0
+    capsys.readouterr()
+    saved = json.loads(spec.read_text())
+    assert saved["measured"] is True and abs(saved["hbm_bw"] - 7.93e9) < 0.01e9
+    assert KVPConfig(size=2, device=str(spec)).device == str(spec)  # validated
+    hw, name = runtime_hardware(str(spec), None, 2)
+    assert (hw.hbm_bw, hw.intra_latency, name) == (saved["hbm_bw"], saved["intra_latency"],
+                                                  saved["name"])
+    assert cli_main(["plan", LLAMA8B, "--context", "1M", "--gpus", "8", "--save-spec",
+                     str(tmp_path / "missing" / "x.json")]) == 2
+    assert "cannot write --save-spec" in capsys.readouterr().err
+
+
 def test_calibration_that_cannot_determine_a_constant_is_one_clear_line(tmp_path, capsys):
     one_rank = [{"ranks": 1, "context": c, "step_ms": 2 + c / 1e4, "cpus": 2}
                 for c in (8192, 32768, 60000)]

@@ -93,3 +93,107 @@ def test_steps_of_local_requests(counts, split, want):
 
 def test_local_step_exchanges_only_hidden_states():
     assert exchanges(LOCAL, [3, 5], 8, SHAPE, 2) == {HIDDEN: (1, 5 * 256 * 4)}
+
+
+# ---- step kinds from the cost model -------------------------------------------------------------
+
+def _bench_policy(world, cpus=2, **kw):
+    from vllm_kvp.model import BENCH_ARCH
+    from vllm_kvp.planner import cost_model as cm
+    from vllm_kvp.planner.command import shape_from_config
+    from vllm_kvp.planner.gpus import runtime_hardware
+
+    shape = shape_from_config({**BENCH_ARCH, "dtype": "float32"}, "bench")
+    hw, _ = runtime_hardware(None, None, cpus)
+    return cm.policy(shape, cm.Layout(kvp=world), 4 << 20, hw=hw, out_bytes=4, **kw), hw
+
+
+def _hand_seconds(kind, counts, span_counts, hw, world, cpus=2):
+    """The bench model (fp32, 4 layers: qkv 1536, o 1024, gate_up 8192 and down 1024 output
+    columns, all split at 4 MiB), worked out from its layer shapes: the busiest rank's weight
+    reads and FLOPs, stretched by (ranks + engine process) / cores, plus ring all-gathers."""
+    hidden, heads, dim, layers, vocab = 1024, 8, 128, 4, 4096
+    widths, inputs = (1536, 1024, 8192, 1024), (1024, 1024, 1024, 4096)
+    split = layers * sum(w * i for w, i in zip(widths, inputs))
+    active = split + layers * 2 * hidden + hidden + vocab * hidden
+    stretch = max(1.0, (world + 1) / cpus)
+    t, busiest = sum(counts), max(counts)
+    hop = lambda nbytes: (world - 1) * (hw.intra_latency + nbytes / hw.intra_bw)  # noqa: E731
+    comm = hop(max(busiest, 1) * hidden * 4)  # final hidden states
+    cut = 1 - 1 / world
+    if kind == SHARED:
+        work = (active - cut * split) * 4 / hw.hbm_bw + t * 2 * (active - cut * split) / hw.flops
+        comm += layers * hop(t * heads * (dim * 4 + 4))
+        comm += sum(layers * hop(t * math.ceil(w / world) * 4) for w in widths)
+    else:
+        work = active * 4 / hw.hbm_bw + busiest * 2 * active / hw.flops
+        if kind == ROUTED and any(span_counts):
+            comm += layers * (hop(max(span_counts) * heads * dim * 4)
+                              + hop(sum(span_counts) * heads * (dim * 4 + 4)))
+    return stretch * work + comm
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_cost_model_picks_the_faster_kind(world):
+    policy, hw = _bench_policy(world)
+    seen = set()
+    for per in (1, 2, 8, 32, 64, 100, 200, 400, 1024):
+        for shape in ("balanced", "one", "uneven"):
+            counts = ([per] * world if shape == "balanced" else
+                      [per * world] + [0] * (world - 1) if shape == "one" else
+                      [2 * per] + [max(per // 2, 1)] * (world - 1))
+            for spanning in (False, True):
+                spans = counts if spanning else [0] * world
+                own = ROUTED if spanning else LOCAL
+                a = _hand_seconds(SHARED, counts, spans, hw, world)
+                b = _hand_seconds(own, counts, spans, hw, world)
+                if abs(a - b) < 1e-9 * max(a, b):
+                    continue
+                want = SHARED if a < b else own
+                assert policy.kind(counts, spanning, spans, sum(counts)) == want, (counts, spans)
+                seen.add(want)
+    assert seen == {SHARED, LOCAL, ROUTED}  # the grid crosses the break-even points
+
+
+def test_break_even_points_and_description():
+    policy, _ = _bench_policy(2)
+    for case in ("balanced", "spanning"):
+        b = policy.break_even(case)
+        assert 0 < b < 4096
+        assert policy.kind([b // 2] * 2, case == "spanning") == SHARED
+        assert policy.kind([b // 2 + 1] * 2, case == "spanning") != SHARED
+    assert policy.break_even("one-owner") > 0  # 1/N of the split weights each
+    text = policy.describe("CPU host")
+    assert text.startswith("cost model (CPU host); split layers: yes; shared up to ")
+    fixed = StepPolicy(2, True, True, 128)
+    assert fixed.break_even("balanced") == 128 and "fixed rule, 128 tokens" in fixed.describe()
+    assert StepPolicy(2, False).describe() == "every step routed"
+
+
+def test_fixed_rule_overrides_the_costs():
+    policy, _ = _bench_policy(2, split_step_tokens=0)
+    assert policy.costs is not None
+    assert policy.kind([3, 4], spans=False) == LOCAL   # a small step the costs would share
+    assert policy.kind([0, 5], spans=False) == SHARED  # one owner, split layers
+
+
+def test_a_tie_falls_back_to_the_fixed_rule():
+    from vllm_kvp.step_policy import StepCosts
+
+    free = StepCosts(world=2, shape=SHAPE, weight_s=0.0, split_weight_s=0.0, row_s=0.0,
+                     split_row_s=0.0)  # nothing costs anything
+    policy = StepPolicy(2, True, True, costs=free)
+    assert policy.kind([0, 1], spans=True) == SHARED and policy.kind([500, 500]) == ROUTED
+
+
+def test_runtime_hardware():
+    from vllm_kvp.planner.gpus import CATALOGUE, runtime_hardware
+
+    hw, name = runtime_hardware(None, None, 8)
+    assert name == "CPU host" and hw.cpus == 8 and hw.hbm_bw == CATALOGUE["cpu"].hbm_bw
+    assert runtime_hardware(None, "NVIDIA H200", 8)[1] == CATALOGUE["h200"].name
+    assert runtime_hardware(None, "NVIDIA A100-SXM4-80GB", 8)[1] == CATALOGUE["a100"].name
+    assert runtime_hardware(None, "Some Future GPU", 8)[1] == CATALOGUE["h100"].name
+    hw, name = runtime_hardware("b200", "NVIDIA H100", 8)
+    assert name == CATALOGUE["b200"].name and hw.cpus == 0
+    assert hw.hbm_bw == CATALOGUE["b200"].hbm_bw * 0.8  # a datasheet rate: its achieved share

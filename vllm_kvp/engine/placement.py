@@ -25,26 +25,36 @@ rank (measured: a fifth of a batch's throughput lost).
 
 "striped": block i of the request goes to rank i % N. The layout depends only on the block index,
 which is handy for debugging and for comparing against a fixed reference layout.
+
+"auto": a request admitted with more than `stripe_min_tokens` tokens to prefill is striped, from
+the rank a new request would start on (block i to rank (start + i) % N); any other request is
+placed as under "onboard". A long prompt's prefill chunks then run on all ranks at once (each
+computes the tokens of its blocks), while short requests stay whole on one rank, where their steps
+exchange nothing (a step's queries and partials travel only for requests that span ranks). With
+onboard alone a long prompt prefills on one rank at a time; with striped alone every request spans
+ranks and every one of its decode steps exchanges.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
 
-POLICIES = ("onboard", "striped")
+POLICIES = ("onboard", "striped", "auto")
 
 
 class _ReqState:
     """Per-request bookkeeping: ranks in onboarding order and block counts per rank."""
 
-    __slots__ = ("ranks", "starts", "used", "counts", "num_blocks")
+    __slots__ = ("ranks", "starts", "used", "counts", "num_blocks", "striped", "offset")
 
-    def __init__(self) -> None:
+    def __init__(self, striped: bool = False) -> None:
         self.ranks: list[int] = []
         self.starts: list[int] = []  # first token position held by each rank in `ranks`
         self.used: set[int] = set()  # O(1) membership; `ranks` keeps the order
         self.counts: dict[int, int] = {}
         self.num_blocks = 0
+        self.striped = striped  # blocks dealt round robin: block i to rank (offset + i) % N
+        self.offset: Optional[int] = 0 if striped else None
 
 
 class RankPlacement:
@@ -55,6 +65,7 @@ class RankPlacement:
         policy: str = "onboard",
         max_tokens_per_rank: Optional[int] = None,
         blocks_per_rank: Optional[int] = None,
+        stripe_min_tokens: Optional[int] = None,
     ) -> None:
         if not isinstance(num_ranks, int) or num_ranks < 1:
             raise ValueError(f"num_ranks must be an integer >= 1, got {num_ranks!r}")
@@ -74,6 +85,15 @@ class RankPlacement:
             raise ValueError(
                 f"blocks_per_rank must be a positive integer or None, got {blocks_per_rank!r}"
             )
+        if stripe_min_tokens is not None and (
+            not isinstance(stripe_min_tokens, int) or stripe_min_tokens < 0
+        ):
+            raise ValueError(
+                f"stripe_min_tokens must be a non-negative integer or None, got {stripe_min_tokens!r}"
+            )
+        if policy == "auto" and stripe_min_tokens is None:
+            raise ValueError("placement 'auto' needs stripe_min_tokens")
+        self.stripe_min_tokens = stripe_min_tokens
         self.num_ranks = num_ranks
         self.block_size = block_size
         self.policy = policy
@@ -94,6 +114,10 @@ class RankPlacement:
         self.on_onboard: Optional[Callable[[str, int, int], None]] = None
 
     # ------------------------------------------------------------------ queries
+
+    def is_striped(self, req_id: str) -> bool:
+        st = self._reqs.get(req_id)
+        return bool(st and st.striped)
 
     def ranks_of(self, req_id: str) -> list[int]:
         st = self._reqs.get(req_id)
@@ -118,6 +142,19 @@ class RankPlacement:
 
     # ------------------------------------------------------------------ planning
 
+    def admit(self, req_id: str, tokens: int) -> None:
+        """A request about to take its first blocks, with `tokens` tokens to prefill (prompt, and
+        outputs when it is recomputed): fixes whether it is striped. Known requests are left as
+        they are (a placement holds for a request's life)."""
+        if req_id in self._reqs:
+            return
+        striped = self.policy == "striped" or (
+            self.policy == "auto" and tokens > self.stripe_min_tokens)
+        st = _ReqState(striped)
+        if striped and self.policy == "auto":
+            st.offset = None  # starts where a new request would (the first choice fixes it)
+        self._reqs[req_id] = st
+
     def begin_step(self) -> None:
         """A scheduling step starts: blocks handed out from now on count toward its balance."""
         self._step_blocks = [0] * self.num_ranks
@@ -139,17 +176,33 @@ class RankPlacement:
         # Work on a copy: blocks taken earlier in this choice reduce what later ones can use.
         free = list(free_blocks)
         st = self._reqs.get(req_id)
-        if self.policy == "striped":
-            start = st.num_blocks if st else 0
-            out = []
-            for i in range(start, start + num_new_blocks):
-                r = i % self.num_ranks
-                if free[r] <= 0:
-                    return None  # keep the layout deterministic rather than fall back
-                free[r] -= 1
-                out.append(r)
-            return out
+        if st is None and self.policy == "striped":
+            st = _ReqState(striped=True)
+        if st is not None and st.striped:
+            return self._plan_striped(st, num_new_blocks, free)
         return self._plan_onboard(st, num_new_blocks, free)
+
+    def _plan_striped(self, st: _ReqState, n: int, free: list[int]) -> Optional[list[int]]:
+        first = st.num_blocks
+        offset = st.offset
+        if offset is None:
+            start = self._pick_start_rank(free, -(-n // self.num_ranks))
+            if start is None:
+                return None
+            offset = (start - first) % self.num_ranks
+        out = []
+        for i in range(first, first + n):
+            r = (offset + i) % self.num_ranks
+            if free[r] <= 0:
+                if self.policy == "striped":
+                    return None  # keep the layout deterministic rather than fall back
+                # auto: any rank with room (exactness never depends on the layout)
+                r = max(range(self.num_ranks), key=lambda k: (free[k], -k))
+                if free[r] <= 0:
+                    return None
+            free[r] -= 1
+            out.append(r)
+        return out
 
     def _plan_onboard(
         self, st: Optional[_ReqState], n: int, free: list[int]
@@ -211,7 +264,11 @@ class RankPlacement:
 
     def commit(self, req_id: str, ranks: list[int]) -> None:
         """Record that the request was given one block on each of `ranks`, in order."""
-        st = self._reqs.setdefault(req_id, _ReqState())
+        st = self._reqs.get(req_id)
+        if st is None:
+            st = self._reqs[req_id] = _ReqState(striped=self.policy == "striped")
+        if st.striped and st.offset is None and ranks:
+            st.offset = (ranks[0] - st.num_blocks) % self.num_ranks
         for r in ranks:
             self._add_block(req_id, st, r)
             self._step_blocks[r] += 1
@@ -219,7 +276,9 @@ class RankPlacement:
     def add_existing(self, req_id: str, rank: int) -> None:
         """A block the request got without choose() (a prefix-cache hit) on `rank`. It counts
         toward the request's usage of that rank, and a new rank becomes its newest rank."""
-        st = self._reqs.setdefault(req_id, _ReqState())
+        st = self._reqs.get(req_id)
+        if st is None:
+            st = self._reqs[req_id] = _ReqState(striped=self.policy == "striped")
         self._add_block(req_id, st, rank)
 
     def _add_block(self, req_id: str, st: _ReqState, rank: int) -> None:

@@ -45,6 +45,8 @@ class KVPScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
             self.kvp.size, self.block_size, policy=self.kvp.placement,
             max_tokens_per_rank=self.kvp.max_tokens_per_rank,
             blocks_per_rank=self.ranks.blocks_per_rank,
+            stripe_min_tokens=self.kvp.stripe_threshold(
+                self.scheduler_config.max_num_batched_tokens),
         )
         self.placement.on_onboard = self._on_onboard
         self.metrics = KVPMetrics(self.kvp.size, self.ranks.blocks_per_rank)
@@ -66,8 +68,13 @@ class KVPScheduler(AdaptiveChunkingMixin, SchedulerHooks, Scheduler):
     def _allocate_slots(self, request, num_new_tokens: int, *args: Any, **kwargs: Any):
         req_id = request.request_id
         call = allocate_slots_args(request, num_new_tokens, args, kwargs)
+        # A request's first allocation fixes its placement ("auto" stripes long prompts); after a
+        # preemption it comes back with its outputs to recompute too.
+        self.placement.admit(req_id, request.num_tokens)
         if self.placement.choose(req_id, self._blocks_needed(request, call),
                                  self.rank_queue.free_per_rank()) is None:
+            if not self.kv_cache_manager.get_block_ids(req_id)[0]:
+                self.placement.free(req_id)
             return None  # vLLM's answer to "not enough KV cache": wait or preempt
         for block in computed_blocks(call["new_computed_blocks"]):
             if not block.is_null:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 
 from vllm.platforms import current_platform
 
@@ -51,25 +52,43 @@ def register_kvp_backend() -> None:
         else "vllm_kvp.step.backend_cuda.KVPFlashAttentionBackend")
 
 
-def step_policy_for(vllm_config, kvp: KVPConfig, cuda: bool) -> StepPolicy:
-    """The step policy of this engine, from its config only (the same on every rank and stage):
-    whether the model has split layers is the cost model's rule on the model's shape."""
+def step_policy_for(vllm_config, kvp: KVPConfig, cuda: bool, hardware=None) -> StepPolicy:
+    """The step policy of this engine, from its config and `hardware` (`device_hardware`, the
+    same on every rank and stage): whether the model has split layers is the cost model's rule on
+    the model's shape, and each step's kind the cost model's prediction with `hardware`'s
+    constants (None: the fixed rule)."""
     from vllm_kvp.planner import cost_model
     from vllm_kvp.planner.command import PlanError, shape_from_config
 
-    split = False
-    if kvp.replicates_steps and kvp.size > 1:
-        mc = vllm_config.model_config
-        try:
-            shape = shape_from_config(mc.hf_config.to_dict(), mc.model)
-        except PlanError as e:  # not a shape the cost model reads: no step shares split layers
-            logger.warning("vllm_kvp: %s; linear layers are not split", e)
-        else:
-            shape = dataclasses.replace(shape, dtype_bytes=mc.dtype.itemsize)
-            tp = vllm_config.parallel_config.tensor_parallel_size
-            split = bool(cost_model.split_layers(shape, tp, kvp.min_split_bytes(cuda)))
-    return StepPolicy(world=kvp.size, share_steps=kvp.replicates_steps, split_layers=split,
-                      split_step_tokens=kvp.split_step_tokens)
+    if not (kvp.replicates_steps and kvp.size > 1):
+        return StepPolicy(world=kvp.size, share_steps=kvp.replicates_steps,
+                          split_step_tokens=kvp.split_step_tokens)
+    mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    try:
+        shape = shape_from_config(mc.hf_config.to_dict(), mc.model)
+    except PlanError as e:  # not a shape the cost model reads: no split layers, the fixed rule
+        logger.warning("vllm_kvp: %s; linear layers are not split", e)
+        return StepPolicy(world=kvp.size, split_step_tokens=kvp.split_step_tokens)
+    shape = dataclasses.replace(shape, dtype_bytes=mc.dtype.itemsize)
+    layout = cost_model.Layout(tp=pc.tensor_parallel_size, pp=pc.pipeline_parallel_size,
+                               kvp=kvp.size)
+    return cost_model.policy(shape, layout, kvp.min_split_bytes(cuda), hw=hardware,
+                             split_step_tokens=kvp.split_step_tokens,
+                             out_bytes=None if cuda else cost_model.CPU_PARTIAL_BYTES)
+
+
+def device_hardware(kvp: KVPConfig, cuda: bool):
+    """(Hardware, name) of `kvp.device`, or of this worker's device. Every worker takes world
+    rank 0's answer (`comm.agree`), so a step gets one kind on every rank and stage even on
+    hosts that differ."""
+    from vllm_kvp.planner import gpus
+
+    name = None
+    if cuda:
+        import torch
+
+        name = torch.cuda.get_device_name()
+    return comm.agree(gpus.runtime_hardware(kvp.device, name, os.cpu_count() or 1))
 
 
 class KVPWorker(_base_worker()):
@@ -93,10 +112,13 @@ class KVPWorker(_base_worker()):
         kvp = kvp_config(self.vllm_config)
         block_size = kv_cache_config.kv_cache_groups[0].kv_cache_spec.block_size
         ranks = RankMap(kvp.size, kv_cache_config.num_blocks, block_size)
-        policy = step_policy_for(self.vllm_config, kvp, cuda=not current_platform.is_cpu())
+        cuda = not current_platform.is_cpu()
+        hardware, device = device_hardware(kvp, cuda)
+        policy = step_policy_for(self.vllm_config, kvp, cuda, hardware)
         step.configure(step.RankContext(comm.kvp_rank(), ranks, policy))
-        logger.info("vllm_kvp: KV rank %d of %d, %d blocks of %d tokens; %s", comm.kvp_rank(),
-                    kvp.size, ranks.blocks_per_rank, block_size, policy)
+        logger.info("vllm_kvp: KV rank %d of %d, %d blocks of %d tokens; step kinds: %s",
+                    comm.kvp_rank(), kvp.size, ranks.blocks_per_rank, block_size,
+                    policy.describe(device))
         super().initialize_from_config(kv_cache_config)
 
     def load_model(self, *args, **kwargs) -> None:

@@ -102,7 +102,7 @@ def row_terms(m: ModelShape, hw: Hardware, row: dict, mode: str = "owner") -> Te
     """The cost model's work for one benchmark row, on the row's host."""
     n = int(row["ranks"])
     terms = decode_step_terms(m, row_host(hw, row), row_layout(row), int(row["context"]),
-                              *row_modes(row, mode))
+                              *row_modes(row, mode), by_cost=False)
     if "collectives_per_step" in row:   # counted by the plugin: ring all-gathers, n - 1 hops each
         terms = dataclasses.replace(terms, intra_hops=row["collectives_per_step"] * (n - 1))
     return terms

@@ -8,6 +8,7 @@ enumerates and scores layouts; planner_report renders the table, the JSON and th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import re
@@ -222,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"also flops, given rows of several models)")
     p.add_argument("--calibrate-mode", choices=cm.MODES, default="owner",
                    help="execution mode the benchmark ran in (default: owner, what the plugin runs)")
+    p.add_argument("--save-spec", metavar="FILE.json",
+                   help="write the hardware constants predicted with (calibrated, if asked) as a "
+                        "spec file, for --gpu-spec and the plugin's --kvp-device")
     p.add_argument("--mode", choices=(*cm.MODES, "all"), default="owner",
                    help="execution mode to predict: owner (each token computed on the rank that "
                         "holds its KV: what the plugin runs, the default), replicated (every KV "
@@ -246,6 +250,15 @@ def hardware(args) -> tuple[cm.Hardware, cm.Hardware, str]:
         note += (f", calibrated on {args.calibrate}: HBM {hw.hbm_bw / 1e9:.1f} GB/s, hop "
                  f"{hw.intra_latency * 1e6:.1f} us, step overhead {hw.step_overhead * 1e3:.2f} ms")
     return hw, gpu.peak(), note
+
+
+def save_spec(hw: cm.Hardware, name: str, path: str) -> None:
+    """`hw` as a spec file `gpus.load_gpu_spec` reads back as it is (achieved rates: measured)."""
+    spec = {"name": name, **dataclasses.asdict(hw), "measured": True}
+    try:
+        Path(path).write_text(json.dumps(spec, indent=1) + "\n")
+    except OSError as e:
+        raise PlanError(f"cannot write --save-spec {path}: {e}") from None
 
 
 def bench_model(path: str | None) -> cm.ModelShape:
@@ -274,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
                   ttft=parse_duration(args.ttft_slo, "--ttft-slo") if args.ttft_slo else None)
         chunk = parse_count(args.prefill_chunk, "--prefill-chunk")
         hw, peak, note = hardware(args)
+        if args.save_spec:
+            save_spec(hw, note.split(",")[0], args.save_spec)
         modes = cm.MODES if args.mode == "all" else (args.mode,)
         rows = plan(m, hw, peak, args.model, contexts, gpu_counts, slo, chunk, modes)
         if args.plot:

@@ -30,7 +30,7 @@ import math
 from dataclasses import dataclass
 
 from vllm_kvp import step_policy
-from vllm_kvp.step_policy import ExchangeShape, StepPolicy
+from vllm_kvp.step_policy import ExchangeShape, StepCosts, StepPolicy
 
 MODES = ("replicated", "owner")
 PLACEMENTS = ("onboard", "striped")
@@ -245,11 +245,36 @@ def split_layers(m: ModelShape, tp: int, min_bytes: int) -> list[tuple[int, int]
 
 
 def policy(m: ModelShape, layout: Layout, min_bytes: int, step_mode: str = "auto",
-           split_step_tokens: int = 128) -> StepPolicy:
-    """The step policy the plugin runs `layout` with (`worker.step_policy_for`)."""
+           split_step_tokens: int | None = None, hw: Hardware | None = None,
+           out_bytes: int | None = None) -> StepPolicy:
+    """The step policy the plugin runs `layout` with (`worker.step_policy_for`): with `hw`, step
+    kinds chosen by the predicted times of `step_costs` (else, or with `split_step_tokens`, by the
+    fixed rule)."""
+    costs = (step_costs(m, hw, layout, min_bytes, out_bytes)
+             if hw is not None and layout.kvp > 1 else None)
     return StepPolicy(world=layout.kvp, share_steps=step_mode == "auto",
                       split_layers=bool(split_layers(m, layout.tp, min_bytes)),
-                      split_step_tokens=split_step_tokens)
+                      split_step_tokens=split_step_tokens, costs=costs)
+
+
+def step_costs(m: ModelShape, hw: Hardware, layout: Layout, min_bytes: int,
+               out_bytes: int | None = None) -> StepCosts:
+    """What a step costs one KV rank by kind (`step_policy.StepCosts`), in this model's terms:
+    weights streamed (`hbm_bw`), 2 FLOPs per weight per row (`flops`), stretched by core sharing,
+    and the KVP collectives (`exchanges`, every layer of every stage: stages run in turn) at the
+    hop latency and link bandwidth of the group. `out_bytes` as in `exchange_shape`."""
+    split = sum(o * i for o, i in split_layers(m, layout.tp, min_bytes)) * m.layers
+    whole = m.active_params / layout.tp
+    shape = exchange_shape(m, Layout(tp=layout.tp, kvp=layout.kvp), min_bytes,
+                           CPU_PARTIAL_BYTES if out_bytes is None and hw.cpus > 0 else out_bytes)
+    inter = _crosses_nodes(hw, layout.gpus)
+    return StepCosts(world=layout.kvp, shape=shape,
+                     weight_s=whole * m.dtype_bytes / hw.hbm_bw,
+                     split_weight_s=split * m.dtype_bytes / hw.hbm_bw,
+                     row_s=2 * whole / hw.flops, split_row_s=2 * split / hw.flops,
+                     sharing=core_sharing(hw, layout),
+                     hop_s=hw.inter_latency if inter else hw.intra_latency,
+                     byte_s=1 / (hw.inter_bw if inter else hw.intra_bw))
 
 
 def exchange_shape(m: ModelShape, layout: Layout, min_bytes: int,
@@ -275,11 +300,13 @@ def step_counts(layout: Layout, tokens: int, rows: int) -> list[int]:
 
 def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int | None = None,
                 step_mode: str = "auto", min_bytes: int = 32 << 20,
-                out_bytes: int | None = None, spans: bool = True) -> list[tuple[int, float]]:
+                out_bytes: int | None = None, spans: bool = True,
+                hw: Hardware | None = None) -> list[tuple[int, float]]:
     """The all-gathers over the KVP group in one step, all layers, as (how many, bytes each rank
     sends in each). `tokens`: the step's T tokens; every rank attends all of their queries, so it
     sends partials of T. `rows`: the most tokens one rank owns (default T: one rank owns all).
     `spans`: some request of the step holds KV on more than one rank (else the step is local).
+    `hw`: the hardware whose costs choose the step's kind (None: the fixed rule).
 
     replicated (the first version's lockstep): the partials once per layer.
     owner: what `step_policy.exchanges` lists for the kind the step policy gives the step: the
@@ -292,8 +319,10 @@ def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int
     if mode != "owner":
         return [(m.layers, tokens * shape.partial_row_bytes)]
     counts = step_counts(layout, tokens, rows)
-    kind = policy(m, layout, min_bytes, step_mode).kind(counts, spans)
-    sent = step_policy.exchanges(kind, counts, tokens, shape, layout.kvp)
+    kind = policy(m, layout, min_bytes, step_mode, hw=hw, out_bytes=out_bytes).kind(
+        counts, spans, tokens=tokens)
+    sent = step_policy.exchanges(kind, counts, tokens, shape, layout.kvp,
+                                 None if spans else [0] * layout.kvp)
     return [(n, b / n) for n, b in sent.values() if n]
 
 
@@ -306,11 +335,13 @@ def kvp_collectives(m: ModelShape, layout: Layout, tokens: int, mode: str,
 
 
 def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str,
-                 rows: int | None = None, step_mode: str = "auto", spans: bool = True) -> Terms:
+                 rows: int | None = None, step_mode: str = "auto", spans: bool = True,
+                 by_cost: bool = True) -> Terms:
     """Per-step exchange over the KVP group: `kvp_gathers` as ring all-gathers, kvp - 1 hops and
     kvp - 1 ranks' bytes received each."""
     gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode, split_min_bytes(hw, layout),
-                          CPU_PARTIAL_BYTES if hw.cpus > 0 else None, spans)
+                          CPU_PARTIAL_BYTES if hw.cpus > 0 else None, spans,
+                          hw if by_cost else None)
     ring = layout.kvp - 1
     return _hops(hw, ring * sum(c for c, _ in gathers), ring * sum(c * b for c, b in gathers),
                  _crosses_nodes(hw, layout.gpus))
@@ -345,7 +376,8 @@ def tp_pp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int) -> 
 # ---- time --------------------------------------------------------------------------------------
 
 def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
-                      mode: str = "replicated", step_mode: str = "auto") -> Terms:
+                      mode: str = "replicated", step_mode: str = "auto",
+                      by_cost: bool = True) -> Terms:
     """One output token of one request whose KV holds `context` tokens (batch 1). Stages run in
     turn, so pp does not shorten it; each GPU streams its weights and its KV-rank's share of the
     KV once; all KV ranks attend in parallel, so the fullest rank sets the pace. Under owner
@@ -356,7 +388,8 @@ def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
     it."""
     resident = tokens_per_rank(layout, context)
     spans = resident < context
-    kind = policy(m, layout, split_min_bytes(hw, layout), step_mode).kind(
+    kind = policy(m, layout, split_min_bytes(hw, layout), step_mode,
+                  hw=hw if by_cost else None).kind(
         step_counts(layout, 1, 1), spans) if layout.kvp > 1 else step_policy.LOCAL
     kv = resident * kv_bytes_per_token_per_gpu(m, layout.tp, 1)
     weights = (shared_weight_bytes(m, hw, layout, step_mode)
@@ -364,7 +397,8 @@ def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
                else m.active_params * m.dtype_bytes / layout.tp)
     flops = (2 * m.active_params + 4 * m.layers * m.heads * m.head_dim * resident) / layout.tp
     work = Terms(steps=1.0, hbm_bytes=weights + kv, flops=flops).scaled(core_sharing(hw, layout))
-    return (work + kvp_exchange(m, hw, layout, 1, mode, step_mode=step_mode, spans=spans)
+    return (work + kvp_exchange(m, hw, layout, 1, mode, step_mode=step_mode, spans=spans,
+                                by_cost=by_cost)
             + tp_pp_exchange(m, hw, layout, 1))
 
 

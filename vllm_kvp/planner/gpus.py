@@ -29,6 +29,9 @@ HBM_EFFICIENCY = 0.8
 FLOPS_EFFICIENCY = 0.5
 # vLLM's host-side work per decode step with CUDA graphs: a few hundred microseconds.
 STEP_OVERHEAD = 0.5e-3
+# One core of the CPU host (see CPU_HOST): fp32 GEMM FLOP/s, all-gather bytes/s received.
+CPU_FLOPS = 80e9
+CPU_ALLGATHER_BW = 6.2e9
 
 
 @dataclass(frozen=True)
@@ -46,10 +49,14 @@ class GPU:
     gpus_per_node: int = 8
     step_overhead: float = STEP_OVERHEAD   # s per engine step outside the kernels
     cpus: int = 0           # cores a node's workers share (a CPU host); 0: a device per worker
+    measured: bool = False  # the rates are achieved ones already (no efficiency applied)
 
     def effective(self, hbm_efficiency: float = HBM_EFFICIENCY,
                   flops_efficiency: float = FLOPS_EFFICIENCY) -> Hardware:
-        """The rates a prediction uses: peaks times achievable fractions."""
+        """The rates a prediction uses: peaks times achievable fractions (measured rates as
+        they are)."""
+        if self.measured:
+            hbm_efficiency = flops_efficiency = 1.0
         return Hardware(
             memory_bytes=self.memory_bytes, hbm_bw=self.hbm_bw * hbm_efficiency,
             flops=self.flops * flops_efficiency, intra_bw=self.intra_bw, inter_bw=self.inter_bw,
@@ -74,6 +81,20 @@ CATALOGUE = {
 }
 
 
+# The CPU host the plugin is developed and tested on (2 cores, fp32; one worker per core), with
+# rates measured there: bandwidth, per-step overhead and hop latency fitted by `--calibrate` to
+# docs/benchmarks/decode_step_contexts.json (docs/planner.md, "Calibration"); FLOP/s and the
+# all-gather bandwidth from `benchmarks/cpu_constants.py` (one core: an fp32 GEMM of the bench
+# model's MLP shape at 64 rows; copying into and out of the shared-memory buffers an all-gather
+# goes through). A CPU engine's step policy uses it with the host's core count
+# (`runtime_hardware`); other CPUs: `vllm-kvp plan --calibrate ... --save-spec` and
+# `--kvp-device FILE.json`.
+CPU_HOST = GPU("CPU host", 24 * GB, 7.93 * GB, CPU_FLOPS, CPU_ALLGATHER_BW, CPU_ALLGATHER_BW,
+               0.113e-3, 0.113e-3, gpus_per_node=1 << 16, step_overhead=0.87e-3, cpus=2,
+               measured=True)
+CATALOGUE["cpu"] = CPU_HOST
+
+
 class GPUSpecError(ValueError):
     """An unknown GPU name or an unusable spec file; the message says which and why."""
 
@@ -89,7 +110,7 @@ def get_gpu(name: str) -> GPU:
 
 def load_gpu_spec(path: str | Path) -> GPU:
     """A GPU from a JSON object with `GPU`'s fields (SI units); `name` and the fields with defaults
-    (`gpus_per_node`, `step_overhead`, `cpus`) are optional."""
+    (`gpus_per_node`, `step_overhead`, `cpus`, `measured`) are optional."""
     try:
         spec = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -106,8 +127,11 @@ def load_gpu_spec(path: str | Path) -> GPU:
                            f"fields are {names}")
     spec.setdefault("name", Path(path).stem)
     may_be_zero = ("intra_latency", "inter_latency", "step_overhead", "cpus")
+    if not isinstance(spec.get("measured", False), bool):
+        raise GPUSpecError(f"GPU spec {path}: measured must be true or false, "
+                           f"got {spec['measured']!r}")
     for key in names[1:]:
-        if key not in spec:
+        if key not in spec or key == "measured":
             continue
         value = spec[key]
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 \
@@ -118,3 +142,21 @@ def load_gpu_spec(path: str | Path) -> GPU:
         if key in spec:
             spec[key] = int(spec[key])
     return GPU(**spec)
+
+
+def runtime_hardware(device: str | None, cuda_name: str | None, cpus: int) -> tuple[Hardware, str]:
+    """The hardware constants a KV rank's step policy predicts with, and their name. `device`:
+    `kvp.device` (a catalogue name or a spec file, as `--gpu` / `--gpu-spec`); None: the GPU
+    named `cuda_name` (the catalogue entry whose key it contains, else H100's rates), or on a CPU
+    host (`cuda_name` None) the CPU profile. `cpus`: the host's cores (CPU hosts only)."""
+    if device is not None:
+        gpu = load_gpu_spec(device) if device.endswith(".json") else get_gpu(device)
+    elif cuda_name is None:
+        gpu = CPU_HOST
+    else:
+        lowered = cuda_name.lower()
+        gpu = next((g for k, g in CATALOGUE.items() if k != "cpu" and k in lowered),
+                   CATALOGUE["h100"])
+    if gpu.cpus:
+        gpu = dataclasses.replace(gpu, cpus=max(1, cpus))
+    return gpu.effective(), gpu.name

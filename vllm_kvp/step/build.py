@@ -153,7 +153,7 @@ def build_step(cm, context: RankContext) -> Step:
         local_table, lens, block_pos = local_blocks(table, seq_lens, rank, ranks)
         routing = route_step(slots, qsl, seq_lens, rank, ranks, block_table=table)
     spans = routing.num_spanning > 0
-    kind = context.policy.kind(routing.counts, spans)
+    kind = context.policy.kind(routing.counts, spans, routing.span_counts, t)
     return Step(routing=routing, kind=kind, spans=spans, num_actual_tokens=t,
                 query_start_loc=qsl, local_block_table=local_table, shard_lens=lens,
                 block_pos=block_pos, token_pos=routing.token_pos.to(torch.int32),

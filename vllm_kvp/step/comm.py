@@ -64,6 +64,17 @@ def destroy_kvp_group() -> None:
         _KVP_GROUP = None
 
 
+def agree(obj):
+    """World rank 0's `obj` on every worker (a small picklable value, over the CPU group): what
+    every rank and pipeline stage must decide alike."""
+    from vllm.distributed.parallel_state import get_world_group
+
+    world = get_world_group()
+    if world.world_size == 1:
+        return obj
+    return world.broadcast_object(obj, src=0)
+
+
 def kvp_rank() -> int:
     return 0 if _KVP_GROUP is None else _KVP_GROUP.rank_in_group
 
