@@ -2,10 +2,11 @@
 
 The bench-size model (4 layers, hidden 1024: every projection of its layers is >= 4 MiB in fp32,
 so all of them split by columns in shared steps) runs prompts in several prefill chunks and then
-decodes, with 2 KV ranks in both placements. Each rank logs every step it ran (kind, tokens owned
-per rank, tokens) and counts the bytes it sent per exchange kind. From the model's config.json
-alone and the CPU host's constants, the cost model (the planner's) must give each logged step the
-kind the runtime gave it, and its exchanges summed over the steps must equal the counters: collectives and bytes, per kind.
+decodes, with 2 KV ranks: placement "auto" stripes the long prompts and keeps the short one on one
+rank. Each rank logs every step it ran (kind, tokens owned per rank, tokens) and counts the bytes
+it sent per exchange kind. From the model's config.json alone and the CPU host's constants, the
+cost model (the planner's) must give each logged step the kind the runtime gave it, and its
+exchanges summed over the steps must equal the counters: collectives and bytes, per kind.
 """
 
 import dataclasses
@@ -20,7 +21,7 @@ from vllm_kvp.planner.gpus import runtime_hardware
 from vllm_kvp import step_policy
 from vllm_kvp.model import build_default_model
 from vllm_kvp.planner.command import load_model
-from vllm_kvp.step_policy import EXCHANGE_KINDS, LOCAL, ROUTED, SHARED
+from vllm_kvp.step_policy import EXCHANGE_KINDS, ROUTED, SHARED
 
 pytestmark = pytest.mark.e2e
 
@@ -32,18 +33,19 @@ def bench_model(tmp_path_factory):
     return str(build_default_model(tmp_path_factory.mktemp("bench") / "bench", size="bench"))
 
 
-@pytest.mark.parametrize("placement", ["striped", "onboard"])
-def test_predicted_exchanges_equal_the_counters(bench_model, placement):
-    kvp = {"size": 2, "placement": placement, "max_tokens_per_rank": 256}
-    # 600-token prompts in chunks of at most 256 tokens: routed chunks spread over both ranks
-    # (striped), one-owner chunks (onboard), small decode steps.
-    with engine(bench_model, kvp=kvp, max_model_len=1024, max_num_batched_tokens=256,
+def test_predicted_exchanges_equal_the_counters(bench_model):
+    # Placement "auto": the two long prompts striped (their 512-token chunks spread over both
+    # ranks: routed), the short one on one rank (its chunk has one owner); then small decode
+    # steps. One engine covers both placements' kinds of step.
+    kvp = {"size": 2, "placement": "auto", "stripe_min_tokens": 400, "max_tokens_per_rank": 256}
+    with engine(bench_model, kvp=kvp, max_model_len=1024, max_num_batched_tokens=512,
                 max_num_seqs=4) as llm:
-        generate(llm, random_prompts([600, 420, 90], 4096, seed=5), 6)
+        out = generate(llm, random_prompts([600, 420, 90], 4096, seed=5), 6)
         stats = llm.collective_rpc("kvp_stats")
+    assert [len(r) for r in out.kvp_ranks] == [2, 2, 1]
 
     shape = dataclasses.replace(load_model(bench_model), dtype_bytes=4)  # run in float32
-    layout = cm.Layout(kvp=2, placement=placement)
+    layout = cm.Layout(kvp=2)
     hardware, _ = runtime_hardware(None, None, os.cpu_count())  # what the workers used
     policy = cm.policy(shape, layout, CPU_SPLIT_MIN, hw=hardware, out_bytes=cm.CPU_PARTIAL_BYTES)
     assert policy.costs is not None
@@ -67,4 +69,4 @@ def test_predicted_exchanges_equal_the_counters(bench_model, placement):
         assert rank["exchanges"] == sum(n for n, _ in want.values())
         assert rank["split_linear_calls"] == want["column"][0]
     # Decode steps are shared; striped prefill chunks are routed (every rank owns half).
-    assert SHARED in kinds and (ROUTED in kinds or placement != "striped")
+    assert SHARED in kinds and ROUTED in kinds

@@ -29,8 +29,10 @@ HBM_EFFICIENCY = 0.8
 FLOPS_EFFICIENCY = 0.5
 # vLLM's host-side work per decode step with CUDA graphs: a few hundred microseconds.
 STEP_OVERHEAD = 0.5e-3
-# One core of the CPU host (see CPU_HOST): fp32 GEMM FLOP/s, all-gather bytes/s received.
-CPU_FLOPS = 80e9
+# The CPU host (see CPU_HOST): weight bytes/s and fp32 FLOP/s of a decode step, all-gather
+# bytes/s received.
+CPU_WEIGHT_BW = 31.8e9
+CPU_FLOPS = 138e9
 CPU_ALLGATHER_BW = 6.2e9
 
 
@@ -82,14 +84,15 @@ CATALOGUE = {
 
 
 # The CPU host the plugin is developed and tested on (2 cores, fp32; one worker per core), with
-# rates measured there: bandwidth, per-step overhead and hop latency fitted by `--calibrate` to
-# docs/benchmarks/decode_step_contexts.json (docs/planner.md, "Calibration"); FLOP/s and the
-# all-gather bandwidth from `benchmarks/cpu_constants.py` (one core: an fp32 GEMM of the bench
-# model's MLP shape at 64 rows; copying into and out of the shared-memory buffers an all-gather
-# goes through). A CPU engine's step policy uses it with the host's core count
-# (`runtime_hardware`); other CPUs: `vllm-kvp plan --calibrate ... --save-spec` and
-# `--kvp-device FILE.json`.
-CPU_HOST = GPU("CPU host", 24 * GB, 7.93 * GB, CPU_FLOPS, CPU_ALLGATHER_BW, CPU_ALLGATHER_BW,
+# rates measured there. The weights' streaming rate and FLOP/s are fitted to decode steps kept on
+# their owners and shared (`benchmarks/step_kinds.py`, docs/benchmarks/step_kinds/: on the cost
+# model's own terms, so the FLOP/s is one core's stretched by core sharing, and reading weights
+# mostly hides behind the GEMMs); per-step overhead and hop latency are the decode calibration's
+# (`--calibrate` on docs/benchmarks/decode_step_contexts.json, docs/planner.md); the all-gather
+# rate is `benchmarks/cpu_constants.py`'s (two copies per byte received). A CPU engine's step
+# policy uses it with the host's core count (`runtime_hardware`); other CPUs: fit your own and
+# pass it as `--kvp-device FILE.json` (`vllm-kvp plan --calibrate ... --save-spec` writes one).
+CPU_HOST = GPU("CPU host", 24 * GB, CPU_WEIGHT_BW, CPU_FLOPS, CPU_ALLGATHER_BW, CPU_ALLGATHER_BW,
                0.113e-3, 0.113e-3, gpus_per_node=1 << 16, step_overhead=0.87e-3, cpus=2,
                measured=True)
 CATALOGUE["cpu"] = CPU_HOST
