@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Rates of one core of this CPU host that the step policy's cost model needs and the decode
-calibration cannot give: FP32 GEMM FLOP/s and the bandwidth of an all-gather's copies.
+"""Rates of one core of this CPU host for the step policy's cost model: FP32 GEMM FLOP/s and the
+bandwidth of an all-gather's copies.
 
     python benchmarks/cpu_constants.py [--out docs/benchmarks/cpu_constants.json]
 
 - flops: a [rows x 1024] @ [1024 x 8192] fp32 matmul (the bench model's gate/up projection) on
-  one thread, rows = 64..512; the median FLOP/s of the largest sizes (compute-bound).
+  one thread, rows = 64..512 (decode batches to prefill chunks); the median FLOP/s. A cross-check
+  of the rate `benchmarks/step_kinds.py` fits to whole decode steps (which the profile uses: it
+  also carries the core sharing the cost model stretches work by).
 - allgather_bw: bytes received per second by one rank of a 2-rank all-gather on shared memory,
   modelled as what it does: the sender copies its slice into a shared buffer and the receiver
   copies it out (two copies per byte received, measured on one thread with buffers larger than
-  the caches).
-Run on a quiet machine, pinned to one core (`taskset -c 1`). `vllm_kvp/planner/gpus.py`
-(`CPU_FLOPS`, `CPU_ALLGATHER_BW`) holds the figures of the host the plugin is tested on.
+  the caches). `vllm_kvp/planner/gpus.py` (`CPU_ALLGATHER_BW`) holds this host's figure.
+Run on a quiet machine, pinned to one core (`taskset -c 1`).
 """
 
 from __future__ import annotations
