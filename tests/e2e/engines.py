@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import random
-import threading
 from dataclasses import dataclass
 
 from vllm_kvp.inspect import rank_span
@@ -29,11 +28,7 @@ class Result:
 
 
 @contextlib.contextmanager
-def engine(model: str, kvp: dict | None = None, wait_for_exit: bool = False, **kwargs):
-    """A vLLM engine for the `with` block. Its processes are stopped in the background when the
-    block ends (vLLM's shutdown waits about 5 s for them to exit, mostly idle: over the suite's
-    ~60 engines that is minutes the next test can use); `wait_for_exit` waits, for tests that
-    tear down what the engine runs on (a Ray cluster)."""
+def engine(model: str, kvp: dict | None = None, **kwargs):
     from vllm import LLM
 
     config = {**BASE_ENGINE, **kwargs}
@@ -43,11 +38,7 @@ def engine(model: str, kvp: dict | None = None, wait_for_exit: bool = False, **k
     try:
         yield llm
     finally:
-        closing = threading.Thread(target=llm.llm_engine.engine_core.shutdown,
-                                   name="engine-shutdown")  # not a daemon: exit waits for it
-        closing.start()
-        if wait_for_exit:
-            closing.join()
+        llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
 

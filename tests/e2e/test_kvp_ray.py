@@ -61,7 +61,7 @@ def test_kvp_over_two_ray_nodes(model_path, two_node_cluster):
     with engine(model_path, **ENGINE) as llm:
         reference = generate(llm, prompts, 32)
     with engine(model_path, kvp={"size": 2, "max_tokens_per_rank": 256},
-                distributed_executor_backend="ray", wait_for_exit=True, **ENGINE) as llm:
+                distributed_executor_backend="ray", **ENGINE) as llm:
         got = generate(llm, prompts, 32)
         placement = llm.collective_rpc(_node_and_rank)
         undisturbed = step_to_completion(llm, prompts, 32)
