@@ -1,6 +1,6 @@
 """Owner computes end to end: each token runs on the KV rank that owns its slot, exactly.
 
-- a 40k-token prompt gives the tokens of one plain worker with 2 `striped` and 3 `onboard` ranks:
+- a 32k-token prompt gives the tokens of one plain worker with 2 `striped` and 3 `onboard` ranks:
   long-context exactness (fp32 sums over tens of thousands of keys in another order);
 - with `striped`, a 4k-token prefill is split evenly over the ranks, and over a run every token
   is computed exactly once (the sum over ranks of `tokens_computed` is the tokens processed);
@@ -16,7 +16,7 @@ from engines import assert_same_generation, engine, generate, random_prompts
 
 pytestmark = pytest.mark.e2e
 
-LONG = 40_000
+LONG = 32_000
 MAX_TOKENS = 8
 ENGINE = dict(max_model_len=LONG + 64, max_num_batched_tokens=8192)
 BLOCK = 128  # vLLM's CPU block size
@@ -44,7 +44,7 @@ def test_long_context_striped_and_even_prefill_split(model_path, long_prompt, re
         mid = _computed(llm)
         generate(llm, random_prompts([4096], 4096, seed=12), 1)
         after = _computed(llm)
-    assert_same_generation(reference, got, "40k tokens, kvp=2 striped")
+    assert_same_generation(reference, got, "32k tokens, kvp=2 striped")
     assert sorted(got.kvp_ranks[0]) == [0, 1]
     run = [m - b for m, b in zip(mid, before)]
     assert sum(run) == LONG + MAX_TOKENS - 1, f"each token computed once: {run}"
@@ -54,12 +54,12 @@ def test_long_context_striped_and_even_prefill_split(model_path, long_prompt, re
 
 
 def test_long_context_onboard_three_ranks(model_path, long_prompt, reference):
-    kvp = {"size": 3, "placement": "onboard", "max_tokens_per_rank": 16_384}
+    kvp = {"size": 3, "placement": "onboard", "max_tokens_per_rank": 12_288}
     with engine(model_path, kvp=kvp, **ENGINE) as llm:
         before = _computed(llm)
         got = generate(llm, long_prompt, MAX_TOKENS)
         after = _computed(llm)
-    assert_same_generation(reference, got, "40k tokens, kvp=3 onboard")
+    assert_same_generation(reference, got, "32k tokens, kvp=3 onboard")
     assert got.kvp_ranks[0] is not None and len(got.kvp_ranks[0]) == 3
     run = [a - b for a, b in zip(after, before)]
     assert sum(run) == LONG + MAX_TOKENS - 1

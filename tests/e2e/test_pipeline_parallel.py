@@ -12,7 +12,8 @@ import signal
 import psutil
 import pytest
 
-from engines import assert_same_generation, engine, generate, random_prompts, step_to_completion
+from engines import (assert_same_generation, engine, engine_workers, generate, random_prompts,
+                     step_to_completion)
 from vllm_kvp.engine import settings as layout
 
 pytestmark = pytest.mark.e2e
@@ -93,16 +94,23 @@ def test_kv_ranks_x_pipeline_onboard(onboard_pipeline, prompts, reference):
 
 
 def _stage_workers(stage: int) -> list[psutil.Process]:
-    title = f"Worker_PP{stage}"
-    return [p for p in psutil.Process().children(recursive=True)
-            if any(title in part for part in p.cmdline())]
+    """The running engine's workers of pipeline stage `stage` (engines stopped earlier may still
+    be exiting beside it)."""
+    title, out = f"Worker_PP{stage}", []
+    for p in engine_workers():
+        try:
+            if any(title in part for part in p.cmdline()):
+                out.append(p)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return out
 
 
 def test_dead_stage_restarts_and_requests_complete(onboard_pipeline, prompts, reference):
     """Kill one last-stage worker mid-decode: its KV rank is lost with it, the engine restarts
     all four workers and every request completes with the tokens of one plain worker."""
     victims = _stage_workers(1)
-    assert len(victims) == 2, [p.cmdline() for p in psutil.Process().children(recursive=True)]
+    assert len(victims) == 2, [p.pid for p in engine_workers()]
     got = step_to_completion(onboard_pipeline, prompts, MAX_TOKENS,
                              kill=lambda: os.kill(victims[0].pid, signal.SIGKILL))
     assert got == reference.token_ids
