@@ -264,9 +264,7 @@ class RankPlacement:
 
     def commit(self, req_id: str, ranks: list[int]) -> None:
         """Record that the request was given one block on each of `ranks`, in order."""
-        st = self._reqs.get(req_id)
-        if st is None:
-            st = self._reqs[req_id] = _ReqState(striped=self.policy == "striped")
+        st = self._state(req_id)
         if st.striped and st.offset is None and ranks:
             st.offset = (ranks[0] - st.num_blocks) % self.num_ranks
         for r in ranks:
@@ -276,10 +274,14 @@ class RankPlacement:
     def add_existing(self, req_id: str, rank: int) -> None:
         """A block the request got without choose() (a prefix-cache hit) on `rank`. It counts
         toward the request's usage of that rank, and a new rank becomes its newest rank."""
+        self._add_block(req_id, self._state(req_id), rank)
+
+    def _state(self, req_id: str) -> _ReqState:
+        """The request's state; a request not admitted gets the policy's own layout."""
         st = self._reqs.get(req_id)
         if st is None:
             st = self._reqs[req_id] = _ReqState(striped=self.policy == "striped")
-        self._add_block(req_id, st, rank)
+        return st
 
     def _add_block(self, req_id: str, st: _ReqState, rank: int) -> None:
         if not isinstance(rank, int) or not 0 <= rank < self.num_ranks:
