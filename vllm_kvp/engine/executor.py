@@ -14,6 +14,7 @@ import logging
 from vllm.v1.executor.multiproc_executor import MultiprocExecutor
 
 from vllm_kvp.config import kvp_config
+from vllm_kvp.engine import process_exit
 from vllm_kvp.engine.restart import RestartingExecutorMixin
 from vllm_kvp.engine.settings import ensure_cpu_thread_binding
 from vllm_kvp.engine.vllm_compat import ExecutorHooks, shrink_to_rank_share
@@ -28,6 +29,7 @@ class KVPMixin(ExecutorHooks):
     """Shared by the executors: world-size override and pooled KV-cache sizing."""
 
     def _setup_kvp(self) -> None:
+        process_exit.skip_final_collection()  # the engine core process, when it is one
         self.kvp = kvp_config(self.vllm_config)
         pc = self.vllm_config.parallel_config
         replica = pc.tensor_parallel_size * pc.pipeline_parallel_size * pc.prefill_context_parallel_size

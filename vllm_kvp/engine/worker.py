@@ -20,7 +20,7 @@ from vllm.platforms import current_platform
 
 from vllm_kvp import step
 from vllm_kvp.config import KVPConfig, kvp_config
-from vllm_kvp.engine import vllm_compat
+from vllm_kvp.engine import process_exit, vllm_compat
 from vllm_kvp.engine.runner import install_owner_computes
 from vllm_kvp.rank_map import RankMap
 from vllm_kvp.step import comm, split_linear
@@ -93,6 +93,7 @@ def device_hardware(kvp: KVPConfig, cuda: bool):
 
 class KVPWorker(_base_worker()):
     def init_device(self) -> None:
+        process_exit.skip_final_collection()
         register_kvp_backend()
         super().init_device()
         kvp = kvp_config(self.vllm_config)
