@@ -27,19 +27,56 @@ class Result:
     kvp_rank_starts: list[list[int] | None]  # first token each of those ranks held
 
 
+_PARALLEL = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size",
+             "distributed_executor_backend")
+
+
 @contextlib.contextmanager
-def engine(model: str, kvp: dict | None = None, **kwargs):
+def engine(model: str, kvp: dict | None = None, in_process: bool | None = None, **kwargs):
+    """An offline engine. `in_process` (default: for a plain single-worker engine, the references
+    most tests compare with) runs vLLM's engine core and its one worker in the test process: the
+    same model code and kernels, without two process start-ups of ~7 s each (imports) and ~5 s of
+    shutdown. KVP engines, and tests about processes, run as users run them."""
     from vllm import LLM
 
     config = {**BASE_ENGINE, **kwargs}
     if kvp is not None:
         config["additional_config"] = {"kvp": kvp}
-    llm = LLM(model=model, **config)
+    if in_process is None:
+        in_process = kvp is None and not any(config.get(k) not in (None, 1) for k in _PARALLEL)
+    with _in_process(in_process):
+        llm = LLM(model=model, **config)
+        try:
+            yield llm
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+            gc.collect()
+
+
+@contextlib.contextmanager
+def _in_process(enabled: bool):
+    if not enabled:
+        yield
+        return
+    import os
+
+    import vllm.envs as envs
+
+    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    envs.disable_envs_cache()
     try:
-        yield llm
+        yield
     finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+        if old is None:
+            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+        else:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
+        # The engine core caches vLLM's environment and freezes the heap it started with (the
+        # model and its KV cache among it) in whatever process it runs in: undo both here.
+        envs.disable_envs_cache()
+        gc.unfreeze()
         gc.collect()
 
 

@@ -50,7 +50,7 @@ def reference(model_path, prompt):
 
 def test_one_rank_refuses(model_path, capfd):
     with pytest.raises(Exception):
-        with engine(model_path, num_gpu_blocks_override=P, **ENGINE):
+        with engine(model_path, num_gpu_blocks_override=P, in_process=False, **ENGINE):
             pass
     err = capfd.readouterr().err
     assert "max_model_len" in err or "max seq len" in err, err[-3000:]

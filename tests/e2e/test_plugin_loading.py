@@ -64,7 +64,7 @@ def plugin_on(model_path, tmp_path_factory):
     # insecure serialization: collective_rpc ships a function to the workers
     with env(VLLM_KVP_REGISTER_LOG=str(log), VLLM_PLUGINS=None,
              VLLM_ALLOW_INSECURE_SERIALIZATION="1"):
-        with engine(model_path, **ENGINE) as llm:
+        with engine(model_path, in_process=False, **ENGINE) as llm:
             core, workers = _processes(llm)
             result = generate(llm, _prompts(), MAX_TOKENS)
     return dict(log=_logged(log), core=core, workers=workers, result=result)
@@ -107,7 +107,7 @@ def test_no_kvp_config_gives_the_tokens_of_plugin_disabled(model_path, plugin_on
     # VLLM_PLUGINS is a comma-separated allow list; "" allows only a plugin named "", i.e. none.
     with env(VLLM_KVP_REGISTER_LOG=str(log), VLLM_PLUGINS="",
              VLLM_ALLOW_INSECURE_SERIALIZATION="1"):
-        with engine(model_path, **ENGINE) as llm:
+        with engine(model_path, in_process=False, **ENGINE) as llm:
             core, workers = _processes(llm)
             result = generate(llm, _prompts(), MAX_TOKENS)
     assert _logged(log) == [], "the plugin registered although VLLM_PLUGINS disabled it"
