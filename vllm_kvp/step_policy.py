@@ -18,7 +18,10 @@ Step kinds (under owner computes every token is computed by the rank that owns i
       computes 1/N of its output columns for all rows and gathers the columns.
 Whatever the kind, the final hidden states of the owners' rows are all-gathered once per step (on
 the last pipeline stage): every rank samples (vLLM keeps each request's output tokens in every
-worker's input batch) and must sample from the same bits.
+worker's input batch) and must sample from the same bits. The logits are then computed from those
+bits, whatever the kind, either whole on every rank or split by vocab columns (each rank 1/N of
+the lm_head, one more all-gather), whichever the costs predict faster for their rows
+(`split_logits`).
 
 Which kind: the cost model's prediction (`StepCosts`, built by `planner.cost_model.step_costs`
 from the model's shape and the hardware's calibrated constants) of the step on its owners (local,
@@ -41,8 +44,8 @@ from typing import Sequence
 LOCAL, ROUTED, SHARED = "local", "routed", "shared"
 STEP_KINDS = (LOCAL, ROUTED, SHARED)
 # Exchange kinds, the names of their byte counters in `kvp_stats()` (`<kind>_bytes`).
-QUERIES, PARTIALS, HIDDEN, COLUMNS = "query", "partial", "hidden", "column"
-EXCHANGE_KINDS = (QUERIES, PARTIALS, HIDDEN, COLUMNS)
+QUERIES, PARTIALS, HIDDEN, COLUMNS, LOGITS = "query", "partial", "hidden", "column", "logits"
+EXCHANGE_KINDS = (QUERIES, PARTIALS, HIDDEN, COLUMNS, LOGITS)
 FIXED_STEP_TOKENS = 128  # the fixed rule's small-step limit (no cost model, or none readable)
 LSE_BYTES = 4  # LSEs always travel as float32 (a bf16 LSE would shift merge weights by ~0.4%)
 
@@ -54,13 +57,28 @@ class StepPolicy:
     the model config, so every pipeline stage and rank agrees); costs: the cost model's step
     times (`StepCosts`), from which a step's kind is chosen; split_step_tokens: None, or the fixed
     rule instead of the costs (steps of at most this many tokens shared when there are split
-    layers; also the rule when the model's shape is unknown, with 128)."""
+    layers; also the rule when the model's shape is unknown, with 128); logits_width: vocab
+    columns of the lm_head (per TP rank) when it is large enough to split (0: never split, see
+    `split_logits`)."""
 
     world: int
     share_steps: bool = True
     split_layers: bool = False
     split_step_tokens: int | None = None
     costs: "StepCosts | None" = None
+    logits_width: int = 0
+
+    def split_logits(self, rows: int) -> bool:
+        """Whether the logits of `rows` hidden states are computed split by vocab columns over
+        the KV ranks (each rank 1/N of the lm_head's columns, then one all-gather) rather than
+        whole on every rank. Every rank holds the same final hidden states whatever the step's
+        kind, so this is independent of it. By the costs: when reading and multiplying
+        (N - 1)/N of the lm_head costs more than the gather of the logits (a batch-1 decode of a
+        small vocabulary keeps it whole); without costs the head stays whole."""
+        if not (self.share_steps and self.logits_width and self.world > 1 and rows > 0
+                and self.costs is not None):
+            return False
+        return self.costs.logits_seconds(rows, True) < self.costs.logits_seconds(rows, False)
 
     def kind(self, counts: Sequence[int], spans: bool = True,
              span_counts: Sequence[int] | None = None, tokens: int | None = None) -> str:
@@ -142,7 +160,8 @@ class StepCosts:
     weight_s: reading every weight of the stage once; split_weight_s: the split layers' share of
     it; row_s: the dense FLOPs of one row; split_row_s: the split layers' share of it; sharing:
     how much longer work takes with the cores shared (`cost_model.core_sharing`; 1 on GPUs);
-    hop_s: latency of one hop of a collective; byte_s: seconds per byte received."""
+    hop_s: latency of one hop of a collective; byte_s: seconds per byte received;
+    logits_weight_s, logits_row_s: reading the lm_head once, and its FLOPs for one row."""
 
     world: int
     shape: "ExchangeShape"
@@ -153,6 +172,18 @@ class StepCosts:
     sharing: float = 1.0
     hop_s: float = 0.0
     byte_s: float = 0.0
+    logits_weight_s: float = 0.0
+    logits_row_s: float = 0.0
+
+    def logits_seconds(self, rows: int, split: bool) -> float:
+        """The logits of `rows` hidden states on one rank: the whole lm_head, or 1/N of its
+        columns and a ring all-gather of everyone's."""
+        work = self.sharing * (self.logits_weight_s + rows * self.logits_row_s)
+        if not split:
+            return work
+        n = self.world
+        sent = rows * math.ceil(self.shape.logits_width / n) * self.shape.act_bytes
+        return work / n + (n - 1) * (self.hop_s + sent * self.byte_s)
 
     def seconds(self, kind: str, counts: Sequence[int], span_counts: Sequence[int] | None,
                 tokens: int) -> float:
@@ -181,7 +212,8 @@ class ExchangeShape:
     of a partial output element on the wire (`ops.partials.wire_dtype`: float32 on CPU, the
     attention dtype on GPU); attn_layers: attention layers on this pipeline stage; split_widths:
     output features of each split linear layer call of one forward on this stage, in order;
-    last_stage: this stage returns the final hidden states."""
+    last_stage: this stage returns the final hidden states; logits_width: vocab columns of the
+    lm_head per TP rank when it splits over the KV ranks (0: it never does)."""
 
     heads: int
     head_dim: int
@@ -191,6 +223,7 @@ class ExchangeShape:
     attn_layers: int
     split_widths: tuple[int, ...] = ()
     last_stage: bool = True
+    logits_width: int = 0
 
     @property
     def partial_row_bytes(self) -> int:
@@ -204,12 +237,15 @@ def row_span(counts: Sequence[int]) -> int:
 
 
 def exchanges(kind: str, counts: Sequence[int], tokens: int, shape: ExchangeShape,
-              world: int, span_counts: Sequence[int] | None = None) -> dict[str, tuple[int, int]]:
+              world: int, span_counts: Sequence[int] | None = None,
+              logits_rows: Sequence[int] = ()) -> dict[str, tuple[int, int]]:
     """The KVP collectives of one step on one rank, by exchange kind: (collectives, bytes this
     rank sends into them). `tokens`: the step's T tokens; `counts`: tokens each rank owns;
     `span_counts`: of those, the tokens of requests spanning ranks (None: all of them). A routed
     step exchanges the queries and partials of spanning tokens only; a shared step the partials
-    of all T. Nothing is exchanged with one KV rank."""
+    of all T. `logits_rows`: the rows of each logits computation of the step that was split by
+    vocab columns (`StepPolicy.split_logits`), one gather each. Nothing is exchanged with one KV
+    rank."""
     if world < 2:
         return {}
     span_counts = counts if span_counts is None else span_counts
@@ -228,4 +264,7 @@ def exchanges(kind: str, counts: Sequence[int], tokens: int, shape: ExchangeShap
             out[COLUMNS] = (len(shape.split_widths), sent)
     if shape.last_stage:
         out[HIDDEN] = (1, t_max * shape.hidden * shape.act_bytes)
+        if logits_rows and shape.logits_width:
+            width = math.ceil(shape.logits_width / world)
+            out[LOGITS] = (len(logits_rows), sum(logits_rows) * width * shape.act_bytes)
     return out

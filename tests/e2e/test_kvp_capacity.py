@@ -94,10 +94,11 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     # padded to the largest.
     steps = [a["step_log"][len(b["step_log"]):] for a, b in zip(after, before)]
     assert [k for k, *_ in steps[0]] == [k for k, *_ in steps[1]]  # every rank: the same kinds
-    spanning = sum(tokens for kind, _, _, tokens in steps[0] if kind != "local")
+    spanning = sum(tokens for kind, _, _, tokens, _ in steps[0] if kind != "local")
     assert any(kind == "local" for kind, *_ in steps[0]) and spanning >= MAX_TOKENS - 1
     diff = {k: [a[k] - b[k] for a, b in zip(after, before)]
-            for k in ("exchanged_bytes", "query_bytes", "partial_bytes", "hidden_bytes")}
+            for k in ("exchanged_bytes", "query_bytes", "partial_bytes", "hidden_bytes",
+                      "logits_bytes")}
     hidden_size = _hidden_size(model_path)
     assert diff["partial_bytes"] == [spanning * layers * q_heads * (head_dim + 1) * 4] * 2
     query_rows = [q // (layers * q_heads * head_dim * 4) for q in diff["query_bytes"]]
@@ -108,5 +109,7 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     # crosses from one rank to the next.
     assert all(q <= h - (MAX_TOKENS - 1)
                for q, h in zip(query_rows, hidden_rows)), (query_rows, hidden_rows)
+    # (one request: its logits are one row a step, which the CPU host's costs keep whole)
+    assert diff["logits_bytes"] == [0, 0]
     assert sent == [q + p + h for q, p, h in zip(diff["query_bytes"], diff["partial_bytes"],
                                                  diff["hidden_bytes"])]

@@ -52,21 +52,30 @@ def test_predicted_exchanges_equal_the_counters(bench_model):
     exchange_shape = cm.exchange_shape(shape, layout, CPU_SPLIT_MIN, cm.CPU_PARTIAL_BYTES)
     assert policy.split_layers and len(exchange_shape.split_widths) == 4 * 4
     kinds = set()
+    # The lm_head (4096 x 1024, 16 MiB) splits by vocab columns even for one row here: the logits
+    # of every sampled token (3 requests x 6) were split.
+    assert exchange_shape.logits_width == 4096 and policy.split_logits(1)
     for rank in stats:
+        split_rows = 0
         log = rank["step_log"]
         assert 0 < len(log) == sum(rank["steps"].values())
         want = {k: [0, 0] for k in EXCHANGE_KINDS}
-        for kind, counts, span_counts, tokens in log:
+        for kind, counts, span_counts, tokens, logits_rows in log:
             assert policy.kind(counts, sum(span_counts) > 0, span_counts, tokens) == kind, (
                 kind, counts, span_counts, tokens)
+            assert all(policy.split_logits(r) for r in logits_rows)
             kinds.add(kind)
+            split_rows += sum(logits_rows)
             for name, (n, nbytes) in step_policy.exchanges(kind, counts, tokens, exchange_shape,
-                                                           2, span_counts).items():
+                                                           2, span_counts, logits_rows).items():
                 want[name][0] += n
                 want[name][1] += nbytes
         assert {k: rank[f"{k}_bytes"] for k in EXCHANGE_KINDS} == {k: b for k, (_, b) in
                                                                    want.items()}
         assert rank["exchanges"] == sum(n for n, _ in want.values())
         assert rank["split_linear_calls"] == want["column"][0]
+        # vLLM also computes (and drops) a row of logits for a prompt chunk that does not end its
+        # prompt: at most one per prompt here (each is at most two 512-token chunks).
+        assert 3 * 6 <= split_rows <= 3 * 6 + 3, split_rows
     # Decode steps are shared; striped prefill chunks are routed (every rank owns half).
     assert SHARED in kinds and ROUTED in kinds

@@ -48,13 +48,14 @@ def test_assemble_refuses_a_rank_count_mismatch():
         assemble_columns(torch.zeros(3, 2, 4), column_bounds(8, 2))
 
 
-def _vllm_cpu_kernel(weight):
-    """A module carrying vLLM's CPU kernel for `weight`, built as vLLM builds a linear layer's."""
+def _vllm_cpu_kernel(weight, remove_weight=True):
+    """A module carrying vLLM's CPU kernel for `weight`, built as vLLM builds a linear layer's
+    (an lm_head's keeps its weight: `remove_weight=False`)."""
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     m = torch.nn.Module()
     m.weight = torch.nn.Parameter(weight.clone(), requires_grad=False)
-    dispatch_cpu_unquantized_gemm(m, remove_weight=True)
+    dispatch_cpu_unquantized_gemm(m, remove_weight=remove_weight)
     return m
 
 
@@ -76,4 +77,23 @@ def test_vllm_cpu_kernel_on_a_column_slice_is_bit_identical(dtype, out_features,
         ref = whole.cpu_linear(x, whole.weight, bias)
         got = torch.cat([s.cpu_linear(x, s.weight, bias[lo:hi])
                          for s, lo, hi in zip(slices, bounds, bounds[1:])], dim=1)
+        assert torch.equal(got, ref), f"{rows} rows: max diff {(got - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("vocab,hidden,world", [(4096, 256, 2), (4096, 1024, 3), (32064, 512, 4)])
+def test_vllm_cpu_kernel_on_a_vocab_slice_of_the_lm_head_is_bit_identical(vocab, hidden, world):
+    """What `split_linear.install_logits` relies on: each rank's vocab columns of the logits,
+    from vLLM's kernel built for its rows of the head (weight kept, as vLLM keeps an lm_head's),
+    are exactly those columns of the whole head's logits."""
+    torch.manual_seed(vocab + hidden)
+    w = torch.randn(vocab, hidden) / hidden ** 0.5
+    whole = _vllm_cpu_kernel(w, remove_weight=False)
+    bounds = column_bounds(vocab, world)
+    slices = [_vllm_cpu_kernel(w[lo:hi], remove_weight=False) for lo, hi in zip(bounds, bounds[1:])]
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, hidden)
+        ref = whole.cpu_linear(x, whole.weight, None)
+        widest = max(hi - lo for lo, hi in zip(bounds, bounds[1:]))
+        parts = [pad_columns(s.cpu_linear(x, s.weight, None), widest) for s in slices]
+        got = assemble_columns(torch.stack(parts), bounds)
         assert torch.equal(got, ref), f"{rows} rows: max diff {(got - ref).abs().max()}"

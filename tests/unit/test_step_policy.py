@@ -1,12 +1,13 @@
 """The step policy: which steps are shared, and the exchanges a step issues (pure Python)."""
 
+import dataclasses
 import math
 
 import pytest
 
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.step_policy import (COLUMNS, HIDDEN, LOCAL, PARTIALS, QUERIES, ROUTED, SHARED,
-                                  ExchangeShape, StepPolicy, exchanges)
+from vllm_kvp.step_policy import (COLUMNS, HIDDEN, LOCAL, LOGITS, PARTIALS, QUERIES, ROUTED,
+                                  SHARED, ExchangeShape, StepPolicy, exchanges)
 
 
 @pytest.mark.parametrize("counts,split,tokens,want", [
@@ -197,3 +198,50 @@ def test_runtime_hardware():
     hw, name = runtime_hardware("b200", "NVIDIA H100", 8)
     assert name == CATALOGUE["b200"].name and hw.cpus == 0
     assert hw.hbm_bw == CATALOGUE["b200"].hbm_bw * 0.8  # a datasheet rate: its achieved share
+
+
+# ---- the lm_head split by vocab columns ----------------------------------------------------------
+
+def _hand_logits_seconds(rows, split, hw, world, cpus=2):
+    """The bench model's lm_head (4096 x 1024, fp32) on one rank: read and multiply all of it, or
+    1/N of it and a ring all-gather of every rank's (rows x 2048)-column slice."""
+    head = 4096 * 1024
+    work = max(1.0, (world + 1) / cpus) * (head * 4 / hw.hbm_bw + rows * 2 * head / hw.flops)
+    if not split:
+        return work
+    gather = (world - 1) * (hw.intra_latency + rows * math.ceil(4096 / world) * 4 / hw.intra_bw)
+    return work / world + gather
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_the_lm_head_splits_when_its_saving_beats_the_gather(world):
+    policy, hw = _bench_policy(world)
+    assert policy.logits_width == 4096  # 16 MiB of fp32 head, over the 4 MiB split threshold
+    for rows in (1, 2, 16, 64, 512):
+        want = (_hand_logits_seconds(rows, True, hw, world)
+                < _hand_logits_seconds(rows, False, hw, world))
+        assert policy.split_logits(rows) == want, rows
+    assert policy.split_logits(16)  # a decode batch: 1/N of a 16 MiB head saves more than a gather
+    assert not policy.split_logits(0)
+    sent = exchanges(SHARED, [8, 8], 16, policy.costs.shape, world, logits_rows=[16, 3])
+    assert sent[LOGITS] == (2, 19 * math.ceil(4096 / world) * 4)
+
+
+def test_a_small_lm_head_or_no_costs_keep_it_whole():
+    from vllm_kvp.model import ARCH
+    from vllm_kvp.planner import cost_model as cm
+    from vllm_kvp.planner.command import shape_from_config
+    from vllm_kvp.planner.gpus import runtime_hardware
+
+    # The embedded model's 4 MiB head (4096 x 256 fp32): at batch 1 on the CPU host the gather's
+    # latency outweighs reading half of it; a batch of decode rows pays for it.
+    shape = shape_from_config({**ARCH, "dtype": "float32"}, "tiny")
+    hw, _ = runtime_hardware(None, None, 2)
+    policy = cm.policy(shape, cm.Layout(kvp=2), 4 << 20, hw=hw, out_bytes=4)
+    assert policy.logits_width == 4096
+    assert not policy.split_logits(1) and policy.split_logits(64)
+    assert cm.policy(shape, cm.Layout(kvp=2), 8 << 20, hw=hw).logits_width == 0  # under threshold
+    fixed = StepPolicy(2, True, True, logits_width=4096)  # no costs: whole
+    assert not fixed.split_logits(64)
+    assert not dataclasses.replace(policy, share_steps=False).split_logits(64)  # step_mode owner
+    assert LOGITS not in exchanges(SHARED, [1, 0], 1, SHAPE, 2, logits_rows=[1])  # width 0

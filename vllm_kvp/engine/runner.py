@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from vllm_kvp.engine import vllm_compat
-from vllm_kvp.step import Step, comm, publish, step_of
+from vllm_kvp.step import Step, comm, publish, split_linear, step_of
 from vllm_kvp.step.stats import STATS
 from vllm_kvp.step_policy import HIDDEN
 
@@ -36,10 +36,22 @@ class KVPRunnerMixin:
         with vllm_compat.replayed_outputs(self, scheduler_output):
             return super()._update_states(scheduler_output)
 
+    def execute_model(self, *args: Any, **kwargs: Any) -> Any:
+        # vLLM computes the step's logits in here (and its prompt logprobs' in sample_tokens):
+        # the lm_head may split them over the KV ranks (`split_linear.logits_window`).
+        self._kvp_step = None
+        with split_linear.logits_window(lambda: self._kvp_step):
+            return super().execute_model(*args, **kwargs)
+
+    def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
+        with split_linear.logits_window(lambda: getattr(self, "_kvp_step", None)):
+            return super().sample_tokens(*args, **kwargs)
+
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,
                        inputs_embeds=None, **model_kwargs: Any) -> Any:
         step = step_of(vllm_compat.forward_attn_metadata())
         publish(step)
+        self._kvp_step = step
         if step is not None:
             STATS.record_step(step.kind, step.routing.counts, step.routing.span_counts,
                               step.num_tokens)

@@ -737,6 +737,41 @@ def _check_gemm() -> list[str]:
                         "self._gemm_impl(layer, x, layer.weight, bias)"))
 
 
+def head_gemm() -> Callable:
+    """The GEMM vLLM's unquantized embedding method runs for an lm_head: gemm(layer, x, weight,
+    bias)."""
+    from vllm.model_executor.layers.utils import dispatch_unquantized_gemm
+
+    return dispatch_unquantized_gemm()
+
+
+def build_cpu_gemm(module: Any) -> None:
+    """vLLM's CPU kernel for `module.weight`, left as `module.cpu_linear(x, weight, bias)` with
+    the weight kept (as vLLM builds an lm_head's)."""
+    from vllm.model_executor.layers import utils
+
+    utils.dispatch_cpu_unquantized_gemm(module, remove_weight=False)
+
+
+@_touch_point(
+    "lm_head GEMM",
+    "`LogitsProcessor._apply_head` calls `lm_head.quant_method.apply(lm_head, hidden_states, "
+    "embedding_bias)`; `UnquantizedEmbeddingMethod.apply` runs `dispatch_unquantized_gemm()(layer, "
+    "x, layer.weight, bias)` and, on CPUs, `process_weights_after_loading` keeps the weight "
+    "(`remove_weight=False`)",
+    "the lm_head splits its vocab columns over the KV ranks by standing in for its quant method, "
+    "with vLLM's own GEMM on a slice of the weight",
+    "a public hook to shard the logits computation")
+def _check_head_gemm() -> list[str]:
+    emb = "vllm.model_executor.layers.vocab_parallel_embedding"
+    return (_contains("vllm.model_executor.layers.logits_processor",
+                      "LogitsProcessor._apply_head", "lm_head.quant_method.apply(")
+            + _contains(emb, "UnquantizedEmbeddingMethod.apply",
+                        "dispatch_unquantized_gemm()(layer, x, layer.weight, bias)")
+            + _contains(emb, "UnquantizedEmbeddingMethod.process_weights_after_loading",
+                        "remove_weight=False"))
+
+
 @contextlib.contextmanager
 def wrapped_cpu_gemm_dispatch(make: Callable[[Callable], Callable]) -> Iterator[None]:
     """While active, vLLM's CPU linear layers are dispatched by `make(original)` (a function

@@ -116,6 +116,8 @@ class KVPWorker(_base_worker()):
         cuda = not current_platform.is_cpu()
         hardware, device = device_hardware(kvp, cuda)
         policy = step_policy_for(self.vllm_config, kvp, cuda, hardware)
+        # The head this rank actually split (none on other pipeline stages, or quantized).
+        policy = dataclasses.replace(policy, logits_width=getattr(self, "_kvp_logits_width", 0))
         step.configure(step.RankContext(comm.kvp_rank(), ranks, policy))
         logger.info("vllm_kvp: KV rank %d of %d, %d blocks of %d tokens; step kinds: %s",
                     comm.kvp_rank(), kvp.size, ranks.blocks_per_rank, block_size,
@@ -138,8 +140,12 @@ class KVPWorker(_base_worker()):
         with capture:
             super().load_model(*args, **kwargs)
         n = split_linear.install(self.model_runner.model, kvp.size, min_bytes, cpu)
+        self._kvp_logits_width = split_linear.install_logits(self.model_runner.model, min_bytes,
+                                                             cpu)
         logger.info("vllm_kvp: %d linear layers split by output columns over %d KV ranks in "
-                    "shared steps (weights >= %d bytes)", n, kvp.size, min_bytes)
+                    "shared steps (weights >= %d bytes); lm_head %s", n, kvp.size, min_bytes,
+                    "split by vocab columns when its rows pay for the gather"
+                    if self._kvp_logits_width else "whole")
 
     def kvp_stats(self) -> dict:
         """This rank's KV allocation and traffic (for tests, benchmarks and debugging)."""

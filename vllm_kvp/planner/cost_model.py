@@ -244,6 +244,21 @@ def split_layers(m: ModelShape, tp: int, min_bytes: int) -> list[tuple[int, int]
     return [(o, i) for o, i in layers if o * i * m.dtype_bytes >= min_bytes]
 
 
+VOCAB_PADDING = 64  # vLLM pads the lm_head's rows (the vocabulary) to a multiple of this
+
+
+def head_columns(m: ModelShape, tp: int) -> int:
+    """Vocab columns of the lm_head on one TP rank, padded as vLLM pads them."""
+    return math.ceil(math.ceil(m.vocab / VOCAB_PADDING) * VOCAB_PADDING / tp)
+
+
+def logits_width(m: ModelShape, tp: int, min_bytes: int) -> int:
+    """The lm_head's vocab columns per TP rank if it splits over the KV ranks
+    (`split_linear.install_logits`: at least `min_bytes` of weights), else 0."""
+    width = head_columns(m, tp)
+    return width if width * m.hidden * m.dtype_bytes >= min_bytes else 0
+
+
 def policy(m: ModelShape, layout: Layout, min_bytes: int, step_mode: str = "auto",
            split_step_tokens: int | None = None, hw: Hardware | None = None,
            out_bytes: int | None = None) -> StepPolicy:
@@ -254,7 +269,8 @@ def policy(m: ModelShape, layout: Layout, min_bytes: int, step_mode: str = "auto
              if hw is not None and layout.kvp > 1 else None)
     return StepPolicy(world=layout.kvp, share_steps=step_mode == "auto",
                       split_layers=bool(split_layers(m, layout.tp, min_bytes)),
-                      split_step_tokens=split_step_tokens, costs=costs)
+                      split_step_tokens=split_step_tokens, costs=costs,
+                      logits_width=logits_width(m, layout.tp, min_bytes))
 
 
 def step_costs(m: ModelShape, hw: Hardware, layout: Layout, min_bytes: int,
@@ -268,7 +284,10 @@ def step_costs(m: ModelShape, hw: Hardware, layout: Layout, min_bytes: int,
     shape = exchange_shape(m, Layout(tp=layout.tp, kvp=layout.kvp), min_bytes,
                            CPU_PARTIAL_BYTES if out_bytes is None and hw.cpus > 0 else out_bytes)
     inter = _crosses_nodes(hw, layout.gpus)
+    head = head_columns(m, layout.tp) * m.hidden
     return StepCosts(world=layout.kvp, shape=shape,
+                     logits_weight_s=head * m.dtype_bytes / hw.hbm_bw,
+                     logits_row_s=2 * head / hw.flops,
                      weight_s=whole * m.dtype_bytes / hw.hbm_bw,
                      split_weight_s=split * m.dtype_bytes / hw.hbm_bw,
                      row_s=2 * whole / hw.flops, split_row_s=2 * split / hw.flops,
@@ -287,7 +306,8 @@ def exchange_shape(m: ModelShape, layout: Layout, min_bytes: int,
     return ExchangeShape(heads=math.ceil(m.heads / layout.tp), head_dim=m.head_dim,
                          hidden=m.hidden, act_bytes=m.dtype_bytes,
                          out_bytes=m.dtype_bytes if out_bytes is None else out_bytes,
-                         attn_layers=layers, split_widths=widths)
+                         attn_layers=layers, split_widths=widths,
+                         logits_width=logits_width(m, layout.tp, min_bytes))
 
 
 def step_counts(layout: Layout, tokens: int, rows: int) -> list[int]:
@@ -301,12 +321,13 @@ def step_counts(layout: Layout, tokens: int, rows: int) -> list[int]:
 def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int | None = None,
                 step_mode: str = "auto", min_bytes: int = 32 << 20,
                 out_bytes: int | None = None, spans: bool = True,
-                hw: Hardware | None = None) -> list[tuple[int, float]]:
+                hw: Hardware | None = None, sampled: int = 0) -> list[tuple[int, float]]:
     """The all-gathers over the KVP group in one step, all layers, as (how many, bytes each rank
     sends in each). `tokens`: the step's T tokens; every rank attends all of their queries, so it
     sends partials of T. `rows`: the most tokens one rank owns (default T: one rank owns all).
     `spans`: some request of the step holds KV on more than one rank (else the step is local).
-    `hw`: the hardware whose costs choose the step's kind (None: the fixed rule).
+    `hw`: the hardware whose costs choose the step's kind (None: the fixed rule). `sampled`:
+    rows whose logits the step computes (their gather counts when the policy splits them).
 
     replicated (the first version's lockstep): the partials once per layer.
     owner: what `step_policy.exchanges` lists for the kind the step policy gives the step: the
@@ -319,10 +340,11 @@ def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int
     if mode != "owner":
         return [(m.layers, tokens * shape.partial_row_bytes)]
     counts = step_counts(layout, tokens, rows)
-    kind = policy(m, layout, min_bytes, step_mode, hw=hw, out_bytes=out_bytes).kind(
-        counts, spans, tokens=tokens)
+    pol = policy(m, layout, min_bytes, step_mode, hw=hw, out_bytes=out_bytes)
+    kind = pol.kind(counts, spans, tokens=tokens)
+    logits = [sampled] if sampled and pol.split_logits(sampled) else []
     sent = step_policy.exchanges(kind, counts, tokens, shape, layout.kvp,
-                                 None if spans else [0] * layout.kvp)
+                                 None if spans else [0] * layout.kvp, logits)
     return [(n, b / n) for n, b in sent.values() if n]
 
 
@@ -336,12 +358,12 @@ def kvp_collectives(m: ModelShape, layout: Layout, tokens: int, mode: str,
 
 def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str,
                  rows: int | None = None, step_mode: str = "auto", spans: bool = True,
-                 by_cost: bool = True) -> Terms:
+                 by_cost: bool = True, sampled: int = 0) -> Terms:
     """Per-step exchange over the KVP group: `kvp_gathers` as ring all-gathers, kvp - 1 hops and
     kvp - 1 ranks' bytes received each."""
     gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode, split_min_bytes(hw, layout),
                           CPU_PARTIAL_BYTES if hw.cpus > 0 else None, spans,
-                          hw if by_cost else None)
+                          hw if by_cost else None, sampled)
     ring = layout.kvp - 1
     return _hops(hw, ring * sum(c for c, _ in gathers), ring * sum(c * b for c, b in gathers),
                  _crosses_nodes(hw, layout.gpus))
@@ -385,7 +407,8 @@ def decode_step_terms(m: ModelShape, hw: Hardware, layout: Layout, context: int,
     and a context on one rank the step is local (no exchange but the hidden states); else every
     rank runs it (a shared step: no query is exchanged, and each rank reads 1/N of the split
     linear layers' weights); "owner" (every step routed) is here to read measurements taken with
-    it."""
+    it. The lm_head's split by vocab columns (`StepPolicy.split_logits`, when its saving beats
+    its gather) is left out: the calibration rows are fitted without it."""
     resident = tokens_per_rank(layout, context)
     spans = resident < context
     kind = policy(m, layout, split_min_bytes(hw, layout), step_mode,

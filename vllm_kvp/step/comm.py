@@ -10,7 +10,8 @@ exchanges move what the others need (see `routing.StepRouting` for the row conve
   - `gather_partials`: each rank's packed partial attention of every exchanged query, to every
     rank; each query's owner (every rank, in a shared step) then merges its rows in rank order;
   - `gather_columns`: in a shared step, each rank's slice of a split linear layer's output
-    columns (see `split_linear`), for every row.
+    columns (see `split_linear`), for every row; also each rank's vocab columns of the logits
+    when the lm_head is split.
 Each collective is recorded in `stats.STATS` under its exchange kind and the step's kind, the
 names `step_policy.exchanges` predicts with. All are all-gathers: one collective each, equal
 sizes on every rank (padded to the routing's t_max or s_max), which vLLM's CPU communicator also
@@ -123,11 +124,12 @@ def gather_partials(packed: torch.Tensor, step: Step) -> torch.Tensor:
     return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(step.world, packed.shape[0], -1)
 
 
-def gather_columns(part: torch.Tensor, bounds: list[int], step: Step) -> torch.Tensor:
+def gather_columns(part: torch.Tensor, bounds: list[int], step: Step,
+                   kind: str = COLUMNS) -> torch.Tensor:
     """This rank's output columns [bounds[rank], bounds[rank + 1]) of a linear layer, (rows, w) ->
-    every rank's, (rows, features) in column order."""
+    every rank's, (rows, features) in column order. `kind`: the exchange it is counted as."""
     widest = max(b - a for a, b in zip(bounds, bounds[1:]))
     part = pad_columns(part, widest).contiguous()
-    _count(COLUMNS, part, step.kind)
+    _count(kind, part, step.kind)
     gathered = _KVP_GROUP.all_gather(part, dim=0)
     return assemble_columns(gathered.view(len(bounds) - 1, part.shape[0], widest), bounds)

@@ -19,18 +19,29 @@ TP sizes.
 Only layers with vLLM's unquantized linear method and at least `split_min_bytes` of weights are
 split; the others (and every layer outside a shared step) run as vLLM runs them. A rank's
 slice of a TP-sharded layer is a slice of its TP shard, so TP's own all-reduce is unaffected.
+
+The lm_head (vLLM's unquantized vocab-parallel head, at least `split_min_bytes`) splits the same
+way, by vocab columns, but in every step, whatever its kind: the logits are computed after the
+final hidden states are on every rank, so every rank would otherwise multiply all of them by the
+whole head, the largest single weight of many models. Whether a step's logits split is the step
+policy's call for their row count (`StepPolicy.split_logits`): the gather must cost less than the
+(N - 1)/N of the head it saves. The runner opens the window in which the head may split
+(`logits_window`, around vLLM's `execute_model` and `sample_tokens`, where vLLM computes logits
+and prompt logprobs); dummy and warm-up runs compute theirs outside it, whole.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 
 from vllm_kvp.engine import vllm_compat
-from vllm_kvp.step import comm, current_step
+from vllm_kvp.step import comm, current_step, rank_context
 from vllm_kvp.step.columns import column_bounds
 from vllm_kvp.step.stats import STATS
+from vllm_kvp.step_policy import LOGITS
 
 
 class SplitLinearMethod:
@@ -56,6 +67,80 @@ class SplitLinearMethod:
                            None if bias is None else bias[self.lo:self.hi])
         STATS.split_linear_calls += 1
         return comm.gather_columns(part, self.bounds, step).view(*lead, self.bounds[-1])
+
+
+# The step whose logits may be computed split now: a callable giving it, set by the runner around
+# the calls in which vLLM computes a step's logits (None outside them).
+_LOGITS_STEP: Callable[[], Any] | None = None
+
+
+@contextlib.contextmanager
+def logits_window(step_of_call: Callable[[], Any]) -> Iterator[None]:
+    """Within this block, the lm_head may split the logits of the step `step_of_call()` returns
+    (read when the logits are computed, so the step may be built inside the block)."""
+    global _LOGITS_STEP
+    outer, _LOGITS_STEP = _LOGITS_STEP, step_of_call
+    try:
+        yield
+    finally:
+        _LOGITS_STEP = outer
+
+
+class SplitLogitsMethod:
+    """Stands in for the lm_head's `quant_method`: in a step's logits window, and when the step
+    policy says so for that many rows, this rank's vocab columns and one all-gather; otherwise
+    (and for the embedding lookup of a tied head) the wrapped method."""
+
+    def __init__(self, inner: Any, bounds: list[int], kernel: Callable) -> None:
+        self.inner = inner
+        self.bounds = bounds
+        self.kernel = kernel
+        self.lo, self.hi = bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
+        step = _LOGITS_STEP() if _LOGITS_STEP is not None else None
+        x2 = x.reshape(-1, x.shape[-1])
+        if (step is None or step.world < 2
+                or not rank_context().policy.split_logits(x2.shape[0])):
+            return self.inner.apply(layer, x, bias)
+        part = self.kernel(x2, None if bias is None else bias[self.lo:self.hi])
+        STATS.record_logits(x2.shape[0])
+        out = comm.gather_columns(part, self.bounds, step, LOGITS)
+        return out.view(*x.shape[:-1], self.bounds[-1])
+
+
+def install_logits(model: torch.nn.Module, min_bytes: int, cpu: bool) -> int:
+    """Wrap the model's lm_head (vLLM's unquantized vocab-parallel head with at least `min_bytes`
+    of weights); returns its vocab columns on this TP rank, or 0 if it stays whole (none on this
+    pipeline stage, quantized, or small). vLLM keeps the head's weight on CPUs too (it is also
+    the embedding table when tied), so the slice's kernel is built here, as vLLM builds the
+    head's."""
+    from vllm.model_executor.layers.vocab_parallel_embedding import (
+        UnquantizedEmbeddingMethod, VocabParallelEmbedding)
+
+    head = getattr(model, "lm_head", None)
+    w = getattr(head, "weight", None)
+    if (not isinstance(head, VocabParallelEmbedding)
+            or type(head.quant_method) is not UnquantizedEmbeddingMethod
+            or not isinstance(w, torch.Tensor) or w.is_meta or w.dim() != 2
+            or w.numel() * w.element_size() < min_bytes):
+        return 0
+    world = comm.kvp_world_size()
+    bounds = column_bounds(w.shape[0], world)
+    lo, hi = bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1]
+    if cpu:
+        proxy = torch.nn.Module()
+        proxy.weight = torch.nn.Parameter(w.detach()[lo:hi].clone(), requires_grad=False)
+        vllm_compat.build_cpu_gemm(proxy)
+        kernel = _cpu_kernel(proxy)
+    else:
+        gemm, rows = vllm_compat.head_gemm(), w[lo:hi]
+        kernel = lambda x, bias: gemm(head, x, rows, bias)  # noqa: E731
+    head.quant_method = SplitLogitsMethod(head.quant_method, bounds, kernel)
+    return w.shape[0]
 
 
 def splittable(layer: torch.nn.Module, min_bytes: int) -> bool:

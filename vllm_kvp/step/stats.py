@@ -28,6 +28,7 @@ class RankStats:
     partial_bytes: int = 0  # partial attention outputs (each attention layer)
     hidden_bytes: int = 0  # final hidden states (each step)
     column_bytes: int = 0  # output columns of split linear layers (shared steps)
+    logits_bytes: int = 0  # vocab columns of the logits, when the lm_head is split
     split_linear_calls: int = 0  # linear layer calls that computed only this rank's columns
     tokens_computed: int = 0  # tokens this rank ran through the model as their owner (each once)
     tokens_shared: int = 0  # tokens it also ran in shared steps (their owner's result is kept)
@@ -36,15 +37,20 @@ class RankStats:
     steps: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
     step_exchanges: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
     step_bytes: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
-    # The latest steps as (kind, tokens owned per rank, of those the tokens of requests spanning
-    # ranks, tokens): what a prediction of their exchanges needs (tests compare the planner's with
-    # the counters above).
+    # The latest steps as [kind, tokens owned per rank, of those the tokens of requests spanning
+    # ranks, tokens, rows of each logits computation split by vocab columns]: what a prediction
+    # of their exchanges needs (tests compare the planner's with the counters above).
     step_log: deque = field(default_factory=lambda: deque(maxlen=STEP_LOG))
 
     def record_step(self, kind: str, counts: list[int], span_counts: list[int],
                     tokens: int) -> None:
         self.steps[kind] += 1
-        self.step_log.append((kind, list(counts), list(span_counts), tokens))
+        self.step_log.append([kind, list(counts), list(span_counts), tokens, []])
+
+    def record_logits(self, rows: int) -> None:
+        """The latest step computed the logits of `rows` rows split by vocab columns."""
+        if self.step_log:
+            self.step_log[-1][4].append(rows)
 
     def record(self, kind: str, nbytes: int, step_kind: str) -> None:
         """One collective of exchange `kind` into which this rank sent `nbytes`."""
