@@ -137,7 +137,6 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
             range(len(prompts))))
     failures = sum(metric_values(server.url, "vllm_kvp:rank_failures_total"))
     for rank in (1, 0):
-        chunks = [0] * len(prompts)
         texts: list[str | None] = [None] * len(prompts)
 
         def stream(i):
@@ -151,23 +150,27 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
                     event = json.loads(line[6:])
                     assert "error" not in event, event
                     parts.append(event["choices"][0]["text"])
-                    chunks[i] += 1
             texts[i] = "".join(parts)
 
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
         for t in threads:
             t.start()
-        # A client can lag the engine by hundreds of tokens (the API server, sharing the cores
-        # with the engine, delivers chunks in bursts): waiting for several chunks on every stream
-        # once let the engine finish all four before the kill. So the kill follows the first
-        # chunk, and whether requests were still decoding is read from the engine's side, the KV
-        # blocks they hold, just before it.
+        # When to kill is read from the engine's side, the KV blocks the requests hold: a client
+        # can lag the engine by the whole stream (the API server shares the 2 cores with the
+        # workers and may deliver every chunk at the end), so waiting for streamed chunks once
+        # let all four requests finish before the kill. The kill follows the first new block a
+        # request takes after they were admitted: it is decoding then, with most of its 600
+        # tokens to go.
         recovered = sum(metric_values(server.url, "vllm_kvp:requests_recovered_total"))
         deadline = time.time() + 120
-        while max(chunks) < 1 and time.time() < deadline:
-            time.sleep(0.002)
-        assert max(chunks) >= 1, "the streams never started"
-        decoding = sum(_blocks_used(server.url)) > 0
+        admitted = 0
+        while not admitted and time.time() < deadline:
+            admitted = sum(_blocks_used(server.url))
+            time.sleep(0.005)
+        assert admitted, "the requests never reached the engine"
+        while sum(_blocks_used(server.url)) <= admitted and time.time() < deadline:
+            time.sleep(0.005)
+        decoding = sum(_blocks_used(server.url)) > admitted
         os.kill(engine_workers(server.pid)[rank].pid, signal.SIGKILL)
         for t in threads:
             t.join(timeout=300)
