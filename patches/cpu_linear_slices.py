@@ -24,17 +24,14 @@ def capture_column_slices(rank: int, world: int, min_bytes: int):
     """A context manager (`vllm_compat.wrapped_cpu_gemm_dispatch`) active while the weights load."""
     from vllm_kvp.engine.vllm_compat import wrapped_cpu_gemm_dispatch
     from vllm_kvp.step.columns import column_bounds
-    from vllm_kvp.step.split_linear import splittable
+    from vllm_kvp.step.split_linear import cpu_slice, splittable
 
     def make(original):
         def dispatch(layer: torch.nn.Module, remove_weight: bool) -> None:
             if splittable(layer, min_bytes):
-                w = layer.weight
-                bounds = column_bounds(w.shape[0], world)
-                proxy = torch.nn.Module()
-                proxy.weight = torch.nn.Parameter(
-                    w.detach()[bounds[rank]:bounds[rank + 1]].clone(), requires_grad=False)
-                original(proxy, remove_weight=remove_weight)
+                bounds = column_bounds(layer.weight.shape[0], world)
+                proxy = cpu_slice(layer.weight, bounds[rank], bounds[rank + 1],
+                                  lambda p: original(p, remove_weight=remove_weight))
                 layer._kvp_column_slice = (bounds, proxy)
             return original(layer, remove_weight)
         return dispatch

@@ -30,6 +30,8 @@ from vllm_kvp.step_policy import HIDDEN
 class KVPRunnerMixin:
     """Mixed into the worker's model runner class by `install_owner_computes`."""
 
+    _kvp_step: Step | None = None  # the step of the latest forward (its logits may split)
+
     def _update_states(self, scheduler_output) -> Any:
         # A request recomputed after a worker restart (engine/recovery.py) arrives as a new
         # request carrying the tokens it had generated; it enters the batch with them.
@@ -44,7 +46,7 @@ class KVPRunnerMixin:
             return super().execute_model(*args, **kwargs)
 
     def sample_tokens(self, *args: Any, **kwargs: Any) -> Any:
-        with split_linear.logits_window(lambda: getattr(self, "_kvp_step", None)):
+        with split_linear.logits_window(lambda: self._kvp_step):
             return super().sample_tokens(*args, **kwargs)
 
     def _model_forward(self, input_ids=None, positions=None, intermediate_tensors=None,

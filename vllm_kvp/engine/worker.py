@@ -92,6 +92,8 @@ def device_hardware(kvp: KVPConfig, cuda: bool):
 
 
 class KVPWorker(_base_worker()):
+    _kvp_logits_width = 0  # vocab columns of the lm_head this rank split (0: kept whole)
+
     def init_device(self) -> None:
         process_exit.skip_final_collection()
         register_kvp_backend()
@@ -117,7 +119,7 @@ class KVPWorker(_base_worker()):
         hardware, device = device_hardware(kvp, cuda)
         policy = step_policy_for(self.vllm_config, kvp, cuda, hardware)
         # The head this rank actually split (none on other pipeline stages, or quantized).
-        policy = dataclasses.replace(policy, logits_width=getattr(self, "_kvp_logits_width", 0))
+        policy = dataclasses.replace(policy, logits_width=self._kvp_logits_width)
         step.configure(step.RankContext(comm.kvp_rank(), ranks, policy))
         logger.info("vllm_kvp: KV rank %d of %d, %d blocks of %d tokens; step kinds: %s",
                     comm.kvp_rank(), kvp.size, ranks.blocks_per_rank, block_size,

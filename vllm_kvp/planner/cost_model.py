@@ -321,13 +321,12 @@ def step_counts(layout: Layout, tokens: int, rows: int) -> list[int]:
 def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int | None = None,
                 step_mode: str = "auto", min_bytes: int = 32 << 20,
                 out_bytes: int | None = None, spans: bool = True,
-                hw: Hardware | None = None, sampled: int = 0) -> list[tuple[int, float]]:
+                hw: Hardware | None = None) -> list[tuple[int, float]]:
     """The all-gathers over the KVP group in one step, all layers, as (how many, bytes each rank
     sends in each). `tokens`: the step's T tokens; every rank attends all of their queries, so it
     sends partials of T. `rows`: the most tokens one rank owns (default T: one rank owns all).
     `spans`: some request of the step holds KV on more than one rank (else the step is local).
-    `hw`: the hardware whose costs choose the step's kind (None: the fixed rule). `sampled`:
-    rows whose logits the step computes (their gather counts when the policy splits them).
+    `hw`: the hardware whose costs choose the step's kind (None: the fixed rule).
 
     replicated (the first version's lockstep): the partials once per layer.
     owner: what `step_policy.exchanges` lists for the kind the step policy gives the step: the
@@ -340,11 +339,10 @@ def kvp_gathers(m: ModelShape, layout: Layout, tokens: int, mode: str, rows: int
     if mode != "owner":
         return [(m.layers, tokens * shape.partial_row_bytes)]
     counts = step_counts(layout, tokens, rows)
-    pol = policy(m, layout, min_bytes, step_mode, hw=hw, out_bytes=out_bytes)
-    kind = pol.kind(counts, spans, tokens=tokens)
-    logits = [sampled] if sampled and pol.split_logits(sampled) else []
+    kind = policy(m, layout, min_bytes, step_mode, hw=hw, out_bytes=out_bytes).kind(
+        counts, spans, tokens=tokens)
     sent = step_policy.exchanges(kind, counts, tokens, shape, layout.kvp,
-                                 None if spans else [0] * layout.kvp, logits)
+                                 None if spans else [0] * layout.kvp)
     return [(n, b / n) for n, b in sent.values() if n]
 
 
@@ -358,12 +356,12 @@ def kvp_collectives(m: ModelShape, layout: Layout, tokens: int, mode: str,
 
 def kvp_exchange(m: ModelShape, hw: Hardware, layout: Layout, tokens: int, mode: str,
                  rows: int | None = None, step_mode: str = "auto", spans: bool = True,
-                 by_cost: bool = True, sampled: int = 0) -> Terms:
+                 by_cost: bool = True) -> Terms:
     """Per-step exchange over the KVP group: `kvp_gathers` as ring all-gathers, kvp - 1 hops and
     kvp - 1 ranks' bytes received each."""
     gathers = kvp_gathers(m, layout, tokens, mode, rows, step_mode, split_min_bytes(hw, layout),
                           CPU_PARTIAL_BYTES if hw.cpus > 0 else None, spans,
-                          hw if by_cost else None, sampled)
+                          hw if by_cost else None)
     ring = layout.kvp - 1
     return _hops(hw, ring * sum(c for c, _ in gathers), ring * sum(c * b for c, b in gathers),
                  _crosses_nodes(hw, layout.gpus))

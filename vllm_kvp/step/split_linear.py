@@ -86,19 +86,10 @@ def logits_window(step_of_call: Callable[[], Any]) -> Iterator[None]:
         _LOGITS_STEP = outer
 
 
-class SplitLogitsMethod:
+class SplitLogitsMethod(SplitLinearMethod):
     """Stands in for the lm_head's `quant_method`: in a step's logits window, and when the step
     policy says so for that many rows, this rank's vocab columns and one all-gather; otherwise
     (and for the embedding lookup of a tied head) the wrapped method."""
-
-    def __init__(self, inner: Any, bounds: list[int], kernel: Callable) -> None:
-        self.inner = inner
-        self.bounds = bounds
-        self.kernel = kernel
-        self.lo, self.hi = bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1]
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.inner, name)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
         step = _LOGITS_STEP() if _LOGITS_STEP is not None else None
@@ -132,13 +123,9 @@ def install_logits(model: torch.nn.Module, min_bytes: int, cpu: bool) -> int:
     bounds = column_bounds(w.shape[0], world)
     lo, hi = bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1]
     if cpu:
-        proxy = torch.nn.Module()
-        proxy.weight = torch.nn.Parameter(w.detach()[lo:hi].clone(), requires_grad=False)
-        vllm_compat.build_cpu_gemm(proxy)
-        kernel = _cpu_kernel(proxy)
+        kernel = _cpu_kernel(cpu_slice(w, lo, hi, lambda proxy: vllm_compat.build_cpu_gemm(proxy)))
     else:
-        gemm, rows = vllm_compat.head_gemm(), w[lo:hi]
-        kernel = lambda x, bias: gemm(head, x, rows, bias)  # noqa: E731
+        kernel = _view_kernel(vllm_compat.head_gemm(), head, w, lo, hi)
     head.quant_method = SplitLogitsMethod(head.quant_method, bounds, kernel)
     return w.shape[0]
 
@@ -175,18 +162,29 @@ def install(model: torch.nn.Module, world: int, min_bytes: int, cpu: bool) -> in
             if not splittable(layer, min_bytes):
                 continue
             bounds = column_bounds(layer.weight.shape[0], world)
-            kernel = _view_kernel(layer, layer.weight, bounds[comm.kvp_rank()],
-                                  bounds[comm.kvp_rank() + 1])
+            kernel = _view_kernel(vllm_compat.unquantized_gemm(layer), layer, layer.weight,
+                                  bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1])
         layer.quant_method = SplitLinearMethod(layer.quant_method, bounds, kernel)
         n += 1
     return n
+
+
+def cpu_slice(weight: torch.Tensor, lo: int, hi: int,
+              build: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
+    """A stand-in module holding a copy of rows [lo, hi) of `weight` (output columns), given
+    vLLM's CPU kernel for that shape by `build` (vLLM's dispatch, as for the layer itself)."""
+    proxy = torch.nn.Module()
+    proxy.weight = torch.nn.Parameter(weight.detach()[lo:hi].clone(), requires_grad=False)
+    build(proxy)
+    return proxy
 
 
 def _cpu_kernel(proxy: torch.nn.Module) -> Callable:
     return lambda x, bias: proxy.cpu_linear(x, proxy.weight, bias)
 
 
-def _view_kernel(layer: torch.nn.Module, weight: torch.Tensor, lo: int, hi: int) -> Callable:
+def _view_kernel(gemm: Callable, layer: torch.nn.Module, weight: torch.Tensor, lo: int,
+                 hi: int) -> Callable:
     # vLLM's GEMM for this layer, on a view of the rows of the weight that make this rank's columns.
-    gemm, rows = vllm_compat.unquantized_gemm(layer), weight[lo:hi]
+    rows = weight[lo:hi]
     return lambda x, bias: gemm(layer, x, rows, bias)
