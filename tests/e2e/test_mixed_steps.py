@@ -33,7 +33,10 @@ def _run(llm):
     prompts = _prompts()
     batch = generate(llm, prompts[:-1], MAX_TOKENS)
     follow = generate(llm, prompts[-1:], MAX_TOKENS)  # its prefix is cached by now
-    return batch, follow
+    # Only short requests: every step of this batch is local. Whether the mixed batch above has
+    # a step without a spanning request depends on how fast its requests reach the engine core.
+    shorts = generate(llm, prompts[:8], 16)
+    return batch, follow, shorts
 
 
 @pytest.fixture(scope="module")
@@ -51,11 +54,12 @@ def reference(model_path):
 def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_rank):
     with engine(model_path, kvp=kvp, num_gpu_blocks_override=per_rank, disable_log_stats=False,
                 **ENGINE) as llm:
-        batch, follow = _run(llm)
+        batch, follow, shorts = _run(llm)
         metrics = {m.name: m for m in llm.get_metrics()}
         stats = llm.collective_rpc("kvp_stats")
     assert_same_generation(reference[0], batch, f"kvp={kvp}")
     assert_same_generation(reference[1], follow, f"kvp={kvp} (prefix-cache hit)")
+    assert_same_generation(reference[2], shorts, f"kvp={kvp} (short requests only)")
     assert follow.num_cached_tokens[0] >= 512, "the shared prefix was not served from the cache"
     assert metrics["vllm:num_preemptions"].value > 0, "the pool was meant to run out"
     assert any(len(r) > 1 for r in batch.kvp_ranks), batch.kvp_ranks
@@ -65,7 +69,8 @@ def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_ra
         long_ = [r for p, r in zip(prompts, batch.kvp_ranks) if len(p) > 256]
         assert long_ and all(len(r) > 1 for r in long_), batch.kvp_ranks
     log = stats[0]["step_log"]
-    assert any(kind == "local" for kind, *_ in log), "no step ran with every request local"
+    assert any(kind == "local" for kind, *_ in log), \
+        f"no step ran with every request local: {[kind for kind, *_ in log]}"
     assert any(sum(span) for _, _, span, *_ in log), "no step ran a request spanning ranks"
     # Routed steps in which local requests' rows stayed on their rank beside spanning rows (only
     # the spanning ones were exchanged).
