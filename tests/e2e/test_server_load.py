@@ -20,6 +20,8 @@ pytestmark = pytest.mark.e2e
 MAX_MODEL_LEN = 4096
 ARGS = ("--kvp-size", "2", "--kvp-max-tokens-per-rank", "512", "--max-model-len", str(MAX_MODEL_LEN),
         "--max-num-batched-tokens", "1024", "--max-num-seqs", "32")
+GENERATED = "vllm:generation_tokens_total"
+MAX_TOKENS_KILLED = 1600
 LENGTHS = [4, 50, 120, 300, 700, 1100, 1500, 2200] * 4  # 32 clients, 1 to 5 ranks' worth
 
 
@@ -127,8 +129,8 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
     import signal
     import threading
 
-    prompts = random_prompts([700, 1100, 1500, 900], 4096, seed=33)  # > 512 tokens: 2 ranks
-    body = lambda i, stream: {"model": model_path, "prompt": prompts[i], "max_tokens": 600,  # noqa: E731
+    prompts = random_prompts([600, 700, 800, 900], 4096, seed=33)  # > 512 tokens: 2 ranks
+    body = lambda i, stream: {"model": model_path, "prompt": prompts[i], "max_tokens": MAX_TOKENS_KILLED,  # noqa: E731
                               "temperature": 0, "ignore_eos": True, "stream": stream}
     with cf.ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         undisturbed = list(pool.map(
@@ -152,25 +154,25 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
                     parts.append(event["choices"][0]["text"])
             texts[i] = "".join(parts)
 
+        generated = sum(metric_values(server.url, GENERATED))
         threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
         for t in threads:
             t.start()
-        # When to kill is read from the engine's side, the KV blocks the requests hold: a client
-        # can lag the engine by the whole stream (the API server shares the 2 cores with the
-        # workers and may deliver every chunk at the end), so waiting for streamed chunks once
-        # let all four requests finish before the kill. The kill follows the first new block a
-        # request takes after they were admitted: it is decoding then, with most of its 600
-        # tokens to go.
+        # When to kill is read from the engine's side: the tokens vLLM's output handler counts as
+        # it receives them, step by step. A client can lag the engine by the whole stream (the API
+        # server shares the 2 cores with the workers and may deliver every chunk at the end), and
+        # the KV-block gauges may still show earlier requests' prefix-cached blocks. The kill
+        # follows two decode steps of all four; one /metrics call can take seconds while the API
+        # server streams and a 600-token decode took 3.5 s, so each request runs 1600 tokens
+        # (about 10 s) and the kill lands mid-decode.
         recovered = sum(metric_values(server.url, "vllm_kvp:requests_recovered_total"))
         deadline = time.time() + 120
-        admitted = 0
-        while not admitted and time.time() < deadline:
-            admitted = sum(_blocks_used(server.url))
+        done = 0.0
+        while done < 2 * len(prompts) and time.time() < deadline:
+            done = sum(metric_values(server.url, GENERATED)) - generated
             time.sleep(0.005)
-        assert admitted, "the requests never reached the engine"
-        while sum(_blocks_used(server.url)) <= admitted and time.time() < deadline:
-            time.sleep(0.005)
-        decoding = sum(_blocks_used(server.url)) > admitted
+        assert done >= 2 * len(prompts), "the requests never decoded"
+        decoding = done < len(prompts) * (MAX_TOKENS_KILLED - 100)
         os.kill(engine_workers(server.pid)[rank].pid, signal.SIGKILL)
         for t in threads:
             t.join(timeout=300)
@@ -183,7 +185,7 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
             time.sleep(0.2)
         assert sum(metric_values(server.url, "vllm_kvp:rank_failures_total")) == failures
         now = sum(metric_values(server.url, "vllm_kvp:requests_recovered_total"))
-        if decoding:  # 600 tokens each: the kill lands long before the last one finishes
+        if decoding:  # the kill lands long before the last token
             assert now - recovered >= 1, f"rank {rank} died mid-decode, nothing recomputed"
     assert _wait_for_zero_usage(server.url) == [0.0, 0.0]
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
