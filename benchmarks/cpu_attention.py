@@ -3,6 +3,7 @@
 
     nice -n 5 .venv/bin/python benchmarks/cpu_attention.py          # full grid, writes docs/benchmarks/cpu_attention.*
     nice -n 5 .venv/bin/python benchmarks/cpu_attention.py --quick  # one small decode case and a small prefill
+    .venv/bin/python benchmarks/cpu_attention.py --striped-prefill   # an 8k prompt's chunks: striped rank vs TP = 2
 
 All three read the same K/V of one layer, fp32, block size 128 (vLLM's CPU default), each in its own
 cache layout: vLLM's op (``torch.ops._C.cpu_attention_with_kv_cache``, called exactly as vLLM's CPU_ATTN
@@ -137,6 +138,47 @@ def run_case(hq, hkv, d, batch, ctx, queries, reps, evict, skip_torch=False):
     return row
 
 
+def striped_prefill(prompt, chunk, hq, hkv, d, ranks, reps, evict):
+    """The attention of one prompt prefilled in chunks, as each of its layers runs it: TP = `ranks`
+    (vLLM's kernel, hq / ranks heads over all keys) against one KV rank of `ranks` in striped
+    placement (the C++ kernel, all hq heads over every `ranks`-th block, causal by position), one
+    row per chunk. Both do the same multiply-adds. The C++ output is checked against the plugin's
+    torch path on the same shard."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    rows = []
+    scale = d**-0.5
+    for c0 in range(0, prompt, chunk):
+        ctx = c0 + chunk
+        nb = ctx // BLOCK
+        _, cache_vllm = fill_caches(nb, hkv // ranks, d, _get_attn_isa(torch.float32, BLOCK, d))
+        qsl = torch.tensor([0, chunk], dtype=torch.int32)
+        vllm_call, _ = vllm_fn(torch.randn(chunk, hq // ranks, d), cache_vllm,
+                               torch.arange(nb, dtype=torch.int32).view(1, nb),
+                               torch.tensor([ctx], dtype=torch.int32), qsl, scale)
+        local = list(range(0, nb, ranks))  # rank 0's blocks
+        cache = torch.randn(len(local), hkv, BLOCK, 2 * d)
+        table = torch.arange(len(local), dtype=torch.int32).view(1, -1)
+        lens = torch.tensor([len(local) * BLOCK], dtype=torch.int32)
+        pos = {"q_pos": c0 + torch.arange(chunk, dtype=torch.int32),
+               "block_pos": (torch.tensor(local, dtype=torch.int32) * BLOCK).view(1, -1).contiguous()}
+        q = torch.randn(chunk, hq, d)
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
+
+        def cpp():
+            return cpu_kernel.paged_attention_lse_cpu(q, cache, table, lens, qsl, scale, out=out, lse=lse, **pos)[0]
+
+        ref = torch_paged_attention(q, cache, table, lens, qsl, scale, **pos)[0]
+        diff = (cpp() - ref).abs().max().item()
+        vllm_ms, cpp_ms = median_ms([vllm_call, cpp], reps, evict)
+        rows.append({"prompt": prompt, "chunk_start": c0, "chunk": chunk, "Hq": hq, "Hkv": hkv, "D": d,
+                     "ranks": ranks, "vllm_tp_ms": vllm_ms, "cpp_striped_ms": cpp_ms, "ratio": cpp_ms / vllm_ms,
+                     "max_abs_diff_cpp_vs_torch": diff, "reps": reps})
+        print(f"chunk at {c0}: vLLM (TP = {ranks}) {vllm_ms:.1f} ms, C++ (striped rank 0 of {ranks}) {cpp_ms:.1f} ms "
+              f"({cpp_ms / vllm_ms:.3f}x); max diff vs torch {diff:.1e}", flush=True)
+    return rows
+
+
 def fmt(r, key, spec):
     return format(r[key], spec) if key in r else "-"
 
@@ -147,12 +189,17 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=15, help="rounds per decode case (median)")
     p.add_argument("--prefill-reps", type=int, default=5, help="rounds per prefill case (each ~1 s per kernel)")
     p.add_argument("--out", default="docs/benchmarks", help="directory for cpu_attention.{json,md}")
+    p.add_argument("--striped-prefill", action="store_true",
+                   help="only the chunked prefill of an 8k prompt (bench model heads): one striped KV rank of 2 "
+                        "against TP = 2, writes cpu_attention_striped_prefill.{json,md}")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
     if cpu_kernel.load() is None:
         print(f"the C++ kernel is unavailable: {cpu_kernel.failure()}")
         return 1
+    if args.striped_prefill:
+        return striped_prefill_main(args)
     heads = [(8, 2, 32)] if args.quick else [(8, 2, 32), (8, 2, 128)]
     grid = [(1, 8192)] if args.quick else [(b, c) for b in (1, 16) for c in (8192, 32768, 61440)]
     cases = [(hq, hkv, d, b, c, 1) for hq, hkv, d in heads for b, c in grid]
@@ -192,6 +239,29 @@ def main() -> int:
         with open(os.path.join(args.out, "cpu_attention.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
     return 0 if all(r[k] < 1e-4 for r in rows for k in r if k.startswith("max_abs_diff")) else 1
+
+
+def striped_prefill_main(args) -> int:
+    rows = striped_prefill(8192, 2048, 8, 2, 128, 2, args.prefill_reps, torch.zeros(16 << 20))
+    total = sum(r["cpp_striped_ms"] for r in rows) / sum(r["vllm_tp_ms"] for r in rows)
+    lines = ["# Chunked prefill attention of an 8k prompt, one thread: a striped KV rank against TP = 2", "",
+             "One layer of the bench model's shape (Hq/Hkv = 8/2, D = 128), fp32, block size 128, chunks of 2048. "
+             "TP = 2: vLLM's CPU kernel, 4 query heads over all keys. KV rank 0 of 2, striped: the C++ kernel, all 8 "
+             "heads over every other block, causal by position. The same multiply-adds; the C++ output is checked "
+             f"against the plugin's torch path. Median of {args.prefill_reps} rounds, the two kernels interleaved, "
+             "last-level cache evicted before each call.", "",
+             "| chunk start | vLLM TP ms | C++ striped ms | C++ / vLLM |", "|---|---|---|---|"]
+    lines += [f"| {r['chunk_start']} | {r['vllm_tp_ms']:.1f} | {r['cpp_striped_ms']:.1f} | {r['ratio']:.3f} |"
+              for r in rows]
+    lines.append(f"| **all** | {sum(r['vllm_tp_ms'] for r in rows):.0f} | "
+                 f"{sum(r['cpp_striped_ms'] for r in rows):.0f} | **{total:.3f}** |")
+    print("\n".join(lines))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "cpu_attention_striped_prefill.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    with open(os.path.join(args.out, "cpu_attention_striped_prefill.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return 0 if all(r["max_abs_diff_cpp_vs_torch"] < 1e-4 for r in rows) else 1
 
 
 if __name__ == "__main__":
