@@ -130,8 +130,9 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
     import threading
 
     prompts = random_prompts([600, 700, 800, 900], 4096, seed=33)  # > 512 tokens: 2 ranks
-    body = lambda i, stream: {"model": model_path, "prompt": prompts[i], "max_tokens": MAX_TOKENS_KILLED,  # noqa: E731
-                              "temperature": 0, "ignore_eos": True, "stream": stream}
+    body = lambda i, stream: {"model": model_path, "prompt": prompts[i],  # noqa: E731
+                              "max_tokens": MAX_TOKENS_KILLED, "temperature": 0, "ignore_eos": True,
+                              "stream": stream}
     with cf.ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         undisturbed = list(pool.map(
             lambda i: requests.post(server.url + "/v1/completions", json=body(i, False),
@@ -161,10 +162,10 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
         # When to kill is read from the engine's side: the tokens vLLM's output handler counts as
         # it receives them, step by step. A client can lag the engine by the whole stream (the API
         # server shares the 2 cores with the workers and may deliver every chunk at the end), and
-        # the KV-block gauges may still show earlier requests' prefix-cached blocks. The kill
-        # follows two decode steps of all four; one /metrics call can take seconds while the API
-        # server streams and a 600-token decode took 3.5 s, so each request runs 1600 tokens
-        # (about 10 s) and the kill lands mid-decode.
+        # the KV-block gauges showed blocks in use before the streams began (6, none running).
+        # The kill follows two decode steps of all four; one /metrics call can take seconds while
+        # the API server streams and a 600-token decode took 3.5 s, so each request runs 1600
+        # tokens (about 10 s) and the kill lands mid-decode.
         recovered = sum(metric_values(server.url, "vllm_kvp:requests_recovered_total"))
         deadline = time.time() + 120
         done = 0.0
