@@ -123,7 +123,7 @@ def install_logits(model: torch.nn.Module, min_bytes: int, cpu: bool) -> int:
     bounds = column_bounds(w.shape[0], world)
     lo, hi = bounds[comm.kvp_rank()], bounds[comm.kvp_rank() + 1]
     if cpu:
-        kernel = _cpu_kernel(cpu_slice(w, lo, hi, lambda proxy: vllm_compat.build_cpu_gemm(proxy)))
+        kernel = _cpu_kernel(cpu_slice(w, lo, hi, vllm_compat.build_cpu_gemm))
     else:
         kernel = _view_kernel(vllm_compat.head_gemm(), head, w, lo, hi)
     head.quant_method = SplitLogitsMethod(head.quant_method, bounds, kernel)
