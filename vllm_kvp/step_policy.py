@@ -213,7 +213,9 @@ class ExchangeShape:
     attention dtype on GPU); attn_layers: attention layers on this pipeline stage; split_widths:
     output features of each split linear layer call of one forward on this stage, in order;
     last_stage: this stage returns the final hidden states; logits_width: vocab columns of the
-    lm_head per TP rank when it splits over the KV ranks (0: it never does)."""
+    lm_head per TP rank when it splits over the KV ranks (0: it never does); sum_widths: output
+    features of each gated MLP's down projection on this stage whose partial sums are gathered
+    whole (`split_linear`: the MLP split like a TP layer)."""
 
     heads: int
     head_dim: int
@@ -224,6 +226,7 @@ class ExchangeShape:
     split_widths: tuple[int, ...] = ()
     last_stage: bool = True
     logits_width: int = 0
+    sum_widths: tuple[int, ...] = ()
 
     @property
     def partial_row_bytes(self) -> int:
@@ -258,10 +261,11 @@ def exchanges(kind: str, counts: Sequence[int], tokens: int, shape: ExchangeShap
                          shape.attn_layers * sum(span_counts) * shape.partial_row_bytes)
     elif kind == SHARED:
         out[PARTIALS] = (shape.attn_layers, shape.attn_layers * tokens * shape.partial_row_bytes)
-        if shape.split_widths:
+        if shape.split_widths or shape.sum_widths:
             sent = sum(tokens * math.ceil(w / world) * shape.act_bytes
                        for w in shape.split_widths)
-            out[COLUMNS] = (len(shape.split_widths), sent)
+            sent += sum(tokens * w * shape.act_bytes for w in shape.sum_widths)
+            out[COLUMNS] = (len(shape.split_widths) + len(shape.sum_widths), sent)
     if shape.last_stage:
         out[HIDDEN] = (1, t_max * shape.hidden * shape.act_bytes)
         if logits_rows and shape.logits_width:

@@ -50,7 +50,9 @@ def test_predicted_exchanges_equal_the_counters(bench_model):
     policy = cm.policy(shape, layout, CPU_SPLIT_MIN, hw=hardware, out_bytes=cm.CPU_PARTIAL_BYTES)
     assert policy.costs is not None
     exchange_shape = cm.exchange_shape(shape, layout, CPU_SPLIT_MIN, cm.CPU_PARTIAL_BYTES)
-    assert policy.split_layers and len(exchange_shape.split_widths) == 4 * 4
+    # qkv and o split by columns; each gated MLP like a TP layer (one gather of partial sums).
+    assert policy.split_layers and len(exchange_shape.split_widths) == 2 * 4
+    assert exchange_shape.sum_widths == (1024,) * 4
     kinds = set()
     # The lm_head (4096 x 1024, 16 MiB) splits by vocab columns even for one row here: the logits
     # of every sampled token (3 requests x 6) were split.

@@ -84,14 +84,17 @@ def test_decode_with_kv_ranks_reads_a_share_and_pays_hops():
 
 def test_decode_with_split_layers_reads_a_share_of_their_weights():
     """Llama-8B's four projections of every layer are >= 32 MiB: a shared decode step reads 1/4
-    of them on each of 4 ranks and gathers their columns (4 more collectives per layer)."""
+    of them on each of 4 ranks and gathers the columns of qkv and o and the partial sums of the
+    gated MLP's down projection (3 more collectives per layer: the MLP splits like a TP layer)."""
     hw = dataclasses.replace(UNIT, intra_latency=1.0)
     split = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped"), 4000, "owner")
     whole = cm.decode_step_terms(LLAMA8B, hw, cm.Layout(kvp=4, placement="striped",
                                                         split_min_bytes=NOSPLIT), 4000, "owner")
     projections = 6144 * 4096 + 4096 * 4096 + 2 * 14336 * 4096 + 4096 * 14336
     assert whole.hbm_bytes - split.hbm_bytes == 32 * projections * 2 * 3 / 4
-    assert split.intra_hops == (32 + 32 * 4 + 1) * 3
+    assert split.intra_hops == (32 + 32 * 3 + 1) * 3
+    shape = cm.exchange_shape(LLAMA8B, cm.Layout(kvp=4), 32 << 20)
+    assert shape.split_widths == (6144, 4096) * 32 and shape.sum_widths == (4096,) * 32
     # Per TP rank: at tp 2 only the MLP projections stay >= 32 MiB, at tp 8 none.
     assert cm.split_layers(LLAMA8B, 2, 32 << 20) == [(14336, 4096), (4096, 7168)]
     assert cm.split_layers(LLAMA8B, 8, 32 << 20) == []
@@ -120,10 +123,11 @@ def test_collectives_per_step_by_mode_and_ownership():
     assert cm.kvp_collectives(LLAMA8B, striped, 1, "replicated") == 32
     assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner", min_bytes=NOSPLIT) == 33  # one owner
     assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner", step_mode="owner") == 65
-    # Split layers (the default 32 MiB: all four projections): their columns are gathered too,
-    # and a small step of several owners is shared as well.
-    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner") == 32 + 4 * 32 + 1
-    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2) == 32 + 4 * 32 + 1
+    # Split layers (the default 32 MiB: all four projections): qkv's and o's columns are gathered
+    # too, and the gated MLP's partial sums once, and a small step of several owners is shared as
+    # well.
+    assert cm.kvp_collectives(LLAMA8B, striped, 1, "owner") == 32 + 3 * 32 + 1
+    assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2) == 32 + 3 * 32 + 1
     # 8 decode tokens: striped spreads them (2 per rank): routed; all on one rank: replicated.
     assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=2, min_bytes=NOSPLIT) == 65
     assert cm.kvp_collectives(LLAMA8B, striped, 8, "owner", rows=8, min_bytes=NOSPLIT) == 33

@@ -114,13 +114,14 @@ def test_owner_decode_against_replicated(capsys):
     # plugin's default step mode): per layer the same partials gather as replicated, plus the
     # final hidden states once (8 KV ranks over 8 nodes: 7 hops x 4 us and 7 x 8192 x 2 B over
     # 400 Gb/s), plus the split MLP projections (>= 32 MiB per TP rank at tp 8): each rank reads
-    # 1/8 of their weights and gathers their columns (2 collectives a layer: 896 and 1024 columns
-    # of 2 B). The serve line needs no step-mode flag: the default is the one predicted.
+    # 1/8 of their weights; the MLP splits like a TP layer, so one collective a layer gathers the
+    # down projection's partial sums (8192 values of 2 B a rank). The serve line needs no
+    # step-mode flag: the default is the one predicted.
     rows = _plan_json(capsys, LLAMA70B, "--context", "10M", "--gpus", "64", "--mode", "all")
     pick = {r["mode"]: r for r in rows if (r["tp"], r["kvp"], r["placement"]) == (8, 8, "striped")}
     link, hop = 400e9 / 8, 4e-6
     hidden = 7 * hop + 7 * 8192 * 2 / link
-    columns = 80 * 2 * 7 * hop + 80 * 7 * (896 + 1024) * 2 / link
+    columns = 80 * 7 * hop + 80 * 7 * 8192 * 2 / link
     hbm_bw = CATALOGUE["h100"].effective().hbm_bw
     saved = 80 * (7168 * 8192 + 8192 * 3584) * 2 * 7 / 8 / hbm_bw
     assert pick["owner"]["tpot_ms"] - pick["replicated"]["tpot_ms"] == pytest.approx(

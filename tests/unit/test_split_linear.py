@@ -97,3 +97,72 @@ def test_vllm_cpu_kernel_on_a_vocab_slice_of_the_lm_head_is_bit_identical(vocab,
         parts = [pad_columns(s.cpu_linear(x, s.weight, None), widest) for s in slices]
         got = assemble_columns(torch.stack(parts), bounds)
         assert torch.equal(got, ref), f"{rows} rows: max diff {(got - ref).abs().max()}"
+
+
+def test_gate_up_rows_pick_the_same_columns_of_gate_and_up():
+    from vllm_kvp.step.columns import gate_up_rows
+
+    assert gate_up_rows(6, 2, 4).tolist() == [2, 3, 8, 9]
+    assert gate_up_rows(6, 0, 0).tolist() == []
+    with pytest.raises(ValueError):
+        gate_up_rows(6, 4, 7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden,inter,world", [(256, 1024, 2), (128, 344, 3), (64, 100, 4)])
+def test_gated_mlp_split_like_tp_matches_float64(dtype, hidden, inter, world):
+    """A gated MLP in a shared step (`split_linear.GateUpSliceMethod`, `DownSliceMethod`): each
+    simulated rank runs vLLM's CPU kernels on its slices (`cpu_mlp_slice`, as the patch builds
+    them), SiLU-and-mul on its columns and its share of the down projection; the partial sums
+    added in rank order match a float64 MLP to rounding, and the gate/up columns are bit for bit
+    those of the whole layer."""
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    from vllm_kvp.step.columns import gate_up_rows, sum_in_rank_order
+    from vllm_kvp.step.split_linear import cpu_mlp_slice
+
+    torch.manual_seed(hidden + inter + world)
+    w_gu = (torch.randn(2 * inter, hidden) / hidden ** 0.5).to(dtype)
+    w_down = (torch.randn(hidden, inter) / inter ** 0.5).to(dtype)
+    b_down = torch.randn(hidden).to(dtype)
+    build = lambda p: dispatch_cpu_unquantized_gemm(p, remove_weight=True)  # noqa: E731
+    whole_gu = _vllm_cpu_kernel(w_gu)
+    bounds = column_bounds(inter, world)
+    ranks = [(cpu_mlp_slice(w_gu, "gate_up", lo, hi, build),
+              cpu_mlp_slice(w_down, "down", lo, hi, build), lo, hi)
+             for lo, hi in zip(bounds, bounds[1:])]
+    act = lambda g: torch.nn.functional.silu(g[..., : g.shape[-1] // 2]) * g[..., g.shape[-1] // 2:]  # noqa: E731
+    for rows in (1, 7, 130):
+        x = torch.randn(rows, hidden).to(dtype)
+        ref_gu = whole_gu.cpu_linear(x, whole_gu.weight, None)
+        parts = []
+        for gu, down, lo, hi in ranks:
+            mine = gu.cpu_linear(x, gu.weight, None)
+            assert torch.equal(mine, ref_gu[:, gate_up_rows(inter, lo, hi)])
+            parts.append(down.cpu_linear(act(mine), down.weight, None))
+        got = sum_in_rank_order(torch.stack(parts)) + b_down
+        x64 = x.double()
+        want = act(x64 @ w_gu.double().T) @ w_down.double().T + b_down.double()
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        assert torch.allclose(got.double(), want, atol=tol, rtol=tol), (got.double() - want).abs().max()
+
+
+def test_gated_mlp_gpu_views_match_the_cpu_slices():
+    """The GPU path's kernels (`_view_kernel_rows`, `_view_kernel_cols`: views of the weight, no
+    copy) compute what the CPU path's copied slices do, bias included."""
+    from vllm_kvp.step.columns import gate_up_rows
+    from vllm_kvp.step.split_linear import _view_kernel_cols, _view_kernel_rows
+
+    gemm = lambda layer, x, w, b: torch.nn.functional.linear(x, w, b)  # noqa: E731
+    g = torch.Generator().manual_seed(3)
+    inter, hidden = 12, 5
+    w_gu = torch.randint(-4, 4, (2 * inter, hidden), generator=g).double()
+    b_gu = torch.randint(-4, 4, (2 * inter,), generator=g).double()
+    w_down = torch.randint(-4, 4, (hidden, inter), generator=g).double()
+    x = torch.randint(-4, 4, (3, hidden), generator=g).double()
+    rows = gate_up_rows(inter, 4, 8)
+    got = _view_kernel_rows(gemm, None, w_gu, rows)(x, b_gu[rows])
+    assert torch.equal(got, torch.nn.functional.linear(x, w_gu[rows], b_gu[rows]))
+    h = torch.randint(-4, 4, (3, inter), generator=g).double()
+    got = _view_kernel_cols(gemm, None, w_down, 4, 8)(h[:, 4:8], None)
+    assert torch.equal(got, h[:, 4:8] @ w_down[:, 4:8].T)

@@ -112,7 +112,9 @@ def _bench_policy(world, cpus=2, **kw):
 def _hand_seconds(kind, counts, span_counts, hw, world, cpus=2):
     """The bench model (fp32, 4 layers: qkv 1536, o 1024, gate_up 8192 and down 1024 output
     columns, all split at 4 MiB), worked out from its layer shapes: the busiest rank's weight
-    reads and FLOPs, stretched by (ranks + engine process) / cores, plus ring all-gathers."""
+    reads and FLOPs, stretched by (ranks + engine process) / cores, plus ring all-gathers (in a
+    shared step: qkv's and o's columns, and the gated MLP's down-projection partial sums, whole
+    hidden-size rows)."""
     hidden, heads, dim, layers, vocab = 1024, 8, 128, 4, 4096
     widths, inputs = (1536, 1024, 8192, 1024), (1024, 1024, 1024, 4096)
     split = layers * sum(w * i for w, i in zip(widths, inputs))
@@ -125,7 +127,8 @@ def _hand_seconds(kind, counts, span_counts, hw, world, cpus=2):
     if kind == SHARED:
         work = (active - cut * split) * 4 / hw.hbm_bw + t * 2 * (active - cut * split) / hw.flops
         comm += layers * hop(t * heads * (dim * 4 + 4))
-        comm += sum(layers * hop(t * math.ceil(w / world) * 4) for w in widths)
+        comm += sum(layers * hop(t * math.ceil(w / world) * 4) for w in widths[:2])
+        comm += layers * hop(t * hidden * 4)
     else:
         work = active * 4 / hw.hbm_bw + busiest * 2 * active / hw.flops
         if kind == ROUTED and any(span_counts):

@@ -745,6 +745,28 @@ def head_gemm() -> Callable:
     return dispatch_unquantized_gemm()
 
 
+@_touch_point(
+    "gated MLP layout",
+    "linear layers keep their `prefix`; `MergedColumnParallelLinear` keeps `output_sizes`; "
+    "`RowParallelLinear.forward` passes its input to `quant_method.apply(self, input_parallel, "
+    "bias_)`; Llama-style MLPs run `gate_up_proj`, then `act_fn` (`SiluAndMul`: "
+    "silu(x[..., :d]) * x[..., d:]), then `down_proj`",
+    "a gated MLP splits like a TP layer in shared steps (`split_linear`): the gate_up slice "
+    "keeps its intermediate columns on the rank, and the down projection takes them as its "
+    "input columns",
+    "a model-level hook for sharding an MLP over a second group")
+def _check_gated_mlp() -> list[str]:
+    linear = "vllm.model_executor.layers.linear"
+    return (_contains(linear, "LinearBase.__init__", "self.prefix = prefix")
+            + _contains(linear, "MergedColumnParallelLinear.__init__", "self.output_sizes")
+            + _contains(linear, "RowParallelLinear.forward",
+                        "self.quant_method.apply(self, input_parallel, bias_)")
+            + _contains("vllm.model_executor.models.llama", "LlamaMLP.forward",
+                        "self.gate_up_proj(x)", "self.act_fn", "self.down_proj(x)")
+            + _contains("vllm.model_executor.layers.activation", "SiluAndMul.forward_native",
+                        "F.silu(x[..., :d]) * x[..., d:]"))
+
+
 def build_cpu_gemm(module: Any) -> None:
     """vLLM's CPU kernel for `module.weight`, left as `module.cpu_linear(x, weight, bias)` with
     the weight kept (as vLLM builds an lm_head's)."""

@@ -244,6 +244,13 @@ def split_layers(m: ModelShape, tp: int, min_bytes: int) -> list[tuple[int, int]
     return [(o, i) for o, i in layers if o * i * m.dtype_bytes >= min_bytes]
 
 
+def gated_mlp_splits(m: ModelShape, tp: int, min_bytes: int) -> bool:
+    """Whether the MLP splits like a TP layer in shared steps (`split_linear.gated_mlp_part`): a
+    dense gated MLP whose down projection has at least `min_bytes` of weights per TP rank."""
+    width = math.ceil(m.intermediate / tp)
+    return m.experts == 1 and m.hidden * width * m.dtype_bytes >= min_bytes
+
+
 VOCAB_PADDING = 64  # vLLM pads the lm_head's rows (the vocabulary) to a multiple of this
 
 
@@ -302,11 +309,18 @@ def exchange_shape(m: ModelShape, layout: Layout, min_bytes: int,
     which return the hidden states). `out_bytes`: bytes per partial output element (default the
     model's dtype, as on GPUs; `CPU_PARTIAL_BYTES` on CPUs)."""
     layers = math.ceil(m.layers / layout.pp)
-    widths = tuple(o for o, _ in split_layers(m, layout.tp, min_bytes)) * layers
+    split = split_layers(m, layout.tp, min_bytes)
+    # A gated MLP whose down projection splits is split like a TP layer (`split_linear`): its
+    # gate_up gathers nothing and its down projection gathers hidden-size partial sums.
+    paired = gated_mlp_splits(m, layout.tp, min_bytes)
+    if paired:
+        split = split[:-2]
+    widths = tuple(o for o, _ in split) * layers
     return ExchangeShape(heads=math.ceil(m.heads / layout.tp), head_dim=m.head_dim,
                          hidden=m.hidden, act_bytes=m.dtype_bytes,
                          out_bytes=m.dtype_bytes if out_bytes is None else out_bytes,
                          attn_layers=layers, split_widths=widths,
+                         sum_widths=(m.hidden,) * layers if paired else (),
                          logits_width=logits_width(m, layout.tp, min_bytes))
 
 

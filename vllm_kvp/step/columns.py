@@ -39,3 +39,29 @@ def assemble_columns(gathered: torch.Tensor, bounds: list[int]) -> torch.Tensor:
     if all(w == widest for w in widths):
         return gathered.permute(1, 0, 2).reshape(rows, world * widest)
     return torch.cat([gathered[r, :, :w] for r, w in enumerate(widths)], dim=1)
+
+
+# A gated MLP (gate_up -> act(gate) * up -> down) in a shared step splits like a TP layer: rank r
+# computes intermediate columns [bounds[r], bounds[r + 1]) of both the gate and the up projection
+# (the activation is elementwise per column pair, so it runs on the slice), multiplies them by the
+# same input columns of the down projection and the ranks' partial sums are added. One gather of
+# hidden-size rows per MLP instead of gathering 2 x intermediate + hidden columns.
+
+def gate_up_rows(intermediate: int, lo: int, hi: int) -> torch.Tensor:
+    """(2 * (hi - lo),) int64 rows of a fused gate_up weight (gate rows, then up rows, each
+    `intermediate` long) holding intermediate columns [lo, hi) of the gate, then of the up
+    projection: the slice's output keeps the fused layout the activation expects."""
+    if not 0 <= lo <= hi <= intermediate:
+        raise ValueError(f"columns [{lo}, {hi}) outside an intermediate size of {intermediate}")
+    cols = torch.arange(lo, hi, dtype=torch.int64)
+    return torch.cat([cols, cols + intermediate])
+
+
+def sum_in_rank_order(gathered: torch.Tensor) -> torch.Tensor:
+    """Every rank's partial sums, (world, rows, features) in rank order -> their sum, added in
+    rank order: every rank gathers the same bits and adds them the same way, so all hold the same
+    result (an all-reduce may add in a rank-dependent order)."""
+    out = gathered[0].clone()
+    for part in gathered[1:]:
+        out += part
+    return out

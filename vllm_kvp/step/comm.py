@@ -11,7 +11,10 @@ exchanges move what the others need (see `routing.StepRouting` for the row conve
     rank; each query's owner (every rank, in a shared step) then merges its rows in rank order;
   - `gather_columns`: in a shared step, each rank's slice of a split linear layer's output
     columns (see `split_linear`), for every row; also each rank's vocab columns of the logits
-    when the lm_head is split.
+    when the lm_head is split;
+  - `gather_partial_sums`: in a shared step, each rank's partial sums of a gated MLP's down
+    projection (its input columns' share), for every row (counted as columns: the exchange of a
+    split linear layer).
 Each collective is recorded in `stats.STATS` under its exchange kind and the step's kind, the
 names `step_policy.exchanges` predicts with. All are all-gathers: one collective each, equal
 sizes on every rank (padded to the routing's t_max or s_max), which vLLM's CPU communicator also
@@ -133,3 +136,11 @@ def gather_columns(part: torch.Tensor, bounds: list[int], step: Step,
     _count(kind, part, step.kind)
     gathered = _KVP_GROUP.all_gather(part, dim=0)
     return assemble_columns(gathered.view(len(bounds) - 1, part.shape[0], widest), bounds)
+
+
+def gather_partial_sums(part: torch.Tensor, step: Step) -> torch.Tensor:
+    """This rank's partial sums (rows, features) of a layer split by input columns -> every
+    rank's, (world, rows, features) in rank order (`columns.sum_in_rank_order` adds them)."""
+    part = part.contiguous()
+    _count(COLUMNS, part, step.kind)
+    return _KVP_GROUP.all_gather(part, dim=0).view(step.world, *part.shape)
