@@ -29,7 +29,7 @@ class RankStats:
     hidden_bytes: int = 0  # final hidden states (each step)
     column_bytes: int = 0  # output columns of split linear layers (shared steps)
     logits_bytes: int = 0  # vocab columns of the logits, when the lm_head is split
-    split_linear_calls: int = 0  # linear layer calls that computed only this rank's columns
+    split_linear_calls: int = 0  # split linear layer calls that gathered (columns, or MLP partial sums)
     tokens_computed: int = 0  # tokens this rank ran through the model as their owner (each once)
     tokens_shared: int = 0  # tokens it also ran in shared steps (their owner's result is kept)
     kv_tokens_written: torch.Tensor | int = 0  # K/V entries stored on this rank (all layers)
