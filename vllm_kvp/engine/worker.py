@@ -127,8 +127,9 @@ class KVPWorker(_base_worker()):
         super().initialize_from_config(kv_cache_config)
 
     def load_model(self, *args, **kwargs) -> None:
-        """vLLM's load, then the large linear layers split by columns over the KV ranks for
-        shared steps (`split_linear`; step_mode "auto" only)."""
+        """vLLM's load, then the large linear layers split over the KV ranks for shared steps
+        (`split_linear`: by output columns, gated MLPs as TP splits them; step_mode "auto"
+        only)."""
         kvp = kvp_config(self.vllm_config)
         if not (kvp.enabled and kvp.replicates_steps):
             return super().load_model(*args, **kwargs)
@@ -144,8 +145,9 @@ class KVPWorker(_base_worker()):
         n = split_linear.install(self.model_runner.model, kvp.size, min_bytes, cpu)
         self._kvp_logits_width = split_linear.install_logits(self.model_runner.model, min_bytes,
                                                              cpu)
-        logger.info("vllm_kvp: %d linear layers split by output columns over %d KV ranks in "
-                    "shared steps (weights >= %d bytes); lm_head %s", n, kvp.size, min_bytes,
+        logger.info("vllm_kvp: %d linear layers split over %d KV ranks in shared steps (weights "
+                    ">= %d bytes; by output columns, gated MLPs as TP splits them); lm_head %s",
+                    n, kvp.size, min_bytes,
                     "split by vocab columns when its rows pay for the gather"
                     if self._kvp_logits_width else "whole")
 
