@@ -767,6 +767,50 @@ def _check_gated_mlp() -> list[str]:
                         "F.silu(x[..., :d]) * x[..., d:]"))
 
 
+def warm_vocab_masks(model: Any) -> int:
+    """Compile, in this worker alone, the masking function vLLM's TP-sharded embeddings compile on
+    their first call (`get_masked_input_and_mask`, `torch.compile(dynamic=True)`); returns how
+    many embeddings were warmed. Left to the first step, it compiles (seconds of CPU) while the
+    other ranks spin in shared-memory collectives on the same cores: with KV ranks x TP on a
+    2-core host, a first step was measured taking 80 s instead of 10."""
+    import torch
+    from vllm.model_executor.layers import vocab_parallel_embedding as vpe
+
+    n = 0
+    for m in model.modules():
+        if (not isinstance(m, vpe.VocabParallelEmbedding) or getattr(m, "tp_size", 1) == 1
+                or getattr(m, "use_fused_embedding", False)):
+            continue
+        si = m.shard_indices
+        # The compiler specialises size 1 (a one-row step, or a rank's placeholder row) and
+        # compiles a general size from the second shape on: warm both.
+        for size in (1, 2, 3):
+            vpe.get_masked_input_and_mask(
+                torch.zeros(size, dtype=torch.int32), si.org_vocab_start_index,
+                si.org_vocab_end_index, si.num_org_vocab_padding, si.added_vocab_start_index,
+                si.added_vocab_end_index)
+        n += 1
+    return n
+
+
+@_touch_point(
+    "TP embedding mask compile",
+    "`VocabParallelEmbedding.forward` with `tp_size > 1` (unfused) calls the module-level "
+    "`get_masked_input_and_mask(input_, org_vocab_start_index, org_vocab_end_index, "
+    "num_org_vocab_padding, added_vocab_start_index, added_vocab_end_index)`, compiled with "
+    "`torch.compile(dynamic=True)` on first use; input ids are int32",
+    "each worker compiles it while loading, not in the first step while its peers spin in "
+    "shared-memory collectives (KV ranks x TP on few cores)",
+    "vLLM warming its compiled helpers at load time")
+def _check_vocab_mask() -> list[str]:
+    vpe = "vllm.model_executor.layers.vocab_parallel_embedding"
+    return (_params(f"{vpe}:get_masked_input_and_mask",
+                    ["input_", "org_vocab_start_index", "org_vocab_end_index",
+                     "num_org_vocab_padding", "added_vocab_start_index", "added_vocab_end_index"])
+            + _contains(vpe, "VocabParallelEmbedding.forward", "get_masked_input_and_mask(")
+            + _contains(vpe, "", "@torch.compile(dynamic=True"))
+
+
 def build_cpu_gemm(module: Any) -> None:
     """vLLM's CPU kernel for `module.weight`, left as `module.cpu_linear(x, weight, bias)` with
     the weight kept (as vLLM builds an lm_head's)."""

@@ -131,9 +131,12 @@ class KVPWorker(_base_worker()):
         (`split_linear`: by output columns, gated MLPs as TP splits them; step_mode "auto"
         only)."""
         kvp = kvp_config(self.vllm_config)
-        if not (kvp.enabled and kvp.replicates_steps):
-            return super().load_model(*args, **kwargs)
         cpu = current_platform.is_cpu()
+        if not (kvp.enabled and kvp.replicates_steps):
+            super().load_model(*args, **kwargs)
+            if cpu:
+                vllm_compat.warm_vocab_masks(self.model_runner.model)
+            return
         min_bytes = kvp.min_split_bytes(cuda=not cpu)
         capture = contextlib.nullcontext()
         if cpu:
@@ -142,6 +145,8 @@ class KVPWorker(_base_worker()):
             capture = capture_column_slices(comm.kvp_rank(), kvp.size, min_bytes)
         with capture:
             super().load_model(*args, **kwargs)
+        if cpu:
+            vllm_compat.warm_vocab_masks(self.model_runner.model)
         n = split_linear.install(self.model_runner.model, kvp.size, min_bytes, cpu)
         self._kvp_logits_width = split_linear.install_logits(self.model_runner.model, min_bytes,
                                                              cpu)

@@ -14,8 +14,9 @@ exchanged. One step, in every attention layer:
   5. the partials are exchanged and each rank merges, in rank order, those of its spanning rows.
 A step with no spanning row (a "local" step) stops after 2: no collective in any attention layer.
 In a shared step (see `step_policy`) every rank runs every row: 2 and 3 are skipped, 4 covers every
-query and each rank merges every row. A rank holding nothing of a request contributes out = 0,
-lse = -inf.
+query and each rank merges every row; where the kernels can, the queries of fresh requests (no KV
+before the step) are attended by rows over all ranks from the step's own K/V instead of by their
+owner alone (`fresh`). A rank holding nothing of a request contributes out = 0, lse = -inf.
 
 The device kernels plug in through `AttentionKernels` (C++ on CPUs: `backend_cpu.py`; Triton on
 CUDA: `backend_cuda.py`); the backends hold nothing else but vLLM's metadata and cache hooks.
@@ -41,6 +42,12 @@ class AttentionKernels(Protocol):
         """gathered (R, X, F) every rank's packed partials; rows (n,) int64 queries -> out (n, H,
         D) their merged outputs, ranks in order."""
 
+    def fresh_partials(self, q: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       step: Step, scale: float, packed: torch.Tensor) -> None:
+        """A shared step with fresh requests (`step.fresh`, only built where the kernels have
+        this): q (T, H, D) every query, key/value (T, Hkv, D) the step's K/V -> the packed
+        partials of this rank's rows of the fresh requests, written into packed (T, F)."""
+
     def attend_own(self, q: torch.Tensor, kv_cache: torch.Tensor, step: Step, scale: float,
                    out: torch.Tensor) -> None:
         """q (own_rows, H, D) this rank's local rows -> out (own_rows, H, D) their attention over
@@ -48,8 +55,11 @@ class AttentionKernels(Protocol):
 
 
 def attend(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, output: torch.Tensor,
-           num_heads: int, head_size: int, scale: float, kernels: AttentionKernels) -> torch.Tensor:
-    """Steps 2-5 of one attention layer; `output` (>= out_rows, H * D) receives this rank's rows."""
+           num_heads: int, head_size: int, scale: float, kernels: AttentionKernels,
+           key: torch.Tensor | None = None, value: torch.Tensor | None = None) -> torch.Tensor:
+    """Steps 2-5 of one attention layer; `output` (>= out_rows, H * D) receives this rank's rows.
+    key, value (T, Hkv, D): the step's new K/V (read only for a shared step's fresh requests,
+    `step.fresh`)."""
     h, d, rows, own = num_heads, head_size, step.out_rows, step.own_rows
     out = output[:rows].view(rows, h, d)
     if own:  # 2.
@@ -64,6 +74,8 @@ def attend(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, output: torc
             out[own:].zero_()
         return output
     packed = kernels.partials(q, kv_cache, step, scale)  # 4.
+    if step.fresh is not None:  # a shared step's fresh requests: this rank's rows of them
+        kernels.fresh_partials(q, key, value, step, scale, packed)
     gathered = comm.gather_partials(packed, step)  # 5. (R, X, F)
     merged = step.merge_idx.shape[0]
     if merged:

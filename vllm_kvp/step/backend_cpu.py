@@ -19,6 +19,7 @@ from vllm_kvp.ops.paged_attention import paged_attention_lse, write_kv
 from vllm_kvp.step import Step
 from vllm_kvp.step import attention as kvp_attention
 from vllm_kvp.step import build_step, rank_context
+from vllm_kvp.step.fresh import scratch_cache
 from vllm_kvp.step.shard_map import local_slots
 from vllm_kvp.step.stats import STATS
 
@@ -43,7 +44,7 @@ class KVPMetadataBuilder(AttentionMetadataBuilder[Step]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
 
     def build(self, common_prefix_len: int, common_attn_metadata, fast_build: bool = False):
-        return build_step(common_attn_metadata, rank_context())
+        return build_step(common_attn_metadata, rank_context(), split_fresh=True)
 
 
 class CPUKernels:
@@ -57,11 +58,23 @@ class CPUKernels:
         # exchange buffer.
         t, h, d = q.shape
         packed = torch.empty((t, h * d + h), dtype=torch.float32, device=q.device)
-        paged_attention_lse(q, kv_cache, step.local_block_table, step.shard_lens,
+        paged_attention_lse(q, kv_cache, step.local_block_table, step.exchanged_lens,
                             step.exchanged_query_start_loc, scale, q_pos=step.exchanged_pos,
                             block_pos=step.block_pos, out=packed[:, : h * d].view(t, h, d),
                             lse=packed[:, h * d:])
         return packed
+
+    def fresh_partials(self, q, key, value, step: Step, scale: float, packed) -> None:
+        f = step.fresh
+        n, (_, h, d) = f.rows.shape[0], q.shape
+        if n == 0:
+            return
+        scratch = scratch_cache(f, key, value)
+        out = torch.empty((n, h, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((n, h), dtype=torch.float32, device=q.device)
+        paged_attention_lse(q[f.rows], scratch, f.block_table, f.lens, f.query_start_loc, scale,
+                            q_pos=f.pos, block_pos=f.block_pos, out=out, lse=lse)
+        packed[f.rows] = torch.cat([out.view(n, h * d), lse], dim=1)
 
     def merge(self, gathered, rows, out) -> None:
         merge_gathered_rows(gathered, rows, self.h, self.d, out)
@@ -112,4 +125,4 @@ class KVPAttentionImpl(AttentionImpl):
         if attn_metadata is None:  # profiling / warm-up run: no step, no collectives
             return output
         return kvp_attention.attend(attn_metadata, query, kv_cache, output, self.num_heads,
-                                    self.head_size, self.scale, self.kernels)
+                                    self.head_size, self.scale, self.kernels, key, value)

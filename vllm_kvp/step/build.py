@@ -21,6 +21,7 @@ import torch
 
 from vllm_kvp.engine import vllm_compat
 from vllm_kvp.rank_map import RankMap
+from vllm_kvp.step.fresh import FreshSplit, fresh_split
 from vllm_kvp.step.routing import StepRouting, route_step, routing_from_tensors
 from vllm_kvp.step.shard_map import local_blocks
 from vllm_kvp.step_policy import LOCAL, SHARED, StepPolicy
@@ -70,6 +71,8 @@ class Step:
     token_pos: torch.Tensor  # (T,) int32, position of each query of the step
     max_query_len: int  # host bound on the step's query lengths (kernel launch parameters)
     max_kv_len: int  # host bound on shard_lens
+    # A shared step's fresh requests, attended by rows over every rank (`fresh`; CPU steps only)
+    fresh: FreshSplit | None = None
 
     @property
     def local(self) -> bool:
@@ -106,6 +109,12 @@ class Step:
         return self.query_start_loc if self.shared else self.routing.span_query_start_loc
 
     @property
+    def exchanged_lens(self) -> torch.Tensor:
+        """(B,) int32 KV of each request the exchanged queries read from this rank's cache (a
+        shared step's fresh requests read none: see `fresh`)."""
+        return self.fresh.cache_lens if self.fresh is not None else self.shard_lens
+
+    @property
     def exchanged_pos(self) -> torch.Tensor:
         """(X,) int32 positions of those queries."""
         return self.token_pos if self.shared else self.routing.span_pos
@@ -129,8 +138,10 @@ class Step:
         return self.routing.span_merge
 
 
-def build_step(cm, context: RankContext) -> Step:
-    """The step of vLLM's CommonAttentionMetadata `cm` on this rank (called once per step)."""
+def build_step(cm, context: RankContext, split_fresh: bool = False) -> Step:
+    """The step of vLLM's CommonAttentionMetadata `cm` on this rank (called once per step).
+    `split_fresh`: the backend's kernels attend a shared step's fresh requests by rows
+    (`AttentionKernels.fresh_partials`)."""
     n, t = cm.num_reqs, cm.num_actual_tokens
     ranks, rank = context.ranks, context.rank
     qsl = cm.query_start_loc[: n + 1]
@@ -154,7 +165,10 @@ def build_step(cm, context: RankContext) -> Step:
         routing = route_step(slots, qsl, seq_lens, rank, ranks, block_table=table)
     spans = routing.num_spanning > 0
     kind = context.policy.kind(routing.counts, spans, routing.span_counts, t)
-    return Step(routing=routing, kind=kind, spans=spans, num_actual_tokens=t,
+    fresh = None
+    if kind == SHARED and split_fresh:
+        fresh = fresh_split(qsl, seq_lens, lens, rank, ranks.num_ranks, ranks.block_size)
+    return Step(routing=routing, kind=kind, spans=spans, num_actual_tokens=t, fresh=fresh,
                 query_start_loc=qsl, local_block_table=local_table, shard_lens=lens,
                 block_pos=block_pos, token_pos=routing.token_pos.to(torch.int32),
                 max_query_len=cm.max_query_len,
