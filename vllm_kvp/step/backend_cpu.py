@@ -69,12 +69,11 @@ class CPUKernels:
         n, (_, h, d) = f.rows.shape[0], q.shape
         if n == 0:
             return
-        scratch = scratch_cache(f, key, value)
-        out = torch.empty((n, h, d), dtype=torch.float32, device=q.device)
-        lse = torch.empty((n, h), dtype=torch.float32, device=q.device)
-        paged_attention_lse(q[f.rows], scratch, f.block_table, f.lens, f.query_start_loc, scale,
-                            q_pos=f.pos, block_pos=f.block_pos, out=out, lse=lse)
-        packed[f.rows] = torch.cat([out.view(n, h * d), lse], dim=1)
+        part = torch.empty((n, h * d + h), dtype=torch.float32, device=q.device)
+        paged_attention_lse(q[f.rows], scratch_cache(f, key, value), f.block_table, f.lens,
+                            f.query_start_loc, scale, q_pos=f.pos, block_pos=f.block_pos,
+                            out=part[:, : h * d].view(n, h, d), lse=part[:, h * d:])
+        packed[f.rows] = part
 
     def merge(self, gathered, rows, out) -> None:
         merge_gathered_rows(gathered, rows, self.h, self.d, out)

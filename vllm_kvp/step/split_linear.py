@@ -55,6 +55,13 @@ from vllm_kvp.step.stats import STATS
 from vllm_kvp.step_policy import LOGITS
 
 
+def _split_step():
+    """The current step if this rank computes only its slice of split layers in it (a shared
+    step over several ranks), else None."""
+    step = current_step()
+    return step if step is not None and step.shared and step.world > 1 else None
+
+
 class SplitLinearMethod:
     """Stands in for a layer's `quant_method`: its own columns in a shared step, the wrapped
     method otherwise (and for everything but `apply`)."""
@@ -70,8 +77,8 @@ class SplitLinearMethod:
         return getattr(self.inner, name)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        step = current_step()
-        if step is None or not step.shared or step.world < 2:
+        step = _split_step()
+        if step is None:
             return self.inner.apply(layer, x, bias)
         lead = x.shape[:-1]
         part = self.kernel(x.reshape(-1, x.shape[-1]),
@@ -86,8 +93,8 @@ class GateUpSliceMethod(SplitLinearMethod):
     projection takes them as its input columns)."""
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        step = current_step()
-        if step is None or not step.shared or step.world < 2:
+        step = _split_step()
+        if step is None:
             return self.inner.apply(layer, x, bias)
         if bias is not None:
             bias = bias[gate_up_rows(bias.shape[0] // 2, self.lo, self.hi).to(bias.device)]
@@ -100,8 +107,8 @@ class DownSliceMethod(SplitLinearMethod):
     the ranks' partial sums are gathered and added in rank order (then the bias, once)."""
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None):
-        step = current_step()
-        if step is None or not step.shared or step.world < 2:
+        step = _split_step()
+        if step is None:
             return self.inner.apply(layer, x, bias)
         lead = x.shape[:-1]
         part = self.kernel(x.reshape(-1, x.shape[-1]), None)
@@ -145,14 +152,8 @@ def cpu_mlp_slice(weight: torch.Tensor, role: str, lo: int, hi: int,
     rows of those intermediate columns, or those input columns of the down projection), given
     vLLM's CPU kernel for that shape by `build`."""
     w = weight.detach()
-    if role == "gate_up":
-        part = w[gate_up_rows(w.shape[0] // 2, lo, hi)]
-    else:
-        part = w[:, lo:hi].contiguous()
-    proxy = torch.nn.Module()
-    proxy.weight = torch.nn.Parameter(part.clone(), requires_grad=False)
-    build(proxy)
-    return proxy
+    part = w[gate_up_rows(w.shape[0] // 2, lo, hi)] if role == "gate_up" else w[:, lo:hi]
+    return _proxy(part, build)
 
 
 def _install_gated_mlps(model: torch.nn.Module, min_bytes: int, cpu: bool) -> set[int]:
@@ -297,8 +298,12 @@ def cpu_slice(weight: torch.Tensor, lo: int, hi: int,
               build: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
     """A stand-in module holding a copy of rows [lo, hi) of `weight` (output columns), given
     vLLM's CPU kernel for that shape by `build` (vLLM's dispatch, as for the layer itself)."""
+    return _proxy(weight.detach()[lo:hi], build)
+
+
+def _proxy(part: torch.Tensor, build: Callable[[torch.nn.Module], None]) -> torch.nn.Module:
     proxy = torch.nn.Module()
-    proxy.weight = torch.nn.Parameter(weight.detach()[lo:hi].clone(), requires_grad=False)
+    proxy.weight = torch.nn.Parameter(part.contiguous().clone(), requires_grad=False)
     build(proxy)
     return proxy
 
