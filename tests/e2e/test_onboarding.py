@@ -19,8 +19,8 @@ ENGINE = dict(max_model_len=1024, max_num_batched_tokens=2048, max_num_seqs=32)
 
 def workloads():
     return {
-        # 200 prompt tokens, then decode to 600: crosses 256 and 512 while generating.
-        "growing": (random_prompts([200], 4096, seed=11), 400),
+        # 230 prompt tokens, then decode to 530: crosses 256 and 512 while generating.
+        "growing": (random_prompts([230], 4096, seed=11), 300),
         # 200 + 56 = 256 tokens = 2 blocks each: every request fits on one rank.
         "short": (random_prompts([200] * (RANKS * K), 4096, seed=12), 56),
         # All 12 are admitted with 2 blocks each (24 of the 26 usable), then each needs a third

@@ -1,5 +1,7 @@
 """Pipeline parallelism on CPU, alone and with KV ranks, with fixed and adaptive prefill chunks:
 greedy tokens equal those of one plain worker. A stage that dies restarts the workers; the requests complete unchanged.
+(KV ranks x pipeline with `striped` placement and adaptive chunks runs through the server, in
+test_server.)
 
 Prompts up to 1,500 tokens in 256-token chunks, so every long prompt is prefilled in several chunks
 in flight on both stages, and adaptive chunking really shrinks the later ones.
@@ -71,12 +73,6 @@ def _check_kvp_pipeline(llm, prompts, reference, label):
     stats = llm.collective_rpc("kvp_stats")
     assert sorted(s["kvp_rank"] for s in stats) == [0, 0, 1, 1]
     assert len({s["num_blocks"] for s in stats}) == 1
-
-
-def test_kv_ranks_x_pipeline_striped_adaptive(model_path, prompts, reference):
-    kvp = {"size": 2, "placement": "striped", "prefill_chunking": "adaptive"}
-    with engine(model_path, kvp=kvp, pipeline_parallel_size=2, **ENGINE) as llm:
-        _check_kvp_pipeline(llm, prompts, reference, "kvp=2 striped adaptive x pp=2")
 
 
 @pytest.fixture(scope="module")

@@ -67,9 +67,18 @@ def _completions(base, model_path, prompts):
 
 def test_kv_ranks_x_pipeline_server_matches(model_path, prompts, reference_texts):
     """Two KV ranks of two pipeline stages each, striped, adaptive chunks: every flag on the
-    command line, plain vLLM's text back."""
+    command line, plain vLLM's text back. (The offline API runs KV ranks x pipeline with the
+    other placement, in test_pipeline_parallel.)"""
     with serve(model_path, "--kvp-size", "2", "--kvp-placement", "striped",
                "--pipeline-parallel-size", "2", "--kvp-prefill-chunking", "adaptive",
                "--max-model-len", "4096", "--max-num-batched-tokens", "512") as srv:
         assert _completions(srv.url, model_path, prompts) == reference_texts
-        assert "adaptive prefill chunking" in srv.log()
+        log = srv.log()
+        assert "adaptive prefill chunking" in log
+        layout = next(line for line in log.splitlines() if "vllm_kvp layout:" in line)
+        assert "2 KV ranks" in layout and "4 workers" in layout and "placement striped" in layout
+        # Each KV rank is a two-stage pipeline; both ranks got the same share of blocks, and a
+        # striped prompt spans both (le=1 bucket: no request stayed on one rank).
+        totals = metric_values(srv.url, "vllm_kvp:rank_kv_cache_blocks_total")
+        assert len(totals) == 2 and totals[0] == totals[1] > 0
+        assert metric_values(srv.url, "vllm_kvp:ranks_per_request_bucket")[0] < len(prompts)

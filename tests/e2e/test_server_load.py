@@ -121,9 +121,10 @@ def test_chat_completions_stream(server, model_path):
 
 
 def test_worker_killed_mid_stream_streams_complete(server, model_path):
-    """SIGKILL of a worker while 4 streams spanning both ranks decode, rank 1 then rank 0 (the
-    one that returns outputs): every stream completes with the undisturbed answer, no error
-    reaches a client, the failure metrics count it, no KV block leaks and the server serves on."""
+    """SIGKILL of rank 0's worker (the one that returns outputs) while 4 streams spanning both
+    ranks decode: every stream completes with the undisturbed answer, no error reaches a client,
+    the failure metrics count it, no KV block leaks and the server serves on. (Killing either
+    rank, mid-decode and mid-prefill, is covered offline in test_rank_failure.)"""
     import json
     import os
     import signal
@@ -139,7 +140,7 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
                                     timeout=300).json()["choices"][0]["text"],
             range(len(prompts))))
     failures = sum(metric_values(server.url, "vllm_kvp:rank_failures_total"))
-    for rank in (1, 0):
+    for rank in (0,):  # the harder rank; rank 1 dies in test_rank_failure
         texts: list[str | None] = [None] * len(prompts)
 
         def stream(i):
