@@ -12,7 +12,12 @@ bandwidth of an all-gather's copies.
   modelled as what it does: the sender copies its slice into a shared buffer and the receiver
   copies it out (two copies per byte received, measured on one thread with buffers larger than
   the caches). `vllm_kvp/planner/gpus.py` (`CPU_ALLGATHER_BW`) holds this host's figure.
-Run on a quiet machine, pinned to one core (`taskset -c 1`).
+- a2a_latency, a2a_bw (`--all-to-all`): what a scoped step's exchanges (`kvp.exchange_scope`)
+  cost: torch.distributed's all-to-all over gloo (vLLM's shared memory has no all-to-all), 3
+  processes pinned round robin to the cores, each sending to one peer. Latency: per peer, from a
+  1-row exchange (4 KiB); bandwidth: bytes received per second at 8 MiB. `CPU_A2A_LATENCY` and
+  `CPU_A2A_BW` in `vllm_kvp/planner/gpus.py` hold this host's figures.
+Run on a quiet machine, pinned to one core (`taskset -c 1`; `--all-to-all` pins its own).
 """
 
 from __future__ import annotations
@@ -53,10 +58,66 @@ def copy_bandwidth(nbytes: int = 256 << 20) -> float:
     return nbytes / seconds
 
 
+def _a2a_worker(rank: int, world: int, port: int, queue) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    width = 1024  # float32 values a row: 4 KiB
+    result = {}
+    for rows in (1, 2048):
+        x = torch.randn(rows, width)
+        out = torch.empty(rows, width)
+        sends = [rows if p == (rank + 1) % world else 0 for p in range(world)]
+        recvs = [rows if p == (rank - 1) % world else 0 for p in range(world)]
+        times = []
+        for i in range(60):
+            dist.barrier()
+            t0 = time.perf_counter()
+            dist.all_to_all_single(out, x, recvs, sends)
+            if i >= 10:
+                times.append(time.perf_counter() - t0)
+        result[rows] = statistics.median(times)
+    if rank == 0:
+        queue.put(result)
+    dist.destroy_process_group()
+
+
+def all_to_all(world: int = 3) -> dict:
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_a2a_worker, args=(r, world, 29611, queue)) for r in range(world)]
+    for p in procs:
+        p.start()
+    times = queue.get()
+    for p in procs:
+        p.join()
+    small, large = times[1], times[2048]
+    return {"a2a_world": world, "a2a_small_s": small, "a2a_large_s": large,
+            "a2a_latency": small / (world - 1),
+            "a2a_bw": 2048 * 1024 * 4 / max(large - small, 1e-9)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="write the figures as JSON here")
+    ap.add_argument("--all-to-all", action="store_true",
+                    help="measure gloo's all-to-all (3 processes) instead")
     args = ap.parse_args()
+    if args.all_to_all:
+        result = all_to_all()
+        print(json.dumps(result, indent=1))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return
     torch.set_num_threads(1)
     flops = gemm_flops()
     copy = copy_bandwidth()

@@ -49,7 +49,7 @@ def child(layout: str, model: str, chunk: int) -> dict:
     kvp = LAYOUTS[layout][1].get("additional_config", {}).get("kvp")
     if kvp:
         log = llm.collective_rpc("kvp_stats")[0]["step_log"][-len(steps):]
-        for s, (kind, counts, spans, tokens, logits) in zip(steps, log):
+        for s, (kind, counts, spans, tokens, logits, *_) in zip(steps, log):
             s.update(kind=kind, counts=counts, spans=spans, tokens=tokens, logits=logits)
     return {"steps": steps}
 

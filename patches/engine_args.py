@@ -25,7 +25,8 @@ import argparse
 import functools
 from typing import Any
 
-from vllm_kvp.config import CHUNKINGS, CONFIG_KEY, PLACEMENTS, STEP_MODES, KVPConfig, KVPConfigError
+from vllm_kvp.config import (CHUNKINGS, CONFIG_KEY, EXCHANGE_SCOPES, PLACEMENTS, STEP_MODES,
+                             KVPConfig, KVPConfigError)
 
 _FLAGS = {
     # flag dest -> KVPConfig field
@@ -38,6 +39,7 @@ _FLAGS = {
     "kvp_split_step_tokens": "split_step_tokens",
     "kvp_split_min_bytes": "split_min_bytes",
     "kvp_device": "device",
+    "kvp_exchange_scope": "exchange_scope",
     "kvp_max_rank_restarts": "max_rank_restarts",
 }
 
@@ -88,6 +90,11 @@ def add_kvp_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     group.add_argument("--kvp-split-min-bytes", type=int, default=None,
                        help="Weight bytes from which a linear layer is split by columns in such "
                             "steps. Default 4 MiB on CPUs, 32 MiB on GPUs; 0 splits every one.")
+    group.add_argument("--kvp-exchange-scope", type=str, default=None, choices=EXCHANGE_SCOPES,
+                       help="With more than 2 KV ranks: 'holders' sends a spanning request's "
+                            "queries only to the ranks holding its KV (all-to-alls), 'all' to "
+                            "every rank (all-gathers), 'auto' whichever the cost model predicts "
+                            "faster for the step. Default 'auto'.")
     group.add_argument("--kvp-max-rank-restarts", type=int, default=None,
                        help="When a worker dies, restart the workers and recompute the "
                             "unfinished requests, at most this many times in ten minutes. "

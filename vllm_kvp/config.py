@@ -14,6 +14,7 @@ from typing import Any, Mapping
 PLACEMENTS = ("onboard", "striped", "auto")
 CHUNKINGS = ("fixed", "adaptive")
 STEP_MODES = ("auto", "owner")
+EXCHANGE_SCOPES = ("auto", "holders", "all")
 CONFIG_KEY = "kvp"
 
 
@@ -66,6 +67,14 @@ class KVPConfig:
     split_min_bytes: weight bytes from which a linear layer is split by columns in such steps
         (smaller ones run whole on every rank: an all-gather costs more than reading them).
         None: 4 MiB on CPUs, 32 MiB on GPUs, whose collectives cost more reads; 0 splits all.
+    exchange_scope: with more than 2 ranks, where a routed step sends the queries of a request
+        that spans ranks (and whence their partial outputs come back).
+        "holders": only to the ranks holding KV of that request, with all-to-alls of variable
+        sizes (torch.distributed: gloo on CPUs, NCCL on GPUs).
+        "all": to every rank, with all-gathers (ranks holding nothing return empty partials);
+        on CPU hosts these run over vLLM's shared memory, much faster per call than gloo.
+        "auto" (default): "holders" for the steps where the cost model predicts the
+        all-to-alls faster (`device`'s constants), "all" for the others.
     max_rank_restarts: when a worker dies, the engine restarts its workers and recomputes the
         unfinished requests (see docs/design.md, "Rank failure"), at most this many times in ten
         minutes; then it stops as plain vLLM does. 0: stop at the first death (vLLM's behaviour).
@@ -80,6 +89,7 @@ class KVPConfig:
     split_step_tokens: int | None = None
     device: str | None = None
     split_min_bytes: int | None = None
+    exchange_scope: str = "auto"
     max_rank_restarts: int = 3
 
     def __post_init__(self) -> None:
@@ -104,6 +114,11 @@ class KVPConfig:
                 f"got {self.step_mode!r}"
             )
 
+        if self.exchange_scope not in EXCHANGE_SCOPES:
+            raise KVPConfigError(
+                f"kvp.exchange_scope must be one of {', '.join(map(repr, EXCHANGE_SCOPES))}, "
+                f"got {self.exchange_scope!r}"
+            )
         if self.split_step_tokens is not None:
             _check_int("split_step_tokens", self.split_step_tokens, minimum=0)
         if self.device is not None:

@@ -12,7 +12,9 @@ Step kinds (under owner computes every token is computed by the rank that owns i
       attention layer exchanges anything. What most requests of a long-context service need.
   "routed": each rank runs the model on its own tokens; in every attention layer the queries of
       the requests that span ranks are all-gathered and every rank's partials of those queries
-      are all-gathered. The rows of local requests stay on their rank, as in a local step.
+      are all-gathered (or, in a *scoped* step, `step.scope`, each query goes only to the ranks
+      holding KV of its request and partials come back only from them, with all-to-alls:
+      `StepPolicy.scoped`). The rows of local requests stay on their rank, as in a local step.
   "shared": every rank runs every token of the step. The queries are already everywhere, so each
       attention layer gathers only the partials; each split linear layer (see `split_linear`)
       computes 1/N of its output columns for all rows and gathers the columns.
@@ -67,6 +69,28 @@ class StepPolicy:
     split_step_tokens: int | None = None
     costs: "StepCosts | None" = None
     logits_width: int = 0
+    exchange_scope: str = "auto"
+
+    @property
+    def may_scope(self) -> bool:
+        """A routed step may send queries only to the ranks holding their KV (`scoped`): with
+        more than two ranks (with two, a spanning request is on both) unless `kvp.exchange_scope`
+        is "all"."""
+        return self.world > 2 and self.exchange_scope != "all"
+
+    def scoped(self, send: Sequence[Sequence[int]], span_counts: Sequence[int]) -> bool:
+        """Whether a routed step whose owners send `send[o][p]` spanning queries to the ranks
+        holding their KV (`step.scope`; diagonal: each owner's own) exchanges them with
+        all-to-alls rather than all-gathers. "holders": always; "auto": when the costs predict
+        the all-to-alls faster (their latency per peer against the bytes an all-gather would
+        move to ranks holding nothing of the queries); without costs, never."""
+        if not self.may_scope:
+            return False
+        if self.exchange_scope == "holders":
+            return True
+        if self.costs is None:
+            return False
+        return self.costs.scoped_seconds(send) < self.costs.gathered_seconds(span_counts)
 
     def split_logits(self, rows: int) -> bool:
         """Whether the logits of `rows` hidden states are computed split by vocab columns over
@@ -174,6 +198,30 @@ class StepCosts:
     byte_s: float = 0.0
     logits_weight_s: float = 0.0
     logits_row_s: float = 0.0
+    a2a_hop_s: float = 0.0
+    a2a_byte_s: float = 0.0
+
+    def _query_bytes(self) -> int:
+        return self.shape.heads * self.shape.head_dim * self.shape.act_bytes
+
+    def gathered_seconds(self, span_counts: Sequence[int]) -> float:
+        """The query and partial all-gathers of a routed step's attention layers (ring: N - 1
+        hops, N - 1 ranks' contributions received)."""
+        n, layers = self.world, self.shape.attn_layers
+        sent = (max(span_counts, default=0) * self._query_bytes()
+                + sum(span_counts) * self.shape.partial_row_bytes)
+        return layers * (n - 1) * (2 * self.hop_s + sent * self.byte_s)
+
+    def scoped_seconds(self, send: Sequence[Sequence[int]]) -> float:
+        """The same exchanges as all-to-alls to the ranks holding the queries' KV: per layer, two
+        of N - 1 peers each (`a2a_hop_s` a peer; 0: the all-gathers' hop) and the busiest rank's
+        received queries and partials (`a2a_byte_s` a byte; 0: the all-gathers' rate)."""
+        n, layers = self.world, self.shape.attn_layers
+        hop, byte_s = self.a2a_hop_s or self.hop_s, self.a2a_byte_s or self.byte_s
+        recv = max(sum(send[o][r] for o in range(n) if o != r) * self._query_bytes()
+                   + sum(send[r][p] for p in range(n) if p != r) * self.shape.partial_row_bytes
+                   for r in range(n))
+        return layers * (2 * (n - 1) * hop + recv * byte_s)
 
     def logits_seconds(self, rows: int, split: bool) -> float:
         """The logits of `rows` hidden states on one rank: the whole lm_head, or 1/N of its
@@ -241,20 +289,30 @@ def row_span(counts: Sequence[int]) -> int:
 
 def exchanges(kind: str, counts: Sequence[int], tokens: int, shape: ExchangeShape,
               world: int, span_counts: Sequence[int] | None = None,
-              logits_rows: Sequence[int] = ()) -> dict[str, tuple[int, int]]:
+              logits_rows: Sequence[int] = (), scope: Sequence[Sequence[int]] | None = None,
+              rank: int = 0) -> dict[str, tuple[int, int]]:
     """The KVP collectives of one step on one rank, by exchange kind: (collectives, bytes this
     rank sends into them). `tokens`: the step's T tokens; `counts`: tokens each rank owns;
     `span_counts`: of those, the tokens of requests spanning ranks (None: all of them). A routed
     step exchanges the queries and partials of spanning tokens only; a shared step the partials
     of all T. `logits_rows`: the rows of each logits computation of the step that was split by
-    vocab columns (`StepPolicy.split_logits`), one gather each. Nothing is exchanged with one KV
-    rank."""
+    vocab columns (`StepPolicy.split_logits`), one gather each. `scope`: a scoped routed step's
+    `send` matrix (`step.scope`), whose all-to-alls send what `rank` sends its peers: its queries
+    to the ranks holding their KV, and the partials of the queries it received back to their
+    owners. Nothing is exchanged with one KV rank."""
     if world < 2:
         return {}
     span_counts = counts if span_counts is None else span_counts
     t_max = row_span(counts)
     out = {}
-    if kind == ROUTED and any(span_counts):
+    if kind == ROUTED and any(span_counts) and scope is not None:
+        n = len(scope)
+        q = sum(scope[rank][p] for p in range(n) if p != rank)
+        back = sum(scope[o][rank] for o in range(n) if o != rank)
+        out[QUERIES] = (shape.attn_layers,
+                        shape.attn_layers * q * shape.heads * shape.head_dim * shape.act_bytes)
+        out[PARTIALS] = (shape.attn_layers, shape.attn_layers * back * shape.partial_row_bytes)
+    elif kind == ROUTED and any(span_counts):
         q = max(span_counts) * shape.heads * shape.head_dim * shape.act_bytes
         out[QUERIES] = (shape.attn_layers, shape.attn_layers * q)
         out[PARTIALS] = (shape.attn_layers,

@@ -94,7 +94,7 @@ def test_two_ranks_serve_it_with_per_rank_memory(model_path, prompt, reference):
     # padded to the largest.
     steps = [a["step_log"][len(b["step_log"]):] for a, b in zip(after, before)]
     assert [k for k, *_ in steps[0]] == [k for k, *_ in steps[1]]  # every rank: the same kinds
-    spanning = sum(tokens for kind, _, _, tokens, _ in steps[0] if kind != "local")
+    spanning = sum(tokens for kind, _, _, tokens, *_ in steps[0] if kind != "local")
     assert any(kind == "local" for kind, *_ in steps[0]) and spanning >= MAX_TOKENS - 1
     diff = {k: [a[k] - b[k] for a, b in zip(after, before)]
             for k in ("exchanged_bytes", "query_bytes", "partial_bytes", "hidden_bytes",

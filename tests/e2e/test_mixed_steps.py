@@ -4,10 +4,11 @@ requests pay nothing).
 One batch, under memory pressure and with prefix-cache hits: short requests that live on one
 rank, long ones spread over the ranks, and two prompts sharing a 640-token prefix (the second
 served from the prefix cache). The pool is small enough that running requests get preempted and
-recompute. N = 2 onboard and N = 3 auto (the long requests striped, the short ones placed as under
-onboard; N = 2 striped runs in test_kvp_exact), each against one plain worker: greedy tokens
-equal, logprobs within tolerance; the workers' step logs show local steps (no request
-spans ranks) and steps in which spanning requests ran.
+recompute. N = 2 onboard and N = 3 auto (the longest requests striped over all three ranks, the
+others placed as under onboard, on one or two ranks; queries sent only to the ranks holding their
+KV, `exchange_scope` "holders"; N = 2 striped runs in test_kvp_exact), each against one plain
+worker: greedy tokens equal, logprobs within tolerance; the workers' step logs show local steps
+(no request spans ranks) and steps in which spanning requests ran.
 """
 
 import pytest
@@ -49,8 +50,9 @@ def reference(model_path):
 # preemption, while the largest request (7 blocks) still fits.
 @pytest.mark.parametrize("kvp,per_rank", [
     ({"size": 2, "placement": "onboard", "max_tokens_per_rank": 256}, 10),
-    ({"size": 3, "placement": "auto", "stripe_min_tokens": 256}, 7),
-], ids=["N2-onboard256", "N3-auto256"])
+    ({"size": 3, "placement": "auto", "stripe_min_tokens": 600, "max_tokens_per_rank": 384,
+      "exchange_scope": "holders"}, 7),
+], ids=["N2-onboard256", "N3-auto-scoped"])
 def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_rank):
     with engine(model_path, kvp=kvp, num_gpu_blocks_override=per_rank, disable_log_stats=False,
                 **ENGINE) as llm:
@@ -66,7 +68,7 @@ def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_ra
     assert any(len(r) == 1 for r in batch.kvp_ranks), batch.kvp_ranks
     if kvp["placement"] == "auto":  # every long prompt was striped, whatever room one rank had
         prompts = _prompts()[:-1]
-        long_ = [r for p, r in zip(prompts, batch.kvp_ranks) if len(p) > 256]
+        long_ = [r for p, r in zip(prompts, batch.kvp_ranks) if len(p) > kvp["stripe_min_tokens"]]
         assert long_ and all(len(r) > 1 for r in long_), batch.kvp_ranks
     log = stats[0]["step_log"]
     assert any(kind == "local" for kind, *_ in log), \
@@ -78,3 +80,34 @@ def test_mixed_local_and_spanning_steps_exact(model_path, reference, kvp, per_ra
                for kind, counts, span, *_ in log), "no routed step mixed local and spanning rows"
     # every rank routed every step alike
     assert all(s["step_log"] == log for s in stats)
+    if kvp.get("exchange_scope") == "holders":
+        _check_scoped_exchanges(model_path, kvp["size"], stats)
+
+
+def _check_scoped_exchanges(model_path, world, stats):
+    """N = 3 with requests on 2 of the 3 ranks beside striped ones: routed steps sent each
+    spanning query only to the ranks holding its request's KV (an all-gather would have reached
+    a rank holding none), and each rank's query and partial bytes are what `exchanges` predicts
+    for the queries it sent and the partials it returned."""
+    import dataclasses
+
+    from vllm_kvp.planner import cost_model as cm
+    from vllm_kvp.planner.command import load_model
+    from vllm_kvp.step.scope import needs_scope
+    from vllm_kvp.step_policy import PARTIALS, QUERIES, exchanges
+
+    log = stats[0]["step_log"]
+    scopes = [scope for *_, scope in log if scope is not None]
+    assert scopes and stats[0]["scoped_steps"] == len(scopes)
+    assert any(needs_scope(s) for s in scopes)
+    assert all(kind == "routed" for kind, *_, scope in log if scope is not None)
+    shape = cm.exchange_shape(dataclasses.replace(load_model(model_path), dtype_bytes=4),
+                              cm.Layout(kvp=world), 4 << 20, cm.CPU_PARTIAL_BYTES)
+    for rank, s in enumerate(stats):
+        want = {QUERIES: 0, PARTIALS: 0}
+        for kind, counts, span_counts, tokens, logits_rows, scope in s["step_log"]:
+            sent = exchanges(kind, counts, tokens, shape, world, span_counts, logits_rows,
+                             scope=scope, rank=rank)
+            for k in want:
+                want[k] += sent.get(k, (0, 0))[1]
+        assert (s["query_bytes"], s["partial_bytes"]) == (want[QUERIES], want[PARTIALS]), rank

@@ -62,7 +62,8 @@ def test_predicted_exchanges_equal_the_counters(bench_model):
         log = rank["step_log"]
         assert 0 < len(log) == sum(rank["steps"].values())
         want = {k: [0, 0] for k in EXCHANGE_KINDS}
-        for kind, counts, span_counts, tokens, logits_rows in log:
+        for kind, counts, span_counts, tokens, logits_rows, scope in log:
+            assert scope is None  # with 2 ranks every spanning request is on both
             assert policy.kind(counts, sum(span_counts) > 0, span_counts, tokens) == kind, (
                 kind, counts, span_counts, tokens)
             assert all(policy.split_logits(r) for r in logits_rows)

@@ -18,7 +18,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 FULL = ["--kvp-size", "2", "--kvp-placement", "striped", "--kvp-max-tokens-per-rank", "4096",
         "--kvp-stripe-min-tokens", "3000", "--kvp-prefill-chunking", "adaptive", "--kvp-step-mode", "owner",
         "--kvp-split-step-tokens", "64", "--kvp-split-min-bytes", "0",
-        "--kvp-max-rank-restarts", "5", "--kvp-device", "a100"]
+        "--kvp-max-rank-restarts", "5", "--kvp-device", "a100", "--kvp-exchange-scope", "holders"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_flags_fold_into_additional_config(parser):
                                              "prefill_chunking": "adaptive",
                                              "step_mode": "owner", "split_step_tokens": 64,
                                              "split_min_bytes": 0, "max_rank_restarts": 5,
-                                             "device": "a100"}
+                                             "device": "a100", "exchange_scope": "holders"}
 
 
 def test_only_given_flags_are_folded(parser):
@@ -184,6 +184,7 @@ def test_valid_kvp_selects_vllm_kvp_classes(model_path, kvp):
                                                 "prefill_chunking": "fixed",
                                                 "step_mode": "auto", "split_step_tokens": None,
                                                 "device": None, "split_min_bytes": None,
+                                                "exchange_scope": "auto",
                                                 "max_rank_restarts": 3, **kvp}
     assert config.scheduler_config.async_scheduling is False
 
@@ -198,7 +199,7 @@ def test_cli_flags_select_vllm_kvp_classes(parser, model_path):
                                                 "prefill_chunking": "adaptive",
                                              "step_mode": "owner", "split_step_tokens": 64,
                                              "split_min_bytes": 0, "max_rank_restarts": 5,
-                                             "device": "a100"}
+                                             "device": "a100", "exchange_scope": "holders"}
 
 
 @pytest.mark.parametrize("additional_config", [None, {"kvp": {"size": 1}}])

@@ -32,6 +32,7 @@ def test_error_is_a_value_error():
     ({"prefill_chunking": "Adaptive"}, "kvp.prefill_chunking", "'fixed', 'adaptive'"),
     ({"size": 2, "step_mode": "replicated"}, "kvp.step_mode", "'auto', 'owner'"),
     ({"size": 2, "split_step_tokens": -1}, "kvp.split_step_tokens", ">= 0"),
+    ({"size": 3, "exchange_scope": "peers"}, "kvp.exchange_scope", "'auto', 'holders', 'all'"),
     ({"size": 2, "split_step_tokens": 1.5}, "kvp.split_step_tokens", "integer"),
     ({"size": 2, "split_min_bytes": -4}, "kvp.split_min_bytes", ">= 0"),
     ({"size": 2, "split_min_bytes": "4MiB"}, "kvp.split_min_bytes", "integer"),
@@ -93,6 +94,7 @@ def test_non_mapping_is_rejected(raw):
     {"size": 2, "placement": "auto", "stripe_min_tokens": 4096},
     {"size": 2, "device": "h200"},
     {"size": 2, "device": "cpu", "split_step_tokens": 128},
+    {"size": 4, "exchange_scope": "holders"},
 ])
 def test_valid_config_round_trips(raw):
     config = KVPConfig.from_dict(raw)
@@ -102,7 +104,7 @@ def test_valid_config_round_trips(raw):
     assert set(as_dict) == {"size", "placement", "max_tokens_per_rank", "stripe_min_tokens",
                             "prefill_chunking",
                             "step_mode", "split_step_tokens", "device", "split_min_bytes",
-                            "max_rank_restarts"}
+                            "exchange_scope", "max_rank_restarts"}
     assert {k: as_dict[k] for k in raw} == raw
     again = KVPConfig.from_dict(as_dict)
     assert again == config
@@ -116,7 +118,7 @@ def test_defaults():
                                 "stripe_min_tokens": None,
                                 "prefill_chunking": "fixed", "step_mode": "auto",
                                 "split_step_tokens": None, "device": None,
-                                "split_min_bytes": None,
+                                "split_min_bytes": None, "exchange_scope": "auto",
                                 "max_rank_restarts": 3}
     assert (config.min_split_bytes(cuda=False), config.min_split_bytes(cuda=True)) == (4 << 20,
                                                                                      32 << 20)

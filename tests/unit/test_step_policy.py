@@ -248,3 +248,52 @@ def test_a_small_lm_head_or_no_costs_keep_it_whole():
     assert not fixed.split_logits(64)
     assert not dataclasses.replace(policy, share_steps=False).split_logits(64)  # step_mode owner
     assert LOGITS not in exchanges(SHARED, [1, 0], 1, SHAPE, 2, logits_rows=[1])  # width 0
+
+
+def _hand_exchange_seconds(send, scoped, hw, world):
+    """A routed step's query and partial exchanges on the bench model (4 layers, 8 heads of 128,
+    fp32), by hand: ring all-gathers of the busiest owner's queries and of every spanning
+    query's partials, or all-to-alls of N - 1 peers moving the busiest rank's received rows."""
+    layers, q_row, p_row = 4, 8 * 128 * 4, 8 * (128 * 4 + 4)
+    if not scoped:
+        span = [send[o][o] for o in range(world)]
+        per_layer = 2 * hw.intra_latency + (max(span) * q_row + sum(span) * p_row) / hw.intra_bw
+        return layers * (world - 1) * per_layer
+    recv = max(sum(send[o][r] for o in range(world) if o != r) * q_row
+               + sum(send[r][p] for p in range(world) if p != r) * p_row for r in range(world))
+    lat = hw.a2a_latency or hw.intra_latency
+    bw = hw.a2a_bw or hw.intra_bw
+    return layers * (2 * (world - 1) * lat + recv / bw)
+
+
+@pytest.mark.parametrize("device", ["cpu", "h100"])
+def test_exchange_scope_by_the_costs(device):
+    """kvp.exchange_scope "auto" sends queries only to their KV's holders where all-to-alls are
+    predicted faster than all-gathers: on NVLink (all-to-alls at the all-gathers' rates) whenever
+    a rank holds nothing of some spanning request; on the CPU host (gloo's all-to-all at ~1/5 of
+    the shared memory's rate) only where the bytes saved outweigh that."""
+    from vllm_kvp.model import BENCH_ARCH
+    from vllm_kvp.planner import cost_model as cm
+    from vllm_kvp.planner.command import shape_from_config
+    from vllm_kvp.planner.gpus import get_gpu
+
+    shape = shape_from_config({**BENCH_ARCH, "dtype": "float32"}, "bench")
+    hw = get_gpu(device).effective()
+    world = 4
+    policy = cm.policy(shape, cm.Layout(kvp=world), 4 << 20, hw=hw, out_bytes=4)
+    assert policy.may_scope
+    seen = set()
+    for rows in (1, 16, 256, 2048):
+        # Requests of rank 0 on ranks {0, 1}, of rank 2 on {2, 3}: each query needed by one peer.
+        send = [[rows, rows, 0, 0], [0, 0, 0, 0], [0, 0, rows, rows], [0, 0, 0, 0]]
+        want = (_hand_exchange_seconds(send, True, hw, world)
+                < _hand_exchange_seconds(send, False, hw, world))
+        assert policy.scoped(send, [rows, 0, rows, 0]) == want, rows
+        seen.add(want)
+    assert seen == ({True} if device == "h100" else {False, True})
+    send = [[8, 8, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert dataclasses.replace(policy, exchange_scope="holders").scoped(send, [8, 0, 0, 0])
+    assert not dataclasses.replace(policy, exchange_scope="all").scoped(send, [8, 0, 0, 0])
+    assert not dataclasses.replace(policy, costs=None).scoped(send, [8, 0, 0, 0])
+    two = cm.policy(shape, cm.Layout(kvp=2), 4 << 20, hw=hw, out_bytes=4)
+    assert not two.may_scope  # with two ranks a spanning request is on both

@@ -56,7 +56,7 @@ class KVPRunnerMixin:
         self._kvp_step = step
         if step is not None:
             STATS.record_step(step.kind, step.routing.counts, step.routing.span_counts,
-                              step.num_tokens)
+                              step.num_tokens, None if step.scope is None else step.scope.send)
         if step is None or step.world == 1:
             if step is not None:
                 STATS.tokens_computed += step.num_tokens

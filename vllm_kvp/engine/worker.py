@@ -57,6 +57,11 @@ def step_policy_for(vllm_config, kvp: KVPConfig, cuda: bool, hardware=None) -> S
     same on every rank and stage): whether the model has split layers is the cost model's rule on
     the model's shape, and each step's kind the cost model's prediction with `hardware`'s
     constants (None: the fixed rule)."""
+    policy = _step_policy(vllm_config, kvp, cuda, hardware)
+    return dataclasses.replace(policy, exchange_scope=kvp.exchange_scope)
+
+
+def _step_policy(vllm_config, kvp: KVPConfig, cuda: bool, hardware) -> StepPolicy:
     from vllm_kvp.planner import cost_model
     from vllm_kvp.planner.command import PlanError, shape_from_config
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["pack", "unpack", "wire_dtype"]
+__all__ = ["empty_partial", "pack", "unpack", "wire_dtype"]
 
 
 def wire_dtype(dtype: torch.dtype, h: int, d: int) -> torch.dtype:
@@ -46,3 +46,12 @@ def unpack(gathered: torch.Tensor, rows: torch.Tensor, h: int, d: int, dtype: to
     mine = gathered[:, rows]  # (R, n, F), a copy: contiguous
     r, n = mine.shape[:2]
     return mine[..., :ob].view(wd).view(r, n, h, d), mine[..., ob:].view(torch.float32)
+
+
+def empty_partial(like: torch.Tensor, h: int) -> torch.Tensor:
+    """(1, F) the packed partial of a rank holding nothing of a query (out = 0, lse = -inf), in
+    the layout of `like` (X, F): `pack`'s bytes or the CPU kernel's float32 row. Both end with the
+    H float32 LSEs."""
+    row = like.new_zeros((1, like.shape[1]))
+    row.view(torch.uint8)[:, -4 * h:].view(torch.float32).fill_(float("-inf"))
+    return row

@@ -107,6 +107,8 @@ class Hardware:
     gpus_per_node: int = 8
     step_overhead: float = 0.0   # s per engine step not covered by the terms (scheduling, launches)
     cpus: int = 0            # cores a node's workers and engine process share; 0: a device each
+    a2a_latency: float = 0.0  # s per peer of a small all-to-all; 0: the collective hop latency
+    a2a_bw: float = 0.0      # bytes/s received through an all-to-all; 0: the link's bandwidth
 
 
 @dataclass(frozen=True)
@@ -300,7 +302,9 @@ def step_costs(m: ModelShape, hw: Hardware, layout: Layout, min_bytes: int,
                      row_s=2 * whole / hw.flops, split_row_s=2 * split / hw.flops,
                      sharing=core_sharing(hw, layout),
                      hop_s=hw.inter_latency if inter else hw.intra_latency,
-                     byte_s=1 / (hw.inter_bw if inter else hw.intra_bw))
+                     byte_s=1 / (hw.inter_bw if inter else hw.intra_bw),
+                     a2a_hop_s=0.0 if inter else hw.a2a_latency,
+                     a2a_byte_s=1 / hw.a2a_bw if hw.a2a_bw and not inter else 0.0)
 
 
 def exchange_shape(m: ModelShape, layout: Layout, min_bytes: int,

@@ -34,6 +34,8 @@ STEP_OVERHEAD = 0.5e-3
 CPU_WEIGHT_BW = 31.8e9
 CPU_FLOPS = 138e9
 CPU_ALLGATHER_BW = 6.2e9
+CPU_A2A_LATENCY = 0.14e-3  # s per peer of a gloo all-to-all, 3 workers on 2 cores
+CPU_A2A_BW = 1.2e9  # bytes/s received through it (sockets: ~1/5 of the shared memory's rate)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class GPU:
     step_overhead: float = STEP_OVERHEAD   # s per engine step outside the kernels
     cpus: int = 0           # cores a node's workers share (a CPU host); 0: a device per worker
     measured: bool = False  # the rates are achieved ones already (no efficiency applied)
+    a2a_latency: float = 0.0  # s per peer of a small all-to-all; 0: intra_latency
+    a2a_bw: float = 0.0     # bytes/s received through an all-to-all; 0: intra_bw
 
     def effective(self, hbm_efficiency: float = HBM_EFFICIENCY,
                   flops_efficiency: float = FLOPS_EFFICIENCY) -> Hardware:
@@ -63,12 +67,13 @@ class GPU:
             memory_bytes=self.memory_bytes, hbm_bw=self.hbm_bw * hbm_efficiency,
             flops=self.flops * flops_efficiency, intra_bw=self.intra_bw, inter_bw=self.inter_bw,
             intra_latency=self.intra_latency, inter_latency=self.inter_latency,
-            gpus_per_node=self.gpus_per_node, step_overhead=self.step_overhead, cpus=self.cpus)
+            gpus_per_node=self.gpus_per_node, step_overhead=self.step_overhead, cpus=self.cpus,
+            a2a_latency=self.a2a_latency, a2a_bw=self.a2a_bw)
 
     def peak(self) -> Hardware:
         """Datasheet rates and no latency or overhead: the physical floor of a prediction."""
         return dataclasses.replace(self.effective(1.0, 1.0), intra_latency=0.0, inter_latency=0.0,
-                                   step_overhead=0.0)
+                                   step_overhead=0.0, a2a_latency=0.0)
 
 
 CATALOGUE = {
@@ -92,9 +97,11 @@ CATALOGUE = {
 # rate is `benchmarks/cpu_constants.py`'s (two copies per byte received). A CPU engine's step
 # policy uses it with the host's core count (`runtime_hardware`); other CPUs: fit your own and
 # pass it as `--kvp-device FILE.json` (`vllm-kvp plan --calibrate ... --save-spec` writes one).
+# All-to-alls (a scoped step's exchanges, `kvp.exchange_scope`) go through gloo's sockets rather
+# than shared memory: `benchmarks/cpu_constants.py --all-to-all` measures their cost per peer.
 CPU_HOST = GPU("CPU host", 24 * GB, CPU_WEIGHT_BW, CPU_FLOPS, CPU_ALLGATHER_BW, CPU_ALLGATHER_BW,
                0.113e-3, 0.113e-3, gpus_per_node=1 << 16, step_overhead=0.87e-3, cpus=2,
-               measured=True)
+               measured=True, a2a_latency=CPU_A2A_LATENCY, a2a_bw=CPU_A2A_BW)
 CATALOGUE["cpu"] = CPU_HOST
 
 
@@ -129,7 +136,8 @@ def load_gpu_spec(path: str | Path) -> GPU:
         raise GPUSpecError(f"GPU spec {path}: unknown fields {unknown}, missing fields {missing}; "
                            f"fields are {names}")
     spec.setdefault("name", Path(path).stem)
-    may_be_zero = ("intra_latency", "inter_latency", "step_overhead", "cpus")
+    may_be_zero = ("intra_latency", "inter_latency", "step_overhead", "cpus", "a2a_latency",
+                   "a2a_bw")
     if not isinstance(spec.get("measured", False), bool):
         raise GPUSpecError(f"GPU spec {path}: measured must be true or false, "
                            f"got {spec['measured']!r}")

@@ -13,6 +13,8 @@ exchanged. One step, in every attention layer:
      in place from its cache through a compacted local block table -> one (out, lse) per query;
   5. the partials are exchanged and each rank merges, in rank order, those of its spanning rows.
 A step with no spanning row (a "local" step) stops after 2: no collective in any attention layer.
+In a scoped step (`scope`) 3 and 5 are all-to-alls: each spanning query goes only to the other
+ranks holding KV of its request, and each rank attends only those queries.
 In a shared step (see `step_policy`) every rank runs every row: 2 and 3 are skipped, 4 covers every
 query and each rank merges every row; where the kernels can, the queries of fresh requests (no KV
 before the step) are attended by rows over all ranks from the step's own K/V instead of by their
@@ -28,7 +30,9 @@ from typing import Protocol
 
 import torch
 
+from vllm_kvp.ops.partials import empty_partial
 from vllm_kvp.step import Step, comm
+from vllm_kvp.step_policy import PARTIALS, QUERIES
 
 
 class AttentionKernels(Protocol):
@@ -64,6 +68,9 @@ def attend(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, output: torc
     out = output[:rows].view(rows, h, d)
     if own:  # 2.
         kernels.attend_own(query[:own].view(own, h, d), kv_cache, step, scale, out[:own])
+    if step.scope is not None:  # 3.-5., each query only to the ranks holding its KV
+        _attend_scoped(step, query[own:rows], kv_cache, out[own:], h, d, scale, kernels)
+        return output
     if step.shared:
         q = query[:rows].view(rows, h, d)
     elif step.routing.s_max:
@@ -83,6 +90,27 @@ def attend(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, output: torc
     if own + merged < rows:  # a dummy row
         out[own + merged:].zero_()
     return output
+
+
+def _attend_scoped(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, out: torch.Tensor,
+                   h: int, d: int, scale: float, kernels: AttentionKernels) -> None:
+    """Steps 3-5 of a scoped step (`scope`): query (>= n, H * D) this rank's spanning rows ->
+    out (>= n, H, D) their merged outputs (a dummy row past them zeroed)."""
+    sc, r = step.scope, step.routing
+    n, rank = r.span_counts[r.rank], r.rank
+    mine = query[:n].reshape(n, h * d)
+    received = comm.exchange_scoped(mine[sc.q_send], sc.in_splits(rank), sc.out_splits(rank),
+                                    QUERIES, step)
+    q = torch.cat([mine, received])[sc.x_src].view(-1, h, d)
+    packed = kernels.partials(q, kv_cache, step, scale)
+    back = comm.exchange_scoped(packed[sc.p_send], sc.out_splits(rank), sc.in_splits(rank),
+                                PARTIALS, step)
+    if n:
+        src = torch.cat([packed, back, empty_partial(packed, h)])
+        gathered = src[sc.merge_src].view(step.world, n, src.shape[1])
+        kernels.merge(gathered, step.merge_idx, out[:n])
+    if out.shape[0] > n:  # a dummy row
+        out[n:].zero_()
 
 
 def refuse_unsupported_layer(attn_type: str, decoder: str, **features: object) -> None:

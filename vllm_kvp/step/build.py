@@ -24,7 +24,9 @@ from vllm_kvp.rank_map import RankMap
 from vllm_kvp.step.fresh import FreshSplit, fresh_split
 from vllm_kvp.step.routing import StepRouting, route_step, routing_from_tensors
 from vllm_kvp.step.shard_map import local_blocks
-from vllm_kvp.step_policy import LOCAL, SHARED, StepPolicy
+from vllm_kvp.step.scope import (ExchangeScope, exchange_scope, needs_scope, request_holders,
+                                  send_matrix, span_holders)
+from vllm_kvp.step_policy import LOCAL, ROUTED, SHARED, StepPolicy
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,8 @@ class Step:
     max_kv_len: int  # host bound on shard_lens
     # A shared step's fresh requests, attended by rows over every rank (`fresh`; CPU steps only)
     fresh: FreshSplit | None = None
+    # A routed step whose spanning queries go only to the ranks holding their KV (`scope`)
+    scope: ExchangeScope | None = None
 
     @property
     def local(self) -> bool:
@@ -105,7 +109,10 @@ class Step:
     @property
     def exchanged_query_start_loc(self) -> torch.Tensor:
         """(B+1,) int32 offsets of each request's queries among those whose partials every rank
-        computes: all of the step's in a shared step, else the spanning ones (span order)."""
+        computes: all of the step's in a shared step, else the spanning ones (span order; in a
+        scoped step those whose request this rank holds)."""
+        if self.scope is not None:
+            return self.scope.x_query_start_loc
         return self.query_start_loc if self.shared else self.routing.span_query_start_loc
 
     @property
@@ -117,6 +124,8 @@ class Step:
     @property
     def exchanged_pos(self) -> torch.Tensor:
         """(X,) int32 positions of those queries."""
+        if self.scope is not None:
+            return self.scope.x_pos
         return self.token_pos if self.shared else self.routing.span_pos
 
     @property
@@ -132,7 +141,11 @@ class Step:
     @functools.cached_property
     def merge_idx(self) -> torch.Tensor:
         """Index, among the exchanged queries, of each row whose partials this rank merges: every
-        query in a shared step, else this rank's spanning rows (rows[own_rows:])."""
+        query in a shared step, else this rank's spanning rows (rows[own_rows:]; in a scoped step
+        the merge reads them from a buffer of their own, in row order)."""
+        if self.scope is not None:
+            n = self.routing.span_counts[self.routing.rank]
+            return torch.arange(n, device=self.routing.restore_idx.device)
         if self.shared:
             return torch.arange(self.num_tokens, device=self.routing.restore_idx.device)
         return self.routing.span_merge
@@ -165,10 +178,17 @@ def build_step(cm, context: RankContext, split_fresh: bool = False) -> Step:
         routing = route_step(slots, qsl, seq_lens, rank, ranks, block_table=table)
     spans = routing.num_spanning > 0
     kind = context.policy.kind(routing.counts, spans, routing.span_counts, t)
+    scope = None
+    if kind == ROUTED and spans and ranks.num_ranks > 2 and context.policy.may_scope:
+        owner, hold = span_holders(routing, request_holders(table, seq_lens, ranks))
+        send = send_matrix(owner, hold, ranks.num_ranks)
+        if needs_scope(send) and context.policy.scoped(send, routing.span_counts):
+            scope = exchange_scope(routing, owner, hold, send)
     fresh = None
     if kind == SHARED and split_fresh:
         fresh = fresh_split(qsl, seq_lens, lens, rank, ranks.num_ranks, ranks.block_size)
     return Step(routing=routing, kind=kind, spans=spans, num_actual_tokens=t, fresh=fresh,
+                scope=scope,
                 query_start_loc=qsl, local_block_table=local_table, shard_lens=lens,
                 block_pos=block_pos, token_pos=routing.token_pos.to(torch.int32),
                 max_query_len=cm.max_query_len,

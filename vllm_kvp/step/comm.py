@@ -15,10 +15,13 @@ exchanges move what the others need (see `routing.StepRouting` for the row conve
   - `gather_partial_sums`: in a shared step, each rank's partial sums of a gated MLP's down
     projection (its input columns' share), for every row (counted as columns: the exchange of a
     split linear layer).
+  - `exchange_scoped`: in a scoped step (see `scope`), the queries and then the partials of
+    spanning rows, each only to the ranks that need it: an all-to-all of variable sizes.
 Each collective is recorded in `stats.STATS` under its exchange kind and the step's kind, the
-names `step_policy.exchanges` predicts with. All are all-gathers: one collective each, equal
-sizes on every rank (padded to the routing's t_max or s_max), which vLLM's CPU communicator also
-runs over shared memory. A step with no spanning query issues none of the first or the third.
+names `step_policy.exchanges` predicts with. All but the last are all-gathers: one collective
+each, equal sizes on every rank (padded to the routing's t_max or s_max), which vLLM's CPU
+communicator also runs over shared memory (its all-to-all goes through torch.distributed: gloo
+on CPUs, NCCL on GPUs). A step with no spanning query issues none of the first, third or last.
 """
 
 from __future__ import annotations
@@ -125,6 +128,20 @@ def gather_partials(packed: torch.Tensor, step: Step) -> torch.Tensor:
         return packed.unsqueeze(0)
     _count(PARTIALS, packed, step.kind)
     return _KVP_GROUP.all_gather(packed.contiguous(), dim=0).view(step.world, packed.shape[0], -1)
+
+
+def exchange_scoped(x: torch.Tensor, in_splits: list[int], out_splits: list[int], kind: str,
+                    step: Step) -> torch.Tensor:
+    """Rows x (sum(in_splits), F), in_splits[p] of them for rank p in rank order -> the rows the
+    other ranks sent this one, out_splits[o] from rank o in rank order. `kind`: QUERIES or
+    PARTIALS."""
+    import torch.distributed as dist
+
+    x = x.contiguous()
+    _count(kind, x, step.kind)
+    out = x.new_empty((sum(out_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, out_splits, in_splits, group=_KVP_GROUP.device_group)
+    return out
 
 
 def gather_columns(part: torch.Tensor, bounds: list[int], step: Step,

@@ -38,14 +38,18 @@ class RankStats:
     step_exchanges: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
     step_bytes: dict = field(default_factory=lambda: {k: 0 for k in STEP_KINDS})
     # The latest steps as [kind, tokens owned per rank, of those the tokens of requests spanning
-    # ranks, tokens, rows of each logits computation split by vocab columns]: what a prediction
-    # of their exchanges needs (tests compare the planner's with the counters above).
+    # ranks, tokens, rows of each logits computation split by vocab columns, the queries each
+    # owner sent each rank in a scoped step (`step.scope.send`; None: not scoped)]: what a
+    # prediction of their exchanges needs (tests compare the planner's with the counters above).
     step_log: deque = field(default_factory=lambda: deque(maxlen=STEP_LOG))
+    scoped_steps: int = 0  # routed steps whose queries went only to the ranks holding their KV
 
     def record_step(self, kind: str, counts: list[int], span_counts: list[int],
-                    tokens: int) -> None:
+                    tokens: int, scope: list[list[int]] | None = None) -> None:
         self.steps[kind] += 1
-        self.step_log.append([kind, list(counts), list(span_counts), tokens, []])
+        self.scoped_steps += scope is not None
+        self.step_log.append([kind, list(counts), list(span_counts), tokens, [],
+                              None if scope is None else [list(r) for r in scope]])
 
     def record_logits(self, rows: int) -> None:
         """The latest step computed the logits of `rows` rows split by vocab columns."""
