@@ -78,6 +78,18 @@ class StepPolicy:
         is "all"."""
         return self.world > 2 and self.exchange_scope != "all"
 
+    def may_scope_step(self, span_counts: Sequence[int]) -> bool:
+        """Whether a routed step with these spanning tokens per owner could be scoped at all:
+        checked before the step's send matrix is built (a host read). Under "auto", not when the
+        all-to-alls' latency alone exceeds the all-gathers' whole cost (small steps on a host
+        whose all-gathers run over shared memory)."""
+        if not self.may_scope:
+            return False
+        if self.exchange_scope == "holders":
+            return True
+        return (self.costs is not None
+                and self.costs.scoped_floor() < self.costs.gathered_seconds(span_counts))
+
     def scoped(self, send: Sequence[Sequence[int]], span_counts: Sequence[int]) -> bool:
         """Whether a routed step whose owners send `send[o][p]` spanning queries to the ranks
         holding their KV (`step.scope`; diagonal: each owner's own) exchanges them with
@@ -211,6 +223,10 @@ class StepCosts:
         sent = (max(span_counts, default=0) * self._query_bytes()
                 + sum(span_counts) * self.shape.partial_row_bytes)
         return layers * (n - 1) * (2 * self.hop_s + sent * self.byte_s)
+
+    def scoped_floor(self) -> float:
+        """`scoped_seconds` of a step sending nothing: the all-to-alls' latency."""
+        return self.shape.attn_layers * 2 * (self.world - 1) * (self.a2a_hop_s or self.hop_s)
 
     def scoped_seconds(self, send: Sequence[Sequence[int]]) -> float:
         """The same exchanges as all-to-alls to the ranks holding the queries' KV: per layer, two

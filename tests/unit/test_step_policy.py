@@ -289,6 +289,8 @@ def test_exchange_scope_by_the_costs(device):
         want = (_hand_exchange_seconds(send, True, hw, world)
                 < _hand_exchange_seconds(send, False, hw, world))
         assert policy.scoped(send, [rows, 0, rows, 0]) == want, rows
+        # The cheap check before the send matrix is built never rules out a step it would scope.
+        assert policy.may_scope_step([rows, 0, rows, 0]) or not want
         seen.add(want)
     assert seen == ({True} if device == "h100" else {False, True})
     send = [[8, 8, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
@@ -297,3 +299,6 @@ def test_exchange_scope_by_the_costs(device):
     assert not dataclasses.replace(policy, costs=None).scoped(send, [8, 0, 0, 0])
     two = cm.policy(shape, cm.Layout(kvp=2), 4 << 20, hw=hw, out_bytes=4)
     assert not two.may_scope  # with two ranks a spanning request is on both
+    assert not two.may_scope_step([8, 8])
+    if device == "cpu":  # a small decode step: the all-to-alls' latency alone costs more
+        assert not policy.may_scope_step([1, 1, 1, 1])

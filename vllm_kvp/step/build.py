@@ -179,7 +179,7 @@ def build_step(cm, context: RankContext, split_fresh: bool = False) -> Step:
     spans = routing.num_spanning > 0
     kind = context.policy.kind(routing.counts, spans, routing.span_counts, t)
     scope = None
-    if kind == ROUTED and spans and ranks.num_ranks > 2 and context.policy.may_scope:
+    if kind == ROUTED and spans and context.policy.may_scope_step(routing.span_counts):
         owner, hold = span_holders(routing, request_holders(table, seq_lens, ranks))
         send = send_matrix(owner, hold, ranks.num_ranks)
         if needs_scope(send) and context.policy.scoped(send, routing.span_counts):
