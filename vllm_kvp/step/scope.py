@@ -87,8 +87,11 @@ def span_holders(routing, holders: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 def send_matrix(owner: torch.Tensor, hold: torch.Tensor, world: int) -> list[list[int]]:
     """send[o][p]: spanning queries owned by o whose request p holds (host ints, one read)."""
-    onehot = torch.nn.functional.one_hot(owner, world).to(torch.int64)  # (S, N)
-    return (onehot.t() @ hold.to(torch.int64)).tolist()
+    # A scatter, not a one-hot matmul: integer matmuls are not implemented on CUDA.
+    idx = owner.unsqueeze(1) * world + torch.arange(world, device=owner.device)  # (S, N)
+    send = torch.zeros(world * world, dtype=torch.int64, device=owner.device)
+    send.scatter_add_(0, idx.reshape(-1), hold.reshape(-1).to(torch.int64))
+    return send.view(world, world).tolist()
 
 
 def needs_scope(send: list[list[int]]) -> bool:
