@@ -15,8 +15,10 @@ bandwidth of an all-gather's copies.
 - a2a_latency, a2a_bw (`--all-to-all`): what a scoped step's exchanges (`kvp.exchange_scope`)
   cost: torch.distributed's all-to-all over gloo (vLLM's shared memory has no all-to-all), 3
   processes pinned round robin to the cores, each sending to one peer. Latency: per peer, from a
-  1-row exchange (4 KiB); bandwidth: bytes received per second at 8 MiB. `CPU_A2A_LATENCY` and
-  `CPU_A2A_BW` in `vllm_kvp/planner/gpus.py` hold this host's figures.
+  1-row exchange (4 KiB); bandwidth: bytes received per second at 8 MiB. Then vLLM's
+  shared-memory all-gather in the same 3 processes (more workers than cores): its mean per hop,
+  the scheduler's switches included, is `spin_wait`. `CPU_A2A_LATENCY`, `CPU_A2A_BW` and
+  `CPU_SPIN_WAIT` in `vllm_kvp/planner/gpus.py` hold this host's figures.
 Run on a quiet machine, pinned to one core (`taskset -c 1`; `--all-to-all` pins its own).
 """
 
@@ -83,6 +85,26 @@ def _a2a_worker(rank: int, world: int, port: int, queue) -> None:
             if i >= 10:
                 times.append(time.perf_counter() - t0)
         result[rows] = statistics.median(times)
+    # vLLM's shared-memory all-gather in the same processes (2 hops with 3 ranks), with a small
+    # GEMM between calls as a layer has: the mean, which the scheduler's switches dominate.
+    import vllm._C  # noqa: F401  (registers torch.ops._C)
+
+    name = f"kvp-constants-{port}"
+    handle = torch.ops._C.init_shm_manager(name, world, rank, 1)
+    dist.barrier()
+    torch.ops._C.join_shm_manager(handle, name)
+    dist.barrier()
+    x, w = torch.randn(1, width), torch.randn(64, width)
+    out = torch.empty(world, width)
+    times = []
+    for i in range(120):
+        torch.nn.functional.linear(w, w)
+        t0 = time.perf_counter()
+        torch.ops._C.shm_all_gather(handle, x, out)
+        if i >= 20:
+            times.append(time.perf_counter() - t0)
+    result["shm"] = statistics.mean(times)
+    dist.barrier()
     if rank == 0:
         queue.put(result)
     dist.destroy_process_group()
@@ -102,7 +124,9 @@ def all_to_all(world: int = 3) -> dict:
     small, large = times[1], times[2048]
     return {"a2a_world": world, "a2a_small_s": small, "a2a_large_s": large,
             "a2a_latency": small / (world - 1),
-            "a2a_bw": 2048 * 1024 * 4 / max(large - small, 1e-9)}
+            "a2a_bw": 2048 * 1024 * 4 / max(large - small, 1e-9),
+            "shm_allgather_mean_s": times["shm"],
+            "spin_wait": times["shm"] / (world - 1)}
 
 
 def main() -> None:

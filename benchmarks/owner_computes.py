@@ -47,6 +47,18 @@ LAYOUTS = {  # name: (CPU binding, engine kwargs)
                                                                  "step_mode": "owner"}}}),
     "kvp2-onboard-owner": ("0|1", {"additional_config": {"kvp": {"size": 2, "placement": "onboard",
                                                                  "step_mode": "owner"}}}),
+    # Exchange scope with 3 ranks (2 cores, one shared by two ranks): every request of the
+    # throughput load ends on 2 of the 3 ranks (640 tokens a rank), every step routed; spanning
+    # queries all-gathered to every rank, or sent only to the ranks holding their KV.
+    "kvp3-owner-all": ("0|1|0", {"additional_config": {"kvp": {
+        "size": 3, "placement": "onboard", "max_tokens_per_rank": 640, "step_mode": "owner",
+        "exchange_scope": "all"}}}),
+    "kvp3-owner-holders": ("0|1|0", {"additional_config": {"kvp": {
+        "size": 3, "placement": "onboard", "max_tokens_per_rank": 640, "step_mode": "owner",
+        "exchange_scope": "holders"}}}),
+    # The same ranks with the defaults: step kinds and exchange scope chosen by the cost model.
+    "kvp3-auto": ("0|1|0", {"additional_config": {"kvp": {
+        "size": 3, "placement": "onboard", "max_tokens_per_rank": 640}}}),
 }
 WORKLOADS = ("ttft", "throughput", "decode", "mixed")
 

@@ -121,7 +121,9 @@ def _hand_seconds(kind, counts, span_counts, hw, world, cpus=2):
     active = split + layers * 2 * hidden + hidden + vocab * hidden
     stretch = max(1.0, (world + 1) / cpus)
     t, busiest = sum(counts), max(counts)
-    hop = lambda nbytes: (world - 1) * (hw.intra_latency + nbytes / hw.intra_bw)  # noqa: E731
+    # More workers than cores: each hop of a spinning collective waits for a descheduled peer.
+    lat = hw.intra_latency + (hw.spin_wait if world > cpus else 0.0)
+    hop = lambda nbytes: (world - 1) * (lat + nbytes / hw.intra_bw)  # noqa: E731
     comm = hop(max(busiest, 1) * hidden * 4)  # final hidden states
     cut = 1 - 1 / world
     if kind == SHARED:
@@ -212,7 +214,8 @@ def _hand_logits_seconds(rows, split, hw, world, cpus=2):
     work = max(1.0, (world + 1) / cpus) * (head * 4 / hw.hbm_bw + rows * 2 * head / hw.flops)
     if not split:
         return work
-    gather = (world - 1) * (hw.intra_latency + rows * math.ceil(4096 / world) * 4 / hw.intra_bw)
+    lat = hw.intra_latency + (hw.spin_wait if world > cpus else 0.0)
+    gather = (world - 1) * (lat + rows * math.ceil(4096 / world) * 4 / hw.intra_bw)
     return work / world + gather
 
 
@@ -224,7 +227,10 @@ def test_the_lm_head_splits_when_its_saving_beats_the_gather(world):
         want = (_hand_logits_seconds(rows, True, hw, world)
                 < _hand_logits_seconds(rows, False, hw, world))
         assert policy.split_logits(rows) == want, rows
-    assert policy.split_logits(16)  # a decode batch: 1/N of a 16 MiB head saves more than a gather
+    if world <= 2:  # a core per worker: 1/N of a 16 MiB head saves more than a gather
+        assert policy.split_logits(16)
+    else:  # 3 workers on 2 cores: each hop of the gather waits for a descheduled peer
+        assert not policy.split_logits(16) and policy.split_logits(512)
     assert not policy.split_logits(0)
     sent = exchanges(SHARED, [8, 8], 16, policy.costs.shape, world, logits_rows=[16, 3])
     assert sent[LOGITS] == (2, 19 * math.ceil(4096 / world) * 4)
@@ -257,7 +263,8 @@ def _hand_exchange_seconds(send, scoped, hw, world):
     layers, q_row, p_row = 4, 8 * 128 * 4, 8 * (128 * 4 + 4)
     if not scoped:
         span = [send[o][o] for o in range(world)]
-        per_layer = 2 * hw.intra_latency + (max(span) * q_row + sum(span) * p_row) / hw.intra_bw
+        lat = hw.intra_latency + (hw.spin_wait if 0 < hw.cpus < world else 0.0)
+        per_layer = 2 * lat + (max(span) * q_row + sum(span) * p_row) / hw.intra_bw
         return layers * (world - 1) * per_layer
     recv = max(sum(send[o][r] for o in range(world) if o != r) * q_row
                + sum(send[r][p] for p in range(world) if p != r) * p_row for r in range(world))
@@ -266,19 +273,21 @@ def _hand_exchange_seconds(send, scoped, hw, world):
     return layers * (2 * (world - 1) * lat + recv / bw)
 
 
-@pytest.mark.parametrize("device", ["cpu", "h100"])
-def test_exchange_scope_by_the_costs(device):
+@pytest.mark.parametrize("device,cores", [("cpu", 8), ("cpu", 2), ("h100", 0)])
+def test_exchange_scope_by_the_costs(device, cores):
     """kvp.exchange_scope "auto" sends queries only to their KV's holders where all-to-alls are
     predicted faster than all-gathers: on NVLink (all-to-alls at the all-gathers' rates) whenever
-    a rank holds nothing of some spanning request; on the CPU host (gloo's all-to-all at ~1/5 of
-    the shared memory's rate) only where the bytes saved outweigh that."""
+    a rank holds nothing of some spanning request; on a CPU host with a core per worker (gloo's
+    all-to-all at ~1/5 of the shared memory's rate) only where the bytes saved outweigh that; on
+    one whose workers outnumber its cores (spinning all-gathers wait for descheduled peers,
+    gloo's all-to-all blocks) always."""
     from vllm_kvp.model import BENCH_ARCH
     from vllm_kvp.planner import cost_model as cm
     from vllm_kvp.planner.command import shape_from_config
     from vllm_kvp.planner.gpus import get_gpu
 
     shape = shape_from_config({**BENCH_ARCH, "dtype": "float32"}, "bench")
-    hw = get_gpu(device).effective()
+    hw = dataclasses.replace(get_gpu(device).effective(), cpus=cores)
     world = 4
     policy = cm.policy(shape, cm.Layout(kvp=world), 4 << 20, hw=hw, out_bytes=4)
     assert policy.may_scope
@@ -292,7 +301,7 @@ def test_exchange_scope_by_the_costs(device):
         # The cheap check before the send matrix is built never rules out a step it would scope.
         assert policy.may_scope_step([rows, 0, rows, 0]) or not want
         seen.add(want)
-    assert seen == ({True} if device == "h100" else {False, True})
+    assert seen == ({False, True} if cores > world else {True})
     send = [[8, 8, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
     assert dataclasses.replace(policy, exchange_scope="holders").scoped(send, [8, 0, 0, 0])
     assert not dataclasses.replace(policy, exchange_scope="all").scoped(send, [8, 0, 0, 0])
@@ -300,5 +309,5 @@ def test_exchange_scope_by_the_costs(device):
     two = cm.policy(shape, cm.Layout(kvp=2), 4 << 20, hw=hw, out_bytes=4)
     assert not two.may_scope  # with two ranks a spanning request is on both
     assert not two.may_scope_step([8, 8])
-    if device == "cpu":  # a small decode step: the all-to-alls' latency alone costs more
+    if cores > world:  # a small decode step: the all-to-alls' latency alone costs more
         assert not policy.may_scope_step([1, 1, 1, 1])

@@ -109,6 +109,7 @@ class Hardware:
     cpus: int = 0            # cores a node's workers and engine process share; 0: a device each
     a2a_latency: float = 0.0  # s per peer of a small all-to-all; 0: the collective hop latency
     a2a_bw: float = 0.0      # bytes/s received through an all-to-all; 0: the link's bandwidth
+    spin_wait: float = 0.0   # s a spinning collective's hop adds when workers outnumber cpus
 
 
 @dataclass(frozen=True)
@@ -213,6 +214,15 @@ def core_sharing(hw: Hardware, layout: Layout) -> float:
     return max(1.0, busy / hw.cpus)
 
 
+def spin_wait(hw: Hardware, layout: Layout) -> float:
+    """What each hop of a spinning (shared-memory) collective adds on a CPU host whose workers
+    outnumber its cores: a peer descheduled behind a spinning one runs only when the scheduler
+    switches. 0 on GPUs and with a core per worker."""
+    if hw.cpus <= 0 or min(layout.gpus, hw.gpus_per_node) <= hw.cpus:
+        return 0.0
+    return hw.spin_wait
+
+
 # ---- communication -----------------------------------------------------------------------------
 
 def _crosses_nodes(hw: Hardware, span_gpus: int) -> bool:
@@ -301,7 +311,8 @@ def step_costs(m: ModelShape, hw: Hardware, layout: Layout, min_bytes: int,
                      split_weight_s=split * m.dtype_bytes / hw.hbm_bw,
                      row_s=2 * whole / hw.flops, split_row_s=2 * split / hw.flops,
                      sharing=core_sharing(hw, layout),
-                     hop_s=hw.inter_latency if inter else hw.intra_latency,
+                     hop_s=(hw.inter_latency if inter else hw.intra_latency)
+                     + spin_wait(hw, layout),
                      byte_s=1 / (hw.inter_bw if inter else hw.intra_bw),
                      a2a_hop_s=0.0 if inter else hw.a2a_latency,
                      a2a_byte_s=1 / hw.a2a_bw if hw.a2a_bw and not inter else 0.0)

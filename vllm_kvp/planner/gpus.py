@@ -34,8 +34,13 @@ STEP_OVERHEAD = 0.5e-3
 CPU_WEIGHT_BW = 31.8e9
 CPU_FLOPS = 138e9
 CPU_ALLGATHER_BW = 6.2e9
-CPU_A2A_LATENCY = 0.14e-3  # s per peer of a gloo all-to-all, 3 workers on 2 cores
-CPU_A2A_BW = 1.2e9  # bytes/s received through it (sockets: ~1/5 of the shared memory's rate)
+CPU_A2A_LATENCY = 0.16e-3  # s per peer of a gloo all-to-all, 3 workers on 2 cores
+CPU_A2A_BW = 1.1e9  # bytes/s received through it (sockets: ~1/5 of the shared memory's rate)
+# s a shared-memory collective waits per hop, on average, when the workers outnumber the cores:
+# its ranks spin until every peer arrives, and a peer that shares a core with a spinning one runs
+# only when the scheduler switches (3 workers on 2 cores: 3.0-3.9 ms an all-gather of 2 hops,
+# against 0.005-0.2 ms with a core each; gloo's all-to-all blocks instead: 0.27 ms).
+CPU_SPIN_WAIT = 1.6e-3
 
 
 @dataclass(frozen=True)
@@ -56,6 +61,7 @@ class GPU:
     measured: bool = False  # the rates are achieved ones already (no efficiency applied)
     a2a_latency: float = 0.0  # s per peer of a small all-to-all; 0: intra_latency
     a2a_bw: float = 0.0     # bytes/s received through an all-to-all; 0: intra_bw
+    spin_wait: float = 0.0  # s a spinning collective's hop adds when workers outnumber `cpus`
 
     def effective(self, hbm_efficiency: float = HBM_EFFICIENCY,
                   flops_efficiency: float = FLOPS_EFFICIENCY) -> Hardware:
@@ -68,7 +74,7 @@ class GPU:
             flops=self.flops * flops_efficiency, intra_bw=self.intra_bw, inter_bw=self.inter_bw,
             intra_latency=self.intra_latency, inter_latency=self.inter_latency,
             gpus_per_node=self.gpus_per_node, step_overhead=self.step_overhead, cpus=self.cpus,
-            a2a_latency=self.a2a_latency, a2a_bw=self.a2a_bw)
+            a2a_latency=self.a2a_latency, a2a_bw=self.a2a_bw, spin_wait=self.spin_wait)
 
     def peak(self) -> Hardware:
         """Datasheet rates and no latency or overhead: the physical floor of a prediction."""
@@ -98,10 +104,12 @@ CATALOGUE = {
 # policy uses it with the host's core count (`runtime_hardware`); other CPUs: fit your own and
 # pass it as `--kvp-device FILE.json` (`vllm-kvp plan --calibrate ... --save-spec` writes one).
 # All-to-alls (a scoped step's exchanges, `kvp.exchange_scope`) go through gloo's sockets rather
-# than shared memory: `benchmarks/cpu_constants.py --all-to-all` measures their cost per peer.
+# than shared memory: `benchmarks/cpu_constants.py --all-to-all` measures their cost per peer,
+# and the shared-memory all-gather's with more workers than cores (`spin_wait`).
 CPU_HOST = GPU("CPU host", 24 * GB, CPU_WEIGHT_BW, CPU_FLOPS, CPU_ALLGATHER_BW, CPU_ALLGATHER_BW,
                0.113e-3, 0.113e-3, gpus_per_node=1 << 16, step_overhead=0.87e-3, cpus=2,
-               measured=True, a2a_latency=CPU_A2A_LATENCY, a2a_bw=CPU_A2A_BW)
+               measured=True, a2a_latency=CPU_A2A_LATENCY, a2a_bw=CPU_A2A_BW,
+               spin_wait=CPU_SPIN_WAIT)
 CATALOGUE["cpu"] = CPU_HOST
 
 
@@ -137,7 +145,7 @@ def load_gpu_spec(path: str | Path) -> GPU:
                            f"fields are {names}")
     spec.setdefault("name", Path(path).stem)
     may_be_zero = ("intra_latency", "inter_latency", "step_overhead", "cpus", "a2a_latency",
-                   "a2a_bw")
+                   "a2a_bw", "spin_wait")
     if not isinstance(spec.get("measured", False), bool):
         raise GPUSpecError(f"GPU spec {path}: measured must be true or false, "
                            f"got {spec['measured']!r}")
