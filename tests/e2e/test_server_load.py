@@ -21,7 +21,7 @@ MAX_MODEL_LEN = 4096
 ARGS = ("--kvp-size", "2", "--kvp-max-tokens-per-rank", "512", "--max-model-len", str(MAX_MODEL_LEN),
         "--max-num-batched-tokens", "1024", "--max-num-seqs", "32")
 GENERATED = "vllm:generation_tokens_total"
-MAX_TOKENS_KILLED = 1600
+MAX_TOKENS_KILLED = 800
 LENGTHS = [4, 50, 120, 300, 700, 1100, 1500, 2200] * 4  # 32 clients, 1 to 5 ranks' worth
 
 
@@ -163,7 +163,7 @@ def test_worker_killed_mid_stream_streams_complete(server, model_path):
             texts[i] = "".join(parts)
 
         # A sentinel stream that runs to the context limit (about 3,400 decode steps, several
-        # times the streams' 1,600) and is cut off by the client once the streams are done. The
+        # times the streams' 800) and is cut off by the client once the streams are done. The
         # kill is timed from the API server's token counter, which can lag the engine by seconds
         # (the API server shares the 2 cores with the workers), so the four streams may already be
         # finished inside the engine when the kill lands; the sentinel is not, and must be
