@@ -15,9 +15,8 @@ from vllm_kvp.ops.merge import merge_gathered_rows
 from vllm_kvp.ops.paged_attention import paged_attention_lse, write_kv
 from vllm_kvp.ops.partials import empty_partial
 from vllm_kvp.rank_map import RankMap
-from vllm_kvp.step.routing import route_step
-from vllm_kvp.step.scope import (exchange_scope, needs_scope, request_holders, send_matrix,
-                                 span_holders)
+from vllm_kvp.step.routing import request_holders, route_step
+from vllm_kvp.step.scope import exchange_scope, needs_scope, send_matrix, span_holders
 from vllm_kvp.step.shard_map import local_blocks, local_slots
 from vllm_kvp.step_policy import PARTIALS, QUERIES, ROUTED, ExchangeShape, exchanges
 
@@ -81,10 +80,10 @@ def test_scoped_layer_on_simulated_ranks_matches_full_attention(step, heads):
         want = [j for p in range(world) if p != r for j, tok in enumerate(rows)
                 if p in held[plans[0].token_req[tok].item()]]
         assert sc.q_send.tolist() == want
-        assert sc.in_splits(r) == [0 if p == r else sum(
+        assert sc.in_splits == [0 if p == r else sum(
             p in held[plans[0].token_req[tok].item()] for tok in rows) for p in range(world)]
         sent_q.append(mine[sc.q_send])
-    received = _all_to_all(sent_q, [sc.in_splits(r) for r, sc in enumerate(scopes)])
+    received = _all_to_all(sent_q, [sc.in_splits for sc in scopes])
     packed, back_bufs = [], []
     for r, (plan, sc) in enumerate(zip(plans, scopes)):
         own = plan.num_own_local
@@ -100,7 +99,7 @@ def test_scoped_layer_on_simulated_ranks_matches_full_attention(step, heads):
         buf = torch.cat([out.reshape(-1, hq * d), lse], dim=1)
         packed.append(buf)
         back_bufs.append(buf[sc.p_send])
-    back = _all_to_all(back_bufs, [sc.out_splits(r) for r, sc in enumerate(scopes)])
+    back = _all_to_all(back_bufs, [sc.out_splits for sc in scopes])
     result = torch.full((t, hq, d), float("nan"))
     shape = ExchangeShape(heads=hq, head_dim=d, hidden=hq * d, act_bytes=4, out_bytes=4,
                           attn_layers=1, last_stage=False)

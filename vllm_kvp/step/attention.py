@@ -97,14 +97,13 @@ def _attend_scoped(step: Step, query: torch.Tensor, kv_cache: torch.Tensor, out:
     """Steps 3-5 of a scoped step (`scope`): query (>= n, H * D) this rank's spanning rows ->
     out (>= n, H, D) their merged outputs (a dummy row past them zeroed)."""
     sc, r = step.scope, step.routing
-    n, rank = r.span_counts[r.rank], r.rank
+    n = r.span_counts[r.rank]
     mine = query[:n].reshape(n, h * d)
-    received = comm.exchange_scoped(mine[sc.q_send], sc.in_splits(rank), sc.out_splits(rank),
-                                    QUERIES, step)
+    received = comm.exchange_scoped(mine[sc.q_send], sc.in_splits, sc.out_splits, QUERIES, step)
     q = torch.cat([mine, received])[sc.x_src].view(-1, h, d)
     packed = kernels.partials(q, kv_cache, step, scale)
-    back = comm.exchange_scoped(packed[sc.p_send], sc.out_splits(rank), sc.in_splits(rank),
-                                PARTIALS, step)
+    # The partials go back the way the queries came.
+    back = comm.exchange_scoped(packed[sc.p_send], sc.out_splits, sc.in_splits, PARTIALS, step)
     if n:
         src = torch.cat([packed, back, empty_partial(packed, h)])
         gathered = src[sc.merge_src].view(step.world, n, src.shape[1])

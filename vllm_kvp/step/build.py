@@ -22,10 +22,11 @@ import torch
 from vllm_kvp.engine import vllm_compat
 from vllm_kvp.rank_map import RankMap
 from vllm_kvp.step.fresh import FreshSplit, fresh_split
-from vllm_kvp.step.routing import StepRouting, route_step, routing_from_tensors
+from vllm_kvp.step.routing import (StepRouting, request_holders, route_step,
+                                   routing_from_tensors)
 from vllm_kvp.step.shard_map import local_blocks
-from vllm_kvp.step.scope import (ExchangeScope, exchange_scope, needs_scope, request_holders,
-                                  send_matrix, span_holders)
+from vllm_kvp.step.scope import (ExchangeScope, exchange_scope, needs_scope, send_matrix,
+                                  span_holders)
 from vllm_kvp.step_policy import LOCAL, ROUTED, SHARED, StepPolicy
 
 

@@ -91,19 +91,26 @@ def token_requests(query_start_loc: torch.Tensor, num_tokens: int) -> torch.Tens
     return torch.searchsorted(qsl[1:], tokens, right=True).clamp(max=max(qsl.numel() - 2, 0))
 
 
-def request_spans(block_table: torch.Tensor, seq_lens: torch.Tensor, ranks: RankMap) -> torch.Tensor:
-    """(B,) bool: request i holds KV on more than one rank. block_table (B, M) int logical ids
-    (columns past a request's blocks are ignored); seq_lens (B,) int tokens of each request, this
-    step's included."""
+def request_holders(block_table: torch.Tensor, seq_lens: torch.Tensor,
+                    ranks: RankMap) -> torch.Tensor:
+    """(B, N) bool: rank p holds KV of request i (one of its blocks in use, this step's tokens
+    included). block_table (B, M) int logical ids (columns past a request's blocks are ignored);
+    seq_lens (B,) int tokens of each request, this step's included."""
     b, m = block_table.shape
     if b == 0 or m == 0:
-        return torch.zeros((b,), dtype=torch.bool, device=block_table.device)
+        return torch.zeros((b, ranks.num_ranks), dtype=torch.bool, device=block_table.device)
     cols = torch.arange(m, device=block_table.device).unsqueeze(0)
     used = cols * ranks.block_size < seq_lens.to(torch.int64).unsqueeze(1)  # (B, M)
     rank = torch.div(block_table.to(torch.int64), ranks.blocks_per_rank, rounding_mode="floor")
-    lo = torch.where(used, rank, torch.full_like(rank, ranks.num_ranks)).amin(dim=1)
-    hi = torch.where(used, rank, torch.full_like(rank, -1)).amax(dim=1)
-    return hi > lo
+    rank = rank.clamp(0, ranks.num_ranks - 1)  # unused columns may hold anything
+    counts = torch.zeros((b, ranks.num_ranks), dtype=torch.int32, device=block_table.device)
+    counts.scatter_add_(1, rank, used.to(torch.int32))
+    return counts > 0
+
+
+def request_spans(block_table: torch.Tensor, seq_lens: torch.Tensor, ranks: RankMap) -> torch.Tensor:
+    """(B,) bool: request i holds KV on more than one rank (`request_holders`' arguments)."""
+    return request_holders(block_table, seq_lens, ranks).sum(dim=1) > 1
 
 
 def _per_request_offsets(req: torch.Tensor, keep: torch.Tensor, num_reqs: int) -> torch.Tensor:

@@ -34,42 +34,19 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_kvp.rank_map import RankMap
 
 
 @dataclass
 class ExchangeScope:
     send: list[list[int]]  # (N, N) host ints: queries each owner sends each peer (diagonal: own)
+    in_splits: list[int]  # rows this rank sends each rank in the query exchange (0 to itself)
+    out_splits: list[int]  # rows it receives from each (0 from itself); the partials go back
     q_send: torch.Tensor  # (sum_p send[r][p], p != r) int64 row among r's spanning rows
     x_src: torch.Tensor  # (X,) int64 index into [own spanning rows; received rows]
     x_query_start_loc: torch.Tensor  # (B+1,) int32 offsets of each request's queries in X
     x_pos: torch.Tensor  # (X,) int32 position of each
     p_send: torch.Tensor  # (received,) int64 index into X of each partial returned, owner order
     merge_src: torch.Tensor  # (N * n_r,) int64 index into [X partials; received; empty]
-
-    def in_splits(self, rank: int) -> list[int]:
-        """Rows this rank sends each rank in the query exchange (0 to itself)."""
-        return [0 if p == rank else n for p, n in enumerate(self.send[rank])]
-
-    def out_splits(self, rank: int) -> list[int]:
-        """Rows this rank receives from each rank in the query exchange (0 from itself)."""
-        return [0 if o == rank else row[rank] for o, row in enumerate(self.send)]
-
-
-def request_holders(block_table: torch.Tensor, seq_lens: torch.Tensor,
-                    ranks: RankMap) -> torch.Tensor:
-    """(B, N) bool: rank p holds KV of request i (one of its blocks in use, this step's tokens
-    included). block_table (B, M) logical ids; seq_lens (B,) tokens of each request."""
-    b, m = block_table.shape
-    if b == 0 or m == 0:
-        return torch.zeros((b, ranks.num_ranks), dtype=torch.bool, device=block_table.device)
-    cols = torch.arange(m, device=block_table.device).unsqueeze(0)
-    used = cols * ranks.block_size < seq_lens.to(torch.int64).unsqueeze(1)  # (B, M)
-    rank = torch.div(block_table.to(torch.int64), ranks.blocks_per_rank, rounding_mode="floor")
-    rank = rank.clamp(0, ranks.num_ranks - 1)  # unused columns may hold anything
-    counts = torch.zeros((b, ranks.num_ranks), dtype=torch.int32, device=block_table.device)
-    counts.scatter_add_(1, rank, used.to(torch.int32))
-    return counts > 0
 
 
 def span_holders(routing, holders: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,9 +88,10 @@ def exchange_scope(routing, owner: torch.Tensor, hold: torch.Tensor,
     r, n, dev = routing.rank, routing.world, owner.device
     s = owner.shape[0]
     mine = owner == r
-    n_r = send[r][r]
-    x_n = sum(send[o][r] for o in range(n))
-    recv_n = x_n - n_r
+    in_splits = [0 if p == r else k for p, k in enumerate(send[r])]
+    out_splits = [0 if o == r else row[r] for o, row in enumerate(send)]
+    n_r, n_sent, recv_n = send[r][r], sum(in_splits), sum(out_splits)
+    x_n = n_r + recv_n
     hold_r = hold[:, r] if s else torch.zeros(0, dtype=torch.bool, device=dev)
     # Own spanning rows, in span order (= row order), and their row index.
     my_tok = _first(mine, n_r)
@@ -133,7 +111,6 @@ def exchange_scope(routing, owner: torch.Tensor, hold: torch.Tensor,
     sent = hold[my_tok].t().clone()  # (N, n_r)
     sent[r] = False
     flat = sent.reshape(-1)
-    n_sent = sum(send[r][p] for p in range(n) if p != r)
     q_send = _first(flat, n_sent) % max(n_r, 1)
     # Partials back: from peer p, the rows r sent p, in that order; p == r: r's own; else empty.
     sent_at = torch.cumsum(flat.to(torch.int64), 0).view(n, n_r) - 1
@@ -146,7 +123,8 @@ def exchange_scope(routing, owner: torch.Tensor, hold: torch.Tensor,
     req = torch.searchsorted(qsl[1:], x_tok, right=True) if x_n else x_tok
     per_req = torch.zeros(b + 1, dtype=torch.int64, device=dev)
     per_req.scatter_add_(0, req + 1, torch.ones_like(req))
-    return ExchangeScope(send=send, q_send=q_send, x_src=x_src,
+    return ExchangeScope(send=send, in_splits=in_splits, out_splits=out_splits,
+                         q_send=q_send, x_src=x_src,
                          x_query_start_loc=per_req.cumsum(0).to(torch.int32),
                          x_pos=routing.span_pos[x_tok], p_send=x_at[recv_tok],
                          merge_src=merge_src.reshape(-1))
